@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+with open("README.md") as f:
+    long_description = f.read()
+
+setup(
+    name="distributed",
+    version="0.1.0",
+    description="Distributed computing on a Tornado center/worker network",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["distributed", "distributed.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "tornado>=6.1",
+        "cloudpickle>=2.0",
+        "toolz>=0.11",
+        "psutil>=5.8",
+        "numpy>=1.21",
+        "pandas>=1.3",
+        # Decodes the message header without pickle (see docs/protocol.md).
+        "msgpack>=1.0",
+        # Makes remote tracebacks picklable so errors re-raise with them.
+        "tblib>=1.7",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2.1",
+            "hypothesis>=6",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "dcenter=distributed.cli.dcenter:main",
+            "dworker=distributed.cli.dworker:main",
+        ],
+    },
+    scripts=["bin/dcenter", "bin/dworker"],
+)
