@@ -36,5 +36,4 @@ setup(
             "dworker=distributed.cli.dworker:main",
         ],
     },
-    scripts=["bin/dcenter", "bin/dworker"],
 )

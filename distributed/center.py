@@ -1,0 +1,305 @@
+"""The center: who holds which key, which workers are alive.
+
+::
+
+    c = Center('127.0.0.1')
+    c.listen(8787)            # or: yield c._start(8787)
+
+State, all plain public tables:
+
+* ``who_has``   ``{key: {address}}``  the workers holding each key
+* ``has_what``  ``{address: {key}}``  the keys each worker holds
+* ``ncores``    ``{address: int}``    threads of each worker
+* ``nbytes``    ``{key: int}``        size of each key's value
+* ``worker_services`` ``{address: {name: port}}``, ``names`` ``{address: name}``
+
+Workers register over a stream they keep open and send heartbeats on it.
+A worker whose stream closes, or that is silent for ``heartbeat_timeout``
+seconds, is removed from every table; the scheduler (when there is one) is
+told so that it can recover what depended on that worker.
+"""
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from .core import Server, coerce_to_address, rpc, ConnectionPool
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Center"]
+
+#: seconds without a heartbeat after which a worker counts as dead
+HEARTBEAT_TIMEOUT = 60
+
+
+class Center(Server):
+    """Central metadata node of a cluster (see the module docstring)."""
+
+    default_port = 8787
+
+    def __init__(self, ip=None, port=8787, heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                 loop=None, services=None, service_ports=None, **kwargs):
+        self.who_has = defaultdict(set)
+        self.has_what = defaultdict(set)
+        self.ncores = {}
+        self.nbytes = {}
+        self.worker_services = {}
+        self.names = {}
+        self.last_seen = {}
+        self.worker_streams = {}
+        self._stream_workers = {}
+        self.heartbeat_timeout = heartbeat_timeout
+        self.loop = loop or IOLoop.current()
+        self.pool = ConnectionPool()
+        self.default_listen_port = port
+        self.service_classes = services or {}
+        self.service_ports = dict(service_ports or {})
+        self.services = {}
+        #: objects told of worker arrivals and departures (e.g. the scheduler),
+        #: each with optional ``add_worker(address)``/``remove_worker(address)``
+        self.plugins = []
+        handlers = {
+            "register": self.register,
+            "unregister": self.unregister,
+            "heartbeat": self.heartbeat,
+            "add_keys": self.add_keys,
+            "remove_keys": self.remove_keys,
+            "who_has": self.get_who_has,
+            "has_what": self.get_has_what,
+            "ncores": self.get_ncores,
+            "nbytes": self.get_nbytes,
+            "delete_data": self.delete_data,
+            "broadcast": self.broadcast,
+            "terminate": self.terminate,
+        }
+        super().__init__(handlers, ip=ip, **kwargs)
+        self._check = PeriodicCallback(self._check_heartbeats, 1000)
+
+    def identity(self, stream=None):
+        return {"type": type(self).__name__, "id": self.id,
+                "workers": list(self.ncores)}
+
+    def listen(self, port=None, address=None):
+        if port is None:
+            port = self.default_listen_port
+        super().listen(port, address)
+        for name, cls in self.service_classes.items():
+            service = cls(self)
+            service.listen(self.service_ports.get(name, 0))
+            self.services[name] = service
+            self.service_ports[name] = service.port
+        self._check.start()
+
+    async def _start(self, port=None, address=None):
+        """Listen (awaitable form of :meth:`listen`)."""
+        self.listen(port, address)
+        return self
+
+    def __await__(self):
+        async def _():
+            if self.port is None:
+                await self._start()
+            return self
+        return _().__await__()
+
+    # -- workers arriving and leaving ---------------------------------------
+
+    def register(self, stream, address=None, ncores=None, keys=(), services=None,
+                 name=None, nbytes=None, now=None):
+        address = coerce_to_address(address)
+        if name is not None:
+            for other, other_name in self.names.items():
+                if other_name == name and other != address:
+                    raise ValueError(
+                        "a worker named %r is already registered at %s; give each "
+                        "worker a unique --name" % (name, other)
+                    )
+        if address in self.ncores:
+            self.remove_worker(address)
+        self.ncores[address] = ncores
+        self.worker_services[address] = dict(services or {})
+        self.names[address] = name if name is not None else address
+        self.last_seen[address] = time.time()
+        self.has_what[address]  # an empty entry: the worker is known
+        if stream is not None:
+            self.worker_streams[address] = stream
+            self._stream_workers[stream] = address
+        self._add_keys(address, keys, nbytes)
+        logger.info("registered worker %s (%s cores)", address, ncores)
+        for plugin in self.plugins:
+            if hasattr(plugin, "add_worker"):
+                plugin.add_worker(address)
+        return b"OK"
+
+    def unregister(self, stream=None, address=None):
+        address = coerce_to_address(address)
+        if address not in self.ncores:
+            return b"unknown"
+        self.remove_worker(address)
+        return b"OK"
+
+    def heartbeat(self, stream=None, address=None, now=None, **metrics):
+        address = coerce_to_address(address)
+        if address not in self.ncores:
+            return b"unknown"  # the worker must register (again)
+        self.last_seen[address] = time.time()
+        return b"OK"
+
+    def remove_worker(self, address):
+        """Forget a worker and everything it held."""
+        if address not in self.ncores:
+            return
+        logger.info("removing worker %s", address)
+        for key in self.has_what.pop(address, ()):
+            holders = self.who_has.get(key)
+            if holders is not None:
+                holders.discard(address)
+                if not holders:
+                    del self.who_has[key]
+        del self.ncores[address]
+        self.worker_services.pop(address, None)
+        self.names.pop(address, None)
+        self.last_seen.pop(address, None)
+        stream = self.worker_streams.pop(address, None)
+        if stream is not None:
+            self._stream_workers.pop(stream, None)
+            stream.close()
+        self.pool.close(address)
+        for plugin in self.plugins:
+            if hasattr(plugin, "remove_worker"):
+                plugin.remove_worker(address)
+
+    def stream_closed(self, stream):
+        address = self._stream_workers.pop(stream, None)
+        if address is not None and self.worker_streams.get(address) is stream:
+            logger.info("connection to worker %s closed", address)
+            self.remove_worker(address)
+
+    def _check_heartbeats(self):
+        deadline = time.time() - self.heartbeat_timeout
+        for address, seen in list(self.last_seen.items()):
+            if seen < deadline:
+                logger.warning(
+                    "worker %s sent no heartbeat for %.0f s; removing it",
+                    address, time.time() - seen,
+                )
+                self.remove_worker(address)
+
+    # -- keys ----------------------------------------------------------------
+
+    def _add_keys(self, address, keys, nbytes=None):
+        held = self.has_what[address]
+        for key in keys:
+            held.add(key)
+            self.who_has[key].add(address)
+        if nbytes:
+            self.nbytes.update(nbytes)
+
+    def add_keys(self, stream=None, address=None, keys=(), nbytes=None):
+        address = coerce_to_address(address)
+        if address not in self.ncores:
+            raise ValueError("worker %s is not registered with this center" % address)
+        self._add_keys(address, keys, nbytes)
+        return b"OK"
+
+    def _remove_keys(self, address, keys):
+        held = self.has_what.get(address)
+        for key in keys:
+            if held is not None:
+                held.discard(key)
+            holders = self.who_has.get(key)
+            if holders is not None:
+                holders.discard(address)
+                if not holders:
+                    del self.who_has[key]
+                    self.nbytes.pop(key, None)
+
+    def remove_keys(self, stream=None, address=None, keys=()):
+        self._remove_keys(coerce_to_address(address), keys)
+        return b"OK"
+
+    def get_who_has(self, stream=None, keys=None):
+        if keys is None:
+            return {k: set(v) for k, v in self.who_has.items()}
+        return {k: set(self.who_has.get(k, ())) for k in keys}
+
+    def get_has_what(self, stream=None, addresses=None, keys=None):
+        if addresses is None:
+            addresses = keys  # the original API named this argument ``keys``
+        if addresses is None:
+            return {a: set(v) for a, v in self.has_what.items()}
+        addresses = [coerce_to_address(a) for a in addresses]
+        return {a: set(self.has_what.get(a, ())) for a in addresses}
+
+    def get_ncores(self, stream=None, addresses=None):
+        if addresses is None:
+            return dict(self.ncores)
+        addresses = [coerce_to_address(a) for a in addresses]
+        return {a: self.ncores.get(a) for a in addresses}
+
+    def get_nbytes(self, stream=None, keys=None):
+        if keys is None:
+            return dict(self.nbytes)
+        return {k: self.nbytes[k] for k in keys if k in self.nbytes}
+
+    async def delete_data(self, stream=None, keys=()):
+        """Tell every holder of ``keys`` to drop them, and forget them."""
+        by_worker = defaultdict(list)
+        for key in keys:
+            for address in self.who_has.get(key, ()):
+                by_worker[address].append(key)
+        for address, ks in by_worker.items():
+            self._remove_keys(address, ks)
+        for key in keys:
+            self.nbytes.pop(key, None)
+        await asyncio.gather(
+            *[self.worker_rpc(a).delete_data(keys=ks, report=False, timeout=10)
+              for a, ks in by_worker.items()],
+            return_exceptions=True,
+        )
+        return b"OK"
+
+    def worker_rpc(self, address):
+        return rpc(address, pool=self.pool)
+
+    async def broadcast(self, stream=None, msg=None, workers=None):
+        """Send ``msg`` to every worker (or ``workers``): ``{address: reply}``."""
+        if type(msg) is not dict or "op" not in msg:
+            raise ValueError("broadcast needs msg={'op': ..., ...}")
+        addresses = list(self.ncores) if workers is None else [
+            coerce_to_address(w) for w in workers]
+        msg = dict(msg)
+        op = msg.pop("op")
+        replies = await asyncio.gather(
+            *[self.worker_rpc(a).call(op, **msg) for a in addresses],
+            return_exceptions=True,
+        )
+        return dict(zip(addresses, replies))
+
+    def terminate(self, stream=None):
+        self.loop.add_callback(self.close)
+        return b"OK"
+
+    def close(self):
+        """Stop listening and close every connection."""
+        self._check.stop()
+        for service in self.services.values():
+            service.stop()
+        self.stop()
+        for stream in list(self.worker_streams.values()):
+            stream.close()
+        self.pool.close()
+
+    async def _close(self):
+        self.close()
+
+    def __repr__(self):
+        return "<Center %s: %d workers, %d keys>" % (
+            self.address if self.port else "not listening",
+            len(self.ncores),
+            len(self.who_has),
+        )

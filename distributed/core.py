@@ -1,0 +1,555 @@
+"""Network building blocks: ``Server``, ``rpc``, ``connect``/``read``/``write``.
+
+Every node of a cluster is a :class:`Server` with a dict of handlers; every
+remote call is made through :class:`rpc`::
+
+        from distributed.core import Server, rpc
+
+    def add(stream, x=None, y=None):
+        return x + y
+
+    server = Server({'add': add})
+    server.listen(0)
+
+    @gen.coroutine
+    def f():
+        r = rpc(ip='127.0.0.1', port=server.port)
+        result = yield r.add(x=1, y=2)     # or: await r.add(x=1, y=2)
+        assert result == 3
+
+The wire format is :mod:`distributed.protocol`'s; this module only moves its
+frames between sockets and that pure code.
+"""
+
+import asyncio
+import inspect
+import logging
+import socket
+from collections import defaultdict
+
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.tcpclient import TCPClient
+from tornado.tcpserver import TCPServer
+
+from . import protocol
+from .protocol import DEFAULT_LIMITS, ProtocolError
+from .utils import (
+    format_exception_text,
+    parse_address,
+    unparse_address,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Server",
+    "rpc",
+    "connect",
+    "read",
+    "write",
+    "pingpong",
+    "coerce_to_address",
+    "coerce_to_rpc",
+    "ConnectionPool",
+    "RemoteException",
+    "error_message",
+    "StreamClosedError",
+    "CommClosedError",
+]
+
+#: seconds to wait for a TCP connection to open
+CONNECT_TIMEOUT = 10
+
+#: frames at least this large are written as their own buffer (no join)
+_JOIN_LIMIT = 64 * 1024
+
+
+class CommClosedError(StreamClosedError):
+    """The connection closed before the reply arrived."""
+
+
+class RemoteException(Exception):
+    """Stands for a remote exception that could not be sent as itself."""
+
+    def __init__(self, type_name, message, text=""):
+        super().__init__(type_name, message, text)
+        self.type_name = type_name
+        self.message = message
+        self.text = text
+
+    def __str__(self):
+        return "%s: %s" % (self.type_name, self.message)
+
+
+# ---------------------------------------------------------------------------
+# Streams
+
+
+def _set_nodelay(stream):
+    try:
+        stream.set_nodelay(True)
+    except Exception:  # closed already, or not a TCP socket
+        pass
+
+
+async def connect(ip, port=None, timeout=CONNECT_TIMEOUT):
+    """Open an IOStream to ``ip:port`` (or any address form), or raise.
+
+    Raises ``OSError`` when nothing listens there and ``TimeoutError``
+    when the connection does not open within ``timeout`` seconds.
+    """
+    if port is None:
+        ip, port = parse_address(coerce_to_address(ip))
+    try:
+        stream = await asyncio.wait_for(
+            TCPClient().connect(ip, port, max_buffer_size=2**62), timeout
+        )
+    except asyncio.TimeoutError:
+        raise TimeoutError(
+            "could not connect to %s within %s s" % (unparse_address(ip, port), timeout)
+        ) from None
+    except StreamClosedError as e:
+        raise OSError(
+            "could not connect to %s: %s" % (unparse_address(ip, port), e.real_error or e)
+        ) from None
+    _set_nodelay(stream)
+    return stream
+
+
+async def read(stream, limits=DEFAULT_LIMITS):
+    """Read one message from ``stream``.
+
+    Large frames are read straight into their own buffers (``read_into``),
+    which the loaded objects then use without a copy.  Raises
+    :class:`~distributed.protocol.ProtocolError` on invalid input and
+    ``StreamClosedError`` when the stream closes first.
+    """
+    n = protocol.parse_count(await stream.read_bytes(8), limits)
+    lengths = protocol.parse_lengths(await stream.read_bytes(8 * n), n, limits)
+    frames = []
+    i = 0
+    while i < n:
+        length = lengths[i]
+        if length >= _JOIN_LIMIT:
+            buf = bytearray(length)
+            await stream.read_into(buf)
+            frames.append(buf)
+            i += 1
+            continue
+        # consecutive small frames: one read, then slice
+        j, total = i, 0
+        while j < n and lengths[j] < _JOIN_LIMIT:
+            total += lengths[j]
+            j += 1
+        data = await stream.read_bytes(total) if total else b""
+        if j - i == 1:
+            frames.append(data)
+        else:
+            view = memoryview(data)
+            pos = 0
+            for length in lengths[i:j]:
+                frames.append(view[pos : pos + length])
+                pos += length
+        i = j
+    return protocol.loads(frames)
+
+
+async def write(stream, msg):
+    """Write one message to ``stream``; big buffers go out without a copy."""
+    frames = protocol.dumps(msg)
+    prelude = protocol.frame_prelude(frames)
+    small = [prelude]
+    future = None
+    for frame in frames:
+        size = frame.nbytes if type(frame) is memoryview else len(frame)
+        if size < _JOIN_LIMIT:
+            small.append(frame)
+        else:
+            if small:
+                stream.write(b"".join(small))
+                small = []
+            future = stream.write(frame)
+    if small:
+        future = stream.write(b"".join(small) if len(small) > 1 else small[0])
+    await future
+
+
+# ---------------------------------------------------------------------------
+# Errors as replies
+
+
+def error_message(e, tb=None):
+    """The reply a server sends when a handler raised ``e``.
+
+    The exception travels as itself when it pickles, otherwise as a
+    :class:`RemoteException` naming its type and message.
+    """
+    tb = tb if tb is not None else e.__traceback__
+    try:
+        protocol.serialize(e)
+        exc = e
+    except Exception:
+        exc = RemoteException(type(e).__name__, str(e))
+    try:
+        protocol.serialize(tb)
+    except Exception:
+        tb = None
+    return {
+        "status": "uncaught-error",
+        "exception": exc,
+        "traceback": tb,
+        "text": format_exception_text(e, tb),
+    }
+
+
+def is_error_message(msg):
+    return type(msg) is dict and msg.get("status") == "uncaught-error" and "exception" in msg
+
+
+def raise_error_message(msg):
+    exc = msg["exception"]
+    tb = msg.get("traceback")
+    if not isinstance(exc, BaseException):
+        exc = RemoteException("Error", repr(exc), msg.get("text", ""))
+    raise exc.with_traceback(tb)
+
+
+# ---------------------------------------------------------------------------
+# Server
+
+
+def pingpong(stream):
+    """The ``ping`` handler."""
+    return b"pong"
+
+
+class Server(TCPServer):
+    """A TCP server that dispatches each request to a handler by its ``op``.
+
+    ::
+
+        s = Server({'add': lambda stream, x, y: x + y})
+        s.listen(0)          # any free port
+        s.address            # '127.0.0.1:45123'
+
+    A handler is ``f(stream, **msg)``; it returns the reply or an awaitable
+    of it.  An unknown op or a handler that raises gets an error reply, which
+    :class:`rpc` re-raises on the caller with the remote traceback.  A
+    request may carry ``close=True`` (reply, then close the stream) and
+    ``reply=False`` (no reply).  A malformed message closes that one stream.
+    """
+
+    default_ip = "127.0.0.1"
+
+    def __init__(self, handlers, ip=None, limits=None, **kwargs):
+        self.handlers = {"identity": self.identity, "ping": pingpong}
+        self.handlers.update(handlers)
+        self.ip = ip
+        self.port = None
+        self.limits = limits or DEFAULT_LIMITS
+        self.streams = set()
+        self.id = type(self).__name__ + "-" + format(id(self), "x")
+        kwargs.setdefault("max_buffer_size", 2**62)
+        super().__init__(**kwargs)
+
+    @property
+    def address(self):
+        if self.port is None:
+            raise ValueError("%s is not listening yet" % type(self).__name__)
+        return unparse_address(self.ip or self.default_ip, self.port)
+
+    def identity(self, stream=None):
+        return {"type": type(self).__name__, "id": self.id}
+
+    def listen(self, port=0, address=None):
+        """Listen on ``port`` (0: a free one) of ``address`` (default ``ip``)."""
+        if address is None:
+            address = self.ip or self.default_ip
+        bind = "" if address in ("0.0.0.0", "") else address
+        super().listen(port, bind)
+        for sock in self._sockets.values():
+            self.port = sock.getsockname()[1]
+            break
+        if self.ip is None or self.ip in ("0.0.0.0", ""):
+            from .utils import get_ip
+
+            self.ip = get_ip() if address in ("0.0.0.0", "") else address
+
+    async def handle_stream(self, stream, address):
+        _set_nodelay(stream)
+        self.streams.add(stream)
+        try:
+            await self._serve(stream, address)
+        finally:
+            self.streams.discard(stream)
+            stream.close()
+            self.stream_closed(stream)
+
+    async def _serve(self, stream, address):
+        while not stream.closed():
+            try:
+                msg = await read(stream, self.limits)
+            except StreamClosedError:
+                return
+            except ProtocolError as e:
+                logger.error("closing connection from %s: %s", address, e)
+                return
+            if type(msg) is not dict or "op" not in msg:
+                result = error_message(
+                    ValueError("a request must be a dict with an 'op' key, got %r" % type(msg))
+                )
+                close, reply = False, True
+            else:
+                op = msg.pop("op")
+                close = msg.pop("close", False)
+                reply = msg.pop("reply", True)
+                result = await self._dispatch(stream, op, msg)
+            if reply:
+                try:
+                    await write(stream, result)
+                except StreamClosedError:
+                    return
+                except Exception as e:  # the reply itself would not serialize
+                    logger.error("could not send the reply to %r: %s", op, e)
+                    await write(stream, error_message(e))
+            if close:
+                return
+
+    async def _dispatch(self, stream, op, msg):
+        handler = self.handlers.get(op)
+        if handler is None:
+            return error_message(
+                KeyError("unknown operation %r; this %s knows %s"
+                         % (op, type(self).__name__, sorted(map(str, self.handlers))))
+            )
+        try:
+            result = handler(stream, **msg)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except Exception as e:
+            logger.debug("handler %r raised", op, exc_info=True)
+            return error_message(e)
+
+    def stream_closed(self, stream):
+        """Called when a client's stream closes; subclasses override."""
+
+    def stop(self):
+        super().stop()
+        for stream in list(self.streams):
+            stream.close()
+
+
+# ---------------------------------------------------------------------------
+# Client side
+
+
+def coerce_to_address(o):
+    """Any accepted address form -> ``'ip:port'``.
+
+    ``'ip:port'``, ``(ip, port)``, ``[ip, port]``, an :class:`rpc` or anything
+    with ``.ip`` and ``.port`` (a Server, a Worker).
+    """
+    if isinstance(o, str):
+        ip, port = parse_address(o)
+        return unparse_address(ip, port)
+    if isinstance(o, (tuple, list)) and len(o) == 2:
+        ip, port = o
+        if isinstance(ip, bytes):
+            ip = ip.decode()
+        return unparse_address(ip, int(port))
+    if hasattr(o, "ip") and hasattr(o, "port") and o.port is not None:
+        return unparse_address(o.ip, o.port)
+    raise TypeError(
+        "expected an address 'ip:port', (ip, port) or rpc(ip=, port=); got %r" % (o,)
+    )
+
+
+def coerce_to_rpc(o, **kwargs):
+    """Any accepted address form (or an rpc) -> an :class:`rpc`."""
+    if isinstance(o, rpc):
+        return o
+    return rpc(coerce_to_address(o), **kwargs)
+
+
+class ConnectionPool:
+    """Open streams to peers, kept for reuse.
+
+    ::
+
+        pool = ConnectionPool()
+        stream = await pool.connect('127.0.0.1:8787')
+        ...                                # one request/reply at a time
+        pool.reuse('127.0.0.1:8787', stream)
+        pool.close()
+
+    At most ``limit`` streams are open at once over all peers; past that,
+    idle streams are closed to make room.
+    """
+
+    def __init__(self, limit=512, timeout=CONNECT_TIMEOUT):
+        self.limit = limit
+        self.timeout = timeout
+        self.available = defaultdict(list)
+        self.occupied = defaultdict(set)
+
+    @property
+    def open(self):
+        return sum(map(len, self.available.values())) + sum(map(len, self.occupied.values()))
+
+    async def connect(self, addr):
+        idle = self.available.get(addr)
+        while idle:
+            stream = idle.pop()
+            if not stream.closed():
+                self.occupied[addr].add(stream)
+                return stream
+        if self.open >= self.limit:
+            self._collect()
+        stream = await connect(addr, timeout=self.timeout)
+        self.occupied[addr].add(stream)
+        return stream
+
+    def reuse(self, addr, stream):
+        self.occupied[addr].discard(stream)
+        if not stream.closed():
+            self.available[addr].append(stream)
+
+    def remove(self, addr, stream):
+        self.occupied[addr].discard(stream)
+        stream.close()
+
+    def _collect(self):
+        for streams in self.available.values():
+            while streams:
+                streams.pop().close()
+
+    def close(self, addr=None):
+        addrs = [addr] if addr is not None else list(set(self.available) | set(self.occupied))
+        for a in addrs:
+            for stream in self.available.pop(a, []):
+                stream.close()
+            for stream in self.occupied.pop(a, set()):
+                stream.close()
+
+
+_NO_TIMEOUT = object()
+
+
+class rpc:
+    """A remote node: attribute access gives a remote call.
+
+    ::
+
+        alice = rpc(ip='127.0.0.1', port=8788)     # or rpc('127.0.0.1:8788')
+        data = yield alice.get_data(keys=['x'])    # or: await ...
+        data = yield alice.get_data(keys=['x'], timeout=5)
+
+    Concurrent calls each get their own stream; streams are reused between
+    calls and closed with :meth:`close_streams`.  ``timeout`` (seconds, per
+    call or for the whole rpc) bounds the wait for a reply and raises
+    ``TimeoutError``.  ``rpc(stream)`` wraps an already-open IOStream.
+    """
+
+    def __init__(self, addr=None, ip=None, port=None, timeout=None, pool=None,
+                 limits=None):
+        self._stream = None
+        if isinstance(addr, IOStream):
+            self._stream = addr
+            self._lock = asyncio.Lock()
+            peer = _peer_of(addr)
+            self.ip, self.port = peer if peer else (None, None)
+        else:
+            if addr is None:
+                if ip is None or port is None:
+                    raise TypeError("rpc needs an address: rpc('ip:port') or rpc(ip=, port=)")
+                addr = (ip, port)
+            self.ip, self.port = parse_address(coerce_to_address(addr))
+        self.address = (
+            unparse_address(self.ip, self.port) if self.port is not None else None
+        )
+        self.timeout = timeout
+        self.limits = limits or DEFAULT_LIMITS
+        self._own_pool = pool is None
+        self.pool = pool if pool is not None else ConnectionPool()
+
+    def __getattr__(self, op):
+        if op.startswith("_"):
+            raise AttributeError(op)
+
+        def call(**kwargs):
+            return self.call(op, **kwargs)
+
+        call.__name__ = op
+        return call
+
+    async def call(self, op, timeout=_NO_TIMEOUT, **kwargs):
+        """Send ``{'op': op, **kwargs}`` and return the reply."""
+        if timeout is _NO_TIMEOUT:
+            timeout = self.timeout
+        kwargs["op"] = op
+        if timeout is None:
+            return await self._call(kwargs)
+        try:
+            return await asyncio.wait_for(self._call(kwargs), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                "%r to %s got no reply within %s s" % (op, self.address, timeout)
+            ) from None
+
+    async def _call(self, msg):
+        if self._stream is not None:
+            async with self._lock:
+                reply = await self._exchange(self._stream, msg)
+        else:
+            stream = await self.pool.connect(self.address)
+            try:
+                reply = await self._exchange(stream, msg)
+            except BaseException:
+                # a half-read reply would poison the next call on this stream
+                self.pool.remove(self.address, stream)
+                raise
+            if msg.get("close"):
+                self.pool.remove(self.address, stream)
+            else:
+                self.pool.reuse(self.address, stream)
+        if is_error_message(reply):
+            raise_error_message(reply)
+        return reply
+
+    async def _exchange(self, stream, msg):
+        await write(stream, msg)
+        if msg.get("reply", True) is False:
+            return None
+        try:
+            return await read(stream, self.limits)
+        except StreamClosedError as e:
+            raise CommClosedError(
+                "connection to %s closed before the reply to %r arrived"
+                % (self.address, msg.get("op"))
+            ) from e
+
+    def close_streams(self):
+        """Close the streams this rpc opened."""
+        if self._stream is not None:
+            self._stream.close()
+        elif self.address is not None:
+            self.pool.close(self.address)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close_streams()
+
+    def __repr__(self):
+        return "<rpc to %s>" % (self.address,)
+
+
+def _peer_of(stream):
+    try:
+        name = stream.socket.getpeername()
+        return name[0], name[1]
+    except (OSError, AttributeError):
+        return None
+

@@ -1,0 +1,117 @@
+"""Task-graph helpers, pure functions: dask's graph format without dask.
+
+A graph is a dict ``{key: value}``; a *task* is a tuple whose first element
+is callable, ``(add, 'x', 1)``; its arguments may be keys of the graph,
+nested tasks, lists of those, or literals::
+
+    >>> from operator import add
+    >>> dsk = {'x': 1, 'y': (add, 'x', 10)}
+    >>> get_dependencies(dsk, 'y')
+    {'x'}
+    >>> execute_task(dsk['y'], {'x': 1})
+    11
+"""
+
+__all__ = [
+    "istask",
+    "get_dependencies",
+    "execute_task",
+    "substitute",
+    "toposort",
+]
+
+
+def istask(x):
+    return type(x) is tuple and bool(x) and callable(x[0])
+
+
+def _is_key(x, keys):
+    try:
+        return x in keys
+    except TypeError:  # unhashable
+        return False
+
+
+def get_dependencies(dsk, key=None, task=None):
+    """The keys of ``dsk`` that ``dsk[key]`` (or ``task``) refers to."""
+    if key is not None:
+        task = dsk[key]
+    deps = set()
+    stack = [task]
+    while stack:
+        x = stack.pop()
+        t = type(x)
+        if t is tuple and x and callable(x[0]):
+            stack.extend(x[1:])
+        elif t is list or t is tuple:
+            if t is tuple and _is_key(x, dsk):
+                deps.add(x)
+            else:
+                stack.extend(x)
+        elif t is dict:
+            stack.extend(x.values())
+        elif _is_key(x, dsk):
+            deps.add(x)
+    return deps
+
+
+def execute_task(task, data):
+    """Evaluate ``task``, reading the keys it names from ``data``."""
+    t = type(task)
+    if t is tuple and task and callable(task[0]):
+        func = task[0]
+        return func(*[execute_task(a, data) for a in task[1:]])
+    if t is list:
+        return [execute_task(a, data) for a in task]
+    if t is dict:
+        return {k: execute_task(v, data) for k, v in task.items()}
+    if _is_key(task, data):
+        return data[task]
+    if t is tuple:
+        return tuple(execute_task(a, data) for a in task)
+    return task
+
+
+def substitute(obj, data, keys):
+    """Replace every part of ``obj`` that is one of ``keys`` with ``data[key]``.
+
+    Looks inside lists, tuples and dicts (values), as the worker's
+    ``compute`` does with its ``args`` and ``kwargs``::
+
+        >>> substitute(['x', ('y', 1), {'k': 'x'}], {'x': 10}, {'x'})
+        [10, ('y', 1), {'k': 10}]
+    """
+    if _is_key(obj, keys):
+        return data[obj]
+    t = type(obj)
+    if t is list:
+        return [substitute(o, data, keys) for o in obj]
+    if t is tuple:
+        return tuple(substitute(o, data, keys) for o in obj)
+    if t is dict:
+        return {k: substitute(v, data, keys) for k, v in obj.items()}
+    return obj
+
+
+def toposort(dsk):
+    """Keys of ``dsk`` in an order where dependencies come first."""
+    deps = {k: get_dependencies(dsk, k) for k in dsk}
+    order, seen = [], set()
+    for root in dsk:
+        if root in seen:
+            continue
+        stack = [(root, False)]
+        while stack:
+            k, expanded = stack.pop()
+            if expanded:
+                if k not in seen:
+                    seen.add(k)
+                    order.append(k)
+                continue
+            if k in seen:
+                continue
+            stack.append((k, True))
+            for d in deps[k]:
+                if d not in seen:
+                    stack.append((d, False))
+    return order

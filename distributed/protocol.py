@@ -1,0 +1,402 @@
+"""Framing and serialization of messages: pure functions on bytes, no sockets.
+
+A message is any Python object; requests are dicts with an ``'op'`` key.
+:func:`dumps` turns a message into a list of *frames* and :func:`loads` turns
+the frames back into the message::
+
+    >>> frames = dumps({'op': 'ping'})
+    >>> loads(frames)
+    {'op': 'ping'}
+
+Frames
+------
+``frames[0]`` is the **header**, encoded with msgpack so that it can be
+decoded without unpickling anything.  For a dict message it carries every
+top-level item whose value is plain (``str``, ``int``, ``float``, ``bool``,
+``None`` or short ``bytes``), so the ``op`` of a request is always readable
+from the header alone.  Everything else travels in ``frames[1]``, a pickle
+(protocol 5, cloudpickle for functions defined interactively), followed by
+**buffer frames**: the out-of-band buffers of numpy arrays and pandas columns
+and large ``bytes`` values.  Buffer frames are handed to the socket as they
+are and read into buffers that the loaded objects then use: neither side
+copies array data.
+
+On the wire
+-----------
+::
+
+    <u64 n> <u64 len_0> ... <u64 len_{n-1}> frame_0 ... frame_{n-1}
+
+All integers are little-endian.  There are no sentinels: any payload
+round-trips.  :func:`frame_prelude` writes the lengths; :func:`parse_count`
+and :func:`parse_lengths` read and check them against :class:`Limits`, so
+that a peer announcing a frame of 2**62 bytes is refused before anything is
+allocated.  :class:`Decoder` assembles messages from arbitrary chunks of
+bytes; tests drive it with truncated, oversized and garbage input.
+"""
+
+import io
+import os
+import pickle
+import struct
+
+import copyreg
+import types
+
+import cloudpickle
+import msgpack
+from tblib import pickling_support
+
+# Tracebacks pickle (as real traceback objects on the other side), so that a
+# remote error re-raises with the frames where it happened.
+copyreg.pickle(types.TracebackType, pickling_support.pickle_traceback)
+
+__all__ = [
+    "dumps",
+    "loads",
+    "frame_prelude",
+    "frames_to_bytes",
+    "loads_header",
+    "parse_count",
+    "parse_lengths",
+    "Limits",
+    "Decoder",
+    "ProtocolError",
+    "FrameTooLarge",
+    "serialize",
+    "deserialize",
+]
+
+#: buffers smaller than this stay inside the pickle; larger ones get a frame
+BUFFER_THRESHOLD = 64 * 1024
+#: bytes values up to this size may ride in the msgpack header
+PLAIN_BYTES_LIMIT = 1024
+
+_U64 = struct.Struct("<Q")
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+
+
+class ProtocolError(ValueError):
+    """The bytes received are not a valid message."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A peer announced more frames or bytes than :class:`Limits` allow."""
+
+
+def _env_int(name, default):
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+class Limits:
+    """Upper bounds on what a peer may send in one message.
+
+    Defaults come from the environment variables
+    ``DISTRIBUTED_MAX_FRAMES``, ``DISTRIBUTED_MAX_FRAME_SIZE`` and
+    ``DISTRIBUTED_MAX_MESSAGE_SIZE`` when set::
+
+        >>> Limits(max_message_size=2**20).max_message_size
+        1048576
+    """
+
+    __slots__ = ("max_frames", "max_frame_size", "max_message_size")
+
+    def __init__(self, max_frames=None, max_frame_size=None, max_message_size=None):
+        self.max_frames = max_frames or _env_int("DISTRIBUTED_MAX_FRAMES", 2**20)
+        self.max_message_size = max_message_size or _env_int(
+            "DISTRIBUTED_MAX_MESSAGE_SIZE", 2**36
+        )
+        self.max_frame_size = max_frame_size or _env_int(
+            "DISTRIBUTED_MAX_FRAME_SIZE", self.max_message_size
+        )
+
+    def __repr__(self):
+        return "Limits(max_frames=%d, max_frame_size=%d, max_message_size=%d)" % (
+            self.max_frames,
+            self.max_frame_size,
+            self.max_message_size,
+        )
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# ---------------------------------------------------------------------------
+# Serialization of arbitrary objects
+
+
+class _Pickler(pickle.Pickler):
+    """Pickler that sends large ``bytes`` out of band, like protocol-5 buffers.
+
+    ``bytes`` is pickled by the C fast path before ``reducer_override`` is
+    consulted, so ``persistent_id`` is the one hook that can see it.
+    """
+
+    def __init__(self, file, frames):
+        super().__init__(file, protocol=5, buffer_callback=self._buffer)
+        self._frames = frames
+        self._oob = []
+
+    def _buffer(self, pb):
+        raw = pb.raw()
+        if raw.nbytes < BUFFER_THRESHOLD:
+            return True  # keep small buffers inside the pickle
+        self._oob.append(raw)
+        return False
+
+    def persistent_id(self, obj):
+        if type(obj) is bytes and len(obj) >= BUFFER_THRESHOLD:
+            self._frames.append(obj)
+            return len(self._frames) - 1
+        return None
+
+
+class _CloudPickler(cloudpickle.Pickler):
+    """Same as :class:`_Pickler`, for objects only cloudpickle can pickle."""
+
+    def __init__(self, file, frames):
+        super().__init__(file, protocol=5, buffer_callback=self._buffer)
+        self._frames = frames
+        self._oob = []
+
+    _buffer = _Pickler._buffer
+    persistent_id = _Pickler.persistent_id
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, buffers, frames):
+        super().__init__(file, buffers=buffers)
+        self._frames = frames
+
+    def persistent_load(self, pid):
+        try:
+            return bytes(self._frames[pid])
+        except (TypeError, IndexError):
+            raise pickle.UnpicklingError("bad out-of-band frame reference %r" % (pid,))
+
+
+def _pickle(obj, pickler_class):
+    extra = []
+    f = io.BytesIO()
+    p = pickler_class(f, extra)
+    p.dump(obj)
+    return f.getvalue(), p._oob, extra
+
+
+def serialize(obj):
+    """Pickle ``obj`` into ``(pickle_bytes, buffers, byte_frames)``.
+
+    Uses the standard pickler and falls back to cloudpickle for lambdas and
+    for functions and classes defined in ``__main__`` (which a remote process
+    could not import by reference).
+    """
+    try:
+        payload, oob, extra = _pickle(obj, _Pickler)
+        if b"__main__" not in payload:
+            return payload, oob, extra
+    except Exception:
+        pass
+    return _pickle(obj, _CloudPickler)
+
+
+def deserialize(payload, buffers=(), byte_frames=()):
+    """Inverse of :func:`serialize`."""
+    return _Unpickler(io.BytesIO(payload), buffers, byte_frames).load()
+
+
+# ---------------------------------------------------------------------------
+# Messages <-> frames
+
+
+def _is_plain(value):
+    t = type(value)
+    if t is str or t is float or t is bool or value is None:
+        return True
+    if t is int:
+        return _INT64_MIN <= value <= _UINT64_MAX
+    if t is bytes:
+        return len(value) <= PLAIN_BYTES_LIMIT
+    return False
+
+
+def dumps(msg):
+    """Encode a message as a list of frames (bytes or memoryviews).
+
+    Large buffers are returned as memoryviews on the original objects, so the
+    caller must keep ``msg`` alive until the frames are written.
+    """
+    if type(msg) is dict:
+        plain = {}
+        rest = None
+        for k, v in msg.items():
+            if type(k) is str and _is_plain(v):
+                plain[k] = v
+            else:
+                if rest is None:
+                    rest = {}
+                rest[k] = v
+        header = {"d": plain}
+        obj = rest
+    elif _is_plain(msg):
+        header = {"v": msg}
+        obj = None
+    else:
+        header = {}
+        obj = msg
+    if obj is None:
+        return [msgpack.packb(header, use_bin_type=True)]
+    payload, oob, extra = serialize(obj)
+    header["p"] = len(oob)
+    if extra:
+        header["x"] = len(extra)
+    frames = [msgpack.packb(header, use_bin_type=True), payload]
+    frames.extend(oob)
+    frames.extend(extra)
+    return frames
+
+
+def loads_header(frame):
+    """Decode the header frame, which never involves pickle."""
+    try:
+        header = msgpack.unpackb(frame, raw=False, use_list=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError("undecodable message header: %s" % e) from None
+    if type(header) is not dict or type(header.get("d", {})) is not dict:
+        raise ProtocolError("message header is not a map")
+    return header
+
+
+def loads(frames):
+    """Decode a list of frames made by :func:`dumps` into the message."""
+    if not frames:
+        raise ProtocolError("a message needs at least one frame")
+    header = loads_header(frames[0])
+    if "p" not in header:
+        if len(frames) != 1:
+            raise ProtocolError("unexpected frames after a plain message")
+        if "d" in header:
+            return dict(header["d"])
+        if "v" in header:
+            return header["v"]
+        raise ProtocolError("message header has no content")
+    noob = header["p"]
+    nextra = header.get("x", 0)
+    if type(noob) is not int or type(nextra) is not int or len(frames) != 2 + noob + nextra:
+        raise ProtocolError("frame count does not match the message header")
+    buffers = frames[2 : 2 + noob]
+    extra = frames[2 + noob :]
+    try:
+        obj = deserialize(frames[1], buffers, extra)
+    except ProtocolError:
+        raise
+    except Exception as e:
+        raise ProtocolError("could not unpickle message: %r" % e) from e
+    if "d" in header:
+        if type(obj) is not dict:
+            raise ProtocolError("pickled part of a dict message is not a dict")
+        msg = dict(header["d"])
+        msg.update(obj)
+        return msg
+    return obj
+
+
+# ---------------------------------------------------------------------------
+# Frames <-> bytes
+
+
+def frame_prelude(frames):
+    """The bytes that precede ``frames`` on the wire: count, then lengths."""
+    lengths = [f.nbytes if type(f) is memoryview else len(f) for f in frames]
+    return struct.pack("<%dQ" % (len(lengths) + 1), len(lengths), *lengths)
+
+
+def frames_to_bytes(frames):
+    """One bytes object with prelude and frames (for tests and small messages)."""
+    return frame_prelude(frames) + b"".join(frames)
+
+
+def parse_count(data, limits=DEFAULT_LIMITS):
+    """Read the frame count from the first 8 bytes and check it."""
+    (n,) = _U64.unpack_from(data)
+    if n == 0:
+        raise ProtocolError("a message needs at least one frame")
+    if n > limits.max_frames:
+        raise FrameTooLarge(
+            "peer announced %d frames, more than the limit of %d "
+            "(DISTRIBUTED_MAX_FRAMES)" % (n, limits.max_frames)
+        )
+    return n
+
+
+def parse_lengths(data, n, limits=DEFAULT_LIMITS):
+    """Read ``n`` frame lengths and check each and their sum against limits."""
+    lengths = struct.unpack_from("<%dQ" % n, data)
+    total = 0
+    for length in lengths:
+        if length > limits.max_frame_size:
+            raise FrameTooLarge(
+                "peer announced a frame of %d bytes, more than the limit of %d "
+                "(DISTRIBUTED_MAX_FRAME_SIZE)" % (length, limits.max_frame_size)
+            )
+        total += length
+    if total > limits.max_message_size:
+        raise FrameTooLarge(
+            "peer announced a message of %d bytes, more than the limit of %d "
+            "(DISTRIBUTED_MAX_MESSAGE_SIZE)" % (total, limits.max_message_size)
+        )
+    return list(lengths)
+
+
+class Decoder:
+    """Incremental, socket-free decoder: feed bytes, get messages.
+
+    ::
+
+        >>> d = Decoder()
+        >>> data = frames_to_bytes(dumps({'op': 'ping'}))
+        >>> d.feed(data[:5])
+        []
+        >>> d.feed(data[5:])
+        [{'op': 'ping'}]
+
+    Raises :class:`ProtocolError` on invalid input; after that the decoder
+    (like the connection it stands for) should be discarded.
+    """
+
+    def __init__(self, limits=DEFAULT_LIMITS):
+        self.limits = limits
+        self._buf = bytearray()
+
+    def feed(self, data):
+        self._buf += data
+        out = []
+        while True:
+            frames = self._next_frames()
+            if frames is None:
+                return out
+            out.append(loads(frames))
+
+    def _next_frames(self):
+        buf = self._buf
+        if len(buf) < 8:
+            return None
+        n = parse_count(buf, self.limits)
+        if len(buf) < 8 * (n + 1):
+            return None
+        lengths = parse_lengths(memoryview(buf)[8:], n, self.limits)
+        end = 8 * (n + 1) + sum(lengths)
+        if len(buf) < end:
+            return None
+        frames = []
+        pos = 8 * (n + 1)
+        for length in lengths:
+            frames.append(bytes(buf[pos : pos + length]))
+            pos += length
+        del buf[:end]
+        return frames
+
+    @property
+    def pending(self):
+        """Number of bytes received but not yet part of a whole message."""
+        return len(self._buf)

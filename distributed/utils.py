@@ -1,0 +1,115 @@
+"""Small helpers shared by every node: addresses, keys, tracebacks, sizes."""
+
+import socket
+import sys
+import traceback as _traceback
+import uuid
+
+__all__ = [
+    "get_ip",
+    "parse_address",
+    "unparse_address",
+    "is_loopback",
+    "funcname",
+    "key_split",
+    "format_exception_text",
+    "new_id",
+]
+
+
+def get_ip(host="8.8.8.8", port=80):
+    """The local IP address of the interface that routes to ``host``.
+
+    Connecting a UDP socket sends no packet; it only asks the kernel for a
+    route.  Falls back to the host name's address when there is none.
+    """
+    if host in ("localhost", "127.0.0.1", "::1"):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+
+
+def parse_address(addr):
+    """``'ip:port'`` (or ``'tcp://ip:port'``, ``'[::1]:port'``) -> ``(ip, port)``."""
+    if not isinstance(addr, str):
+        raise TypeError("expected an address string 'ip:port', got %r" % (addr,))
+    s = addr
+    if "://" in s:
+        s = s.split("://", 1)[1]
+    host, sep, port = s.rpartition(":")
+    if not sep or not host:
+        raise ValueError("address %r is not of the form 'ip:port'" % (addr,))
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port)
+    except ValueError:
+        raise ValueError("address %r has a non-numeric port" % (addr,)) from None
+    if not 0 <= port < 65536:
+        raise ValueError("address %r has a port out of range" % (addr,))
+    return host, port
+
+
+def unparse_address(ip, port):
+    """``(ip, port)`` -> ``'ip:port'`` (IPv6 hosts get brackets)."""
+    if ":" in ip:
+        return "[%s]:%d" % (ip, port)
+    return "%s:%d" % (ip, port)
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def funcname(func):
+    """A readable name for a callable, seeing through partials and curries."""
+    while hasattr(func, "func"):
+        func = func.func
+    try:
+        return func.__name__
+    except AttributeError:
+        return type(func).__name__
+
+
+def key_split(key):
+    """The human prefix of a key: ``'inc-1a2b3c'`` -> ``'inc'``; ``('x', 1)`` -> ``'x'``."""
+    if type(key) is tuple and key:
+        key = key[0]
+    if type(key) is bytes:
+        key = key.decode("utf-8", "replace")
+    if type(key) is not str:
+        return "Other"
+    words = key.split("-")
+    out = [words[0]]
+    for w in words[1:]:
+        if len(w) >= 8 and all(c in "0123456789abcdef" for c in w):
+            break
+        out.append(w)
+    return "-".join(out)
+
+
+def format_exception_text(exc, tb=None):
+    tb = tb if tb is not None else exc.__traceback__
+    return "".join(_traceback.format_exception(type(exc), exc, tb))
+
+
+def new_id():
+    return uuid.uuid4().hex
+
+
+def ensure_bytes(s):
+    if isinstance(s, bytes):
+        return s
+    if isinstance(s, (bytearray, memoryview)):
+        return bytes(s)
+    return str(s).encode()
+
+
+PY_VERSION = "%d.%d.%d" % sys.version_info[:3]

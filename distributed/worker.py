@@ -1,0 +1,483 @@
+"""The worker: holds data, computes on it, fetches inputs from peers.
+
+::
+
+    w = Worker('127.0.0.1', 8787)        # the center's ip and port
+    yield w._start(port=0)               # or: await w._start(0)
+    w.data['x'] = 1
+    ...
+    yield w._close()
+
+A worker keeps Python objects in ``data`` and runs functions on them in a
+thread pool of ``ncores`` threads.  Inputs it lacks are located through the
+center (or a ``who_has`` given with the request) and fetched **directly from
+the peer** that holds them.  Every key it gains is reported to the center.
+"""
+
+import asyncio
+import concurrent.futures
+import importlib
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+
+import psutil
+from tornado import gen
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from .core import (
+    ConnectionPool,
+    Server,
+    coerce_to_address,
+    connect,
+    error_message,
+    rpc,
+)
+from .graph import substitute
+from .sizeof import sizeof
+from .utils import funcname, get_ip, new_id, parse_address
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Worker", "gather_from_workers"]
+
+#: seconds between heartbeats to the center
+HEARTBEAT_INTERVAL = 1.0
+#: seconds a worker keeps trying to reach the center when it starts
+CONNECT_RETRY_TIMEOUT = 30
+#: seconds allowed for one transfer from a peer
+TRANSFER_TIMEOUT = 300
+
+
+@gen.coroutine
+def gather_from_workers(who_has, rpc_for, timeout=TRANSFER_TIMEOUT):
+    """Fetch keys from the workers that hold them.
+
+    ``who_has`` is ``{key: [address, ...]}``; ``rpc_for(address)`` gives an
+    :class:`~distributed.core.rpc`.  Keys are grouped by holder (chosen at
+    random, to spread load) so that each peer is asked once; a peer that
+    fails is dropped and its keys are asked of the remaining holders.
+
+    Returns ``(data, missing, bad_workers)``: the values fetched, the keys no
+    live holder could give, and the addresses that failed.
+    """
+    candidates = {k: list(v) for k, v in who_has.items()}
+    data, missing, bad = {}, set(), set()
+    while candidates:
+        by_worker = defaultdict(list)
+        for key, holders in candidates.items():
+            holders = [h for h in holders if h not in bad]
+            if not holders:
+                missing.add(key)
+                continue
+            by_worker[random.choice(holders)].append(key)
+        if not by_worker:
+            break
+        addresses = list(by_worker)
+        results = yield [
+            _get_data(rpc_for(a), by_worker[a], timeout) for a in addresses
+        ]
+        for address, result in zip(addresses, results):
+            if isinstance(result, Exception):
+                logger.warning("could not fetch %d keys from %s: %s",
+                               len(by_worker[address]), address, result)
+                bad.add(address)
+            else:
+                data.update(result)
+                for key in by_worker[address]:
+                    if key not in result:  # the peer no longer has it
+                        candidates[key] = [h for h in candidates[key] if h != address]
+        candidates = {
+            k: [h for h in v if h not in bad]
+            for k, v in candidates.items()
+            if k not in data and k not in missing
+        }
+        for k in [k for k, v in candidates.items() if not v]:
+            missing.add(k)
+            del candidates[k]
+    return data, missing, bad
+
+
+async def _get_data(r, keys, timeout):
+    try:
+        return await r.get_data(keys=keys, timeout=timeout)
+    except Exception as e:  # reported per peer, the others go on
+        return e
+
+
+class Worker(Server):
+    """A worker node (see the module docstring).
+
+    Attributes: ``data``, ``active`` (keys computing now), ``ncores``,
+    ``executor`` (thread pool), ``local_dir``, ``center`` (an rpc), ``name``,
+    ``services``/``service_ports``, ``ip``/``port``/``address``.
+    """
+
+    def __init__(self, center_ip, center_port=None, ip=None, ncores=None, loop=None,
+                 local_dir=None, services=None, service_ports=None, name=None,
+                 heartbeat_interval=HEARTBEAT_INTERVAL, memory_limit=None,
+                 **kwargs):
+        if center_port is None:
+            center_ip, center_port = parse_address(coerce_to_address(center_ip))
+        self.loop = loop or IOLoop.current()
+        self.ncores = ncores or os.cpu_count() or 1
+        self.name = name
+        self.data = {}
+        self.nbytes = {}
+        self.active = set()
+        self.memory_limit = memory_limit
+        self.heartbeat_interval = heartbeat_interval
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            self.ncores, thread_name_prefix="distributed-worker"
+        )
+        self._own_local_dir = local_dir
+        if local_dir:
+            os.makedirs(local_dir, exist_ok=True)
+        self.local_dir = tempfile.mkdtemp(prefix="worker-", dir=local_dir)
+        self.pool = ConnectionPool()
+        self.center = rpc(ip=center_ip, port=center_port, pool=self.pool)
+        self.service_classes = services or {}
+        self.service_ports = dict(service_ports or {})
+        self.services = {}
+        self.status = "created"
+        self._heartbeat_rpc = None
+        self._heartbeats = None
+        handlers = {
+            "compute": self.compute,
+            "gather": self.gather,
+            "get_data": self.get_data,
+            "update_data": self.update_data,
+            "delete_data": self.delete_data,
+            "run": self.run,
+            "health": self.health,
+            "upload_file": self.upload_file,
+            "terminate": self.terminate,
+            "keys": self.get_keys,
+        }
+        if ip is None:
+            ip = get_ip(center_ip)
+        super().__init__(handlers, ip=ip, **kwargs)
+
+    # -- life cycle ----------------------------------------------------------
+
+    def identity(self, stream=None):
+        return {
+            "type": type(self).__name__,
+            "id": self.id,
+            "center": (self.center.ip, self.center.port),
+            "ncores": self.ncores,
+            "name": self.name,
+        }
+
+    @gen.coroutine
+    def _start(self, port=0, timeout=CONNECT_RETRY_TIMEOUT):
+        """Listen, start services and register with the center.
+
+        Retries until the center answers; raises ``TimeoutError`` naming the
+        center after ``timeout`` seconds.
+        """
+        self.listen(port)
+        for name, cls in self.service_classes.items():
+            service = cls(self)
+            service.listen(self.service_ports.get(name, 0))
+            self.services[name] = service
+            self.service_ports[name] = service.port
+        yield self._register(timeout)
+        self._heartbeats = PeriodicCallback(
+            self._heartbeat, self.heartbeat_interval * 1000
+        )
+        self._heartbeats.start()
+        self.status = "running"
+        logger.info("worker at %s registered with center at %s",
+                    self.address, self.center.address)
+        return self
+
+    def __await__(self):
+        return self._start().__await__()
+
+    @gen.coroutine
+    def _register(self, timeout=CONNECT_RETRY_TIMEOUT):
+        """Open the heartbeat stream to the center and register on it."""
+        deadline = time.time() + timeout
+        delay = 0.05
+        while True:
+            try:
+                stream = yield connect(self.center.ip, self.center.port,
+                                       timeout=max(0.1, min(5, deadline - time.time())))
+                hb = rpc(stream)
+                yield hb.register(
+                    address=self.address,
+                    ncores=self.ncores,
+                    keys=list(self.data),
+                    nbytes=dict(self.nbytes),
+                    services=self.service_ports,
+                    name=self.name,
+                    timeout=max(1, deadline - time.time()),
+                )
+            except (OSError, TimeoutError) as e:
+                if time.time() + delay > deadline:
+                    raise TimeoutError(
+                        "worker %s could not register with the center at %s within "
+                        "%s s: %s" % (self.address, self.center.address, timeout, e)
+                    ) from None
+                yield gen.sleep(delay)
+                delay = min(delay * 2, 1)
+                continue
+            if self._heartbeat_rpc is not None:
+                self._heartbeat_rpc.close_streams()
+            self._heartbeat_rpc = hb
+            return
+
+    @gen.coroutine
+    def _heartbeat(self):
+        if self.status != "running" or self._heartbeat_rpc is None:
+            return
+        try:
+            reply = yield self._heartbeat_rpc.heartbeat(
+                address=self.address, timeout=max(5, 5 * self.heartbeat_interval)
+            )
+        except Exception as e:
+            reply = None
+            logger.warning("lost the center at %s (%s); reconnecting",
+                           self.center.address, e)
+        if reply != b"OK" and self.status == "running":
+            self.status = "reconnecting"
+            try:
+                yield self._register(timeout=3600)
+            finally:
+                if self.status == "reconnecting":
+                    self.status = "running"
+
+    @gen.coroutine
+    def _close(self, report=True, timeout=5):
+        """Unregister from the center and stop."""
+        if self.status in ("closing", "closed"):
+            return
+        self.status = "closing"
+        if self._heartbeats is not None:
+            self._heartbeats.stop()
+        if report and self.port is not None:
+            try:
+                yield self.center.unregister(address=self.address, timeout=timeout)
+            except Exception as e:
+                logger.info("could not unregister from the center: %s", e)
+        if self._heartbeat_rpc is not None:
+            self._heartbeat_rpc.close_streams()
+        for service in self.services.values():
+            service.stop()
+        self.stop()
+        self.pool.close()
+        self.executor.shutdown(wait=False)
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+        self.status = "closed"
+
+    def terminate(self, stream=None, report=True):
+        self.loop.add_callback(self._close, report=report)
+        return b"OK"
+
+    # -- data ----------------------------------------------------------------
+
+    def put_key(self, key, value):
+        self.data[key] = value
+        n = sizeof(value)
+        self.nbytes[key] = n
+        return n
+
+    def get_data(self, stream=None, keys=()):
+        data = self.data
+        return {k: data[k] for k in keys if k in data}
+
+    def get_keys(self, stream=None):
+        return list(self.data)
+
+    @gen.coroutine
+    def update_data(self, stream=None, data=None, report=True):
+        data = data or {}
+        nbytes = {k: self.put_key(k, v) for k, v in data.items()}
+        if report and nbytes:
+            yield self.center.add_keys(address=self.address, keys=list(data),
+                                       nbytes=nbytes)
+        return b"OK", {"nbytes": nbytes}
+
+    @gen.coroutine
+    def delete_data(self, stream=None, keys=(), report=True):
+        keys = [k for k in keys if k in self.data]
+        for key in keys:
+            del self.data[key]
+            self.nbytes.pop(key, None)
+        if report and keys:
+            yield self.center.remove_keys(address=self.address, keys=keys)
+        return b"OK"
+
+    def rpc_for(self, address):
+        return rpc(address, pool=self.pool)
+
+    @gen.coroutine
+    def gather(self, stream=None, who_has=None, report=True):
+        """Fetch the keys of ``who_has`` from peers into ``data``."""
+        who_has = {k: v for k, v in (who_has or {}).items() if k not in self.data}
+        data, missing, _ = yield gather_from_workers(who_has, self.rpc_for)
+        nbytes = {k: self.put_key(k, v) for k, v in data.items()}
+        if report and nbytes:
+            yield self.center.add_keys(address=self.address, keys=list(nbytes),
+                                       nbytes=nbytes)
+        if missing:
+            return b"missing-data", {"keys": sorted(missing, key=str)}
+        return b"OK", {"nbytes": nbytes}
+
+    @gen.coroutine
+    def _ensure_local(self, needed, who_has=None, report=True):
+        """Fetch the keys of ``needed`` that are not local; return missing ones."""
+        missing = [k for k in needed if k not in self.data]
+        if not missing:
+            return set()
+        who_has = dict(who_has or {})
+        unknown = [k for k in missing if not who_has.get(k)]
+        if unknown:
+            found = yield self.center.who_has(keys=unknown)
+            who_has.update(found)
+        locs = {k: [a for a in who_has.get(k, ()) if a != self.address] for k in missing}
+        data, lost, _ = yield gather_from_workers(locs, self.rpc_for)
+        nbytes = {k: self.put_key(k, v) for k, v in data.items()}
+        if report and nbytes:
+            yield self.center.add_keys(address=self.address, keys=list(nbytes),
+                                       nbytes=nbytes)
+        return lost
+
+    # -- compute ---------------------------------------------------------------
+
+    @gen.coroutine
+    def compute(self, stream=None, function=None, key=None, args=(), kwargs=None,
+                keys=None, needed=None, who_has=None, report=True):
+        """Run ``function(*args, **kwargs)`` on local and fetched data.
+
+        Returns ``(b'OK', metadata)``, ``(b'error', {'exception', 'traceback'})``
+        or ``(b'missing-data', {'keys': [...]})``.
+        """
+        if function is None or not callable(function):
+            raise TypeError("compute needs function=<a callable>, got %r" % (function,))
+        if key is None:
+            key = "%s-%s" % (funcname(function), new_id())
+        needed_keys = list(keys or ()) + list(needed or ()) + list(who_has or ())
+        if keys and not args:
+            args = tuple(keys)
+        start = time.time()
+        lost = yield self._ensure_local(needed_keys, who_has, report)
+        if lost:
+            return b"missing-data", {"keys": sorted(lost, key=str)}
+        transfer_stop = time.time()
+        keyset = set(needed_keys)
+        args2 = substitute(tuple(args), self.data, keyset)
+        kwargs2 = substitute(dict(kwargs or {}), self.data, keyset)
+        self.active.add(key)
+        try:
+            ok, result, timings = yield self.executor.submit(
+                _run_function, function, args2, kwargs2
+            )
+        finally:
+            self.active.discard(key)
+        if not ok:
+            msg = error_message(*result)
+            return b"error", {"exception": msg["exception"],
+                              "traceback": msg["traceback"], "text": msg["text"]}
+        n = self.put_key(key, result)
+        if report:
+            yield self.center.add_keys(address=self.address, keys=[key],
+                                       nbytes={key: n})
+        meta = {
+            "nbytes": n,
+            "key": key,
+            "type": type(result).__name__,
+            "transfer_start": start,
+            "transfer_stop": transfer_stop,
+        }
+        meta.update(timings)
+        return b"OK", meta
+
+    # -- admin -------------------------------------------------------------------
+
+    @gen.coroutine
+    def run(self, stream=None, function=None, args=(), kwargs=None):
+        """Run ``function(*args, **kwargs)`` in this process; return its result."""
+        if not callable(function):
+            raise TypeError("run needs function=<a callable>, got %r" % (function,))
+        result = function(*args, **(kwargs or {}))
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            result = yield result
+        return result
+
+    def health(self, stream=None):
+        p = psutil.Process()
+        mem = p.memory_info()
+        net = psutil.net_io_counters()
+        disk = psutil.disk_usage(self.local_dir)
+        return {
+            "time": time.time(),
+            "cpu": p.cpu_percent(interval=None),
+            "cpu_system": psutil.cpu_percent(interval=None),
+            "memory": mem.rss,
+            "memory_percent": p.memory_percent(),
+            "memory_total": psutil.virtual_memory().total,
+            "disk_free": disk.free,
+            "disk_used": disk.used,
+            "network_sent": net.bytes_sent,
+            "network_recv": net.bytes_recv,
+            "num_fds": p.num_fds() if hasattr(p, "num_fds") else None,
+            "threads": p.num_threads(),
+        }
+
+    def upload_file(self, stream=None, filename=None, data=None, load=True):
+        """Save ``data`` as ``local_dir/filename`` and make it importable."""
+        if not filename or os.path.basename(filename) != filename:
+            raise ValueError("upload_file needs a plain file name, got %r" % (filename,))
+        path = os.path.join(self.local_dir, filename)
+        if isinstance(data, str):
+            data = data.encode()
+        with open(path, "wb") as f:
+            f.write(data)
+        if self.local_dir not in sys.path:
+            sys.path.insert(0, self.local_dir)
+        name, ext = os.path.splitext(filename)
+        if ext in (".egg", ".zip", ".whl"):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+            importlib.invalidate_caches()
+            return {"nbytes": len(data)}
+        importlib.invalidate_caches()
+        if load and ext == ".py":
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])
+            else:
+                importlib.import_module(name)
+        return {"nbytes": len(data)}
+
+    def __repr__(self):
+        return "<Worker %s: %d keys, %d cores, %s>" % (
+            self.address if self.port else "not listening",
+            len(self.data),
+            self.ncores,
+            self.status,
+        )
+
+
+def _run_function(function, args, kwargs):
+    """Run in a worker thread: ``(ok, result or (exc, tb), timings)``."""
+    start = time.time()
+    try:
+        result = function(*args, **kwargs)
+        ok = True
+    except Exception as e:
+        result = (e, e.__traceback__.tb_next or e.__traceback__)
+        ok = False
+    stop = time.time()
+    return ok, result, {
+        "compute_start": start,
+        "compute_stop": stop,
+        "thread": threading.get_ident(),
+    }
