@@ -182,7 +182,8 @@ class Worker(Server):
         Retries until the center answers; raises ``TimeoutError`` naming the
         center after ``timeout`` seconds.
         """
-        self.listen(port)
+        if self.port is None:
+            self.listen(port)
         for name, cls in self.service_classes.items():
             service = cls(self)
             service.listen(self.service_ports.get(name, 0))

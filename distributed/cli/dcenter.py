@@ -1,0 +1,68 @@
+"""``dcenter``: start a center.
+
+::
+
+    $ dcenter --port 8787
+    Start center at 127.0.0.1:8787
+"""
+
+import argparse
+import logging
+
+from ..center import Center
+from ..http import HTTPCenter
+from ..utils import is_loopback
+from .utils import run_until_signal, setup_logging
+
+logger = logging.getLogger("distributed.dcenter")
+
+
+def make_parser():
+    p = argparse.ArgumentParser(
+        prog="dcenter",
+        description="Start a distributed center: the node that knows which worker "
+        "holds which key and which workers are alive. Stop it with Ctrl-C or SIGTERM.",
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on and advertise (default 127.0.0.1, "
+                   "this machine only; use this machine's IP or 0.0.0.0 to accept "
+                   "workers from other hosts)")
+    p.add_argument("--port", type=int, default=8787,
+                   help="TCP port for workers and executors (default 8787; 0 picks a free one)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve JSON status (/info.json, /who_has.json, ...) on this port")
+    p.add_argument("--heartbeat-timeout", type=float, default=60,
+                   help="seconds without a heartbeat before a worker counts as dead (default 60)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    return p
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    services = {"http": HTTPCenter} if args.http_port is not None else None
+    ports = {"http": args.http_port} if args.http_port is not None else None
+    center = None
+
+    async def start():
+        nonlocal center
+        center = Center(args.host, args.port, services=services, service_ports=ports,
+                        heartbeat_timeout=args.heartbeat_timeout)
+        center.listen(args.port)
+        if not is_loopback(args.host):
+            logger.warning("the center listens on %s: anyone who can reach this port "
+                           "can run code on the cluster", args.host)
+        print("Start center at %s" % center.address, flush=True)
+        if "http" in center.service_ports:
+            print("HTTP status at http://%s:%d/info.json"
+                  % (center.ip, center.service_ports["http"]), flush=True)
+
+    async def stop():
+        await center._close()
+        print("Center stopped", flush=True)
+
+    run_until_signal(start, stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""``dworker``: start one or more workers for a center.
+
+::
+
+    $ dworker 127.0.0.1:8787
+    Start worker at: 127.0.0.1:40123
+    Registered with center at: 127.0.0.1:8787
+"""
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from ..core import coerce_to_address
+from ..http import HTTPWorker
+from ..utils import get_ip, is_loopback, parse_address
+from ..worker import Worker
+from .utils import parse_memory_limit, run_until_signal, setup_logging
+
+logger = logging.getLogger("distributed.dworker")
+
+
+def make_parser():
+    p = argparse.ArgumentParser(
+        prog="dworker",
+        description="Start a distributed worker that registers with the center at "
+        "CENTER_ADDRESS, holds data and runs tasks. Stop it with Ctrl-C or SIGTERM: "
+        "it unregisters from the center first.",
+    )
+    p.add_argument("center", metavar="CENTER_ADDRESS",
+                   help="the center's address, ip:port (e.g. 127.0.0.1:8787)")
+    p.add_argument("--host", default=None,
+                   help="address to listen on and advertise (default: the address of "
+                   "the interface that reaches the center)")
+    p.add_argument("--port", type=int, default=0,
+                   help="TCP port (default 0: a free port; with --nprocs, the first of "
+                   "consecutive ports)")
+    p.add_argument("--ncores", type=int, default=None,
+                   help="threads that run tasks (default: cores of this machine, "
+                   "divided by --nprocs)")
+    p.add_argument("--nprocs", type=int, default=1,
+                   help="number of worker processes to start (default 1)")
+    p.add_argument("--name", default=None,
+                   help="a name for the worker, unique on the cluster (with --nprocs, "
+                   "suffixed -0, -1, ...)")
+    p.add_argument("--local-dir", default=None,
+                   help="directory for temporary files and spilled data (default: the "
+                   "system temporary directory); each worker uses its own subdirectory")
+    p.add_argument("--memory-limit", default=None,
+                   help="memory the worker may use: bytes ('4GB', '512MiB'), a fraction "
+                   "of RAM ('0.5') or 'auto' (default: no limit)")
+    p.add_argument("--no-nanny", action="store_true",
+                   help="run the worker in this process rather than under a nanny")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve JSON status (/info.json, /resources.json) on this "
+                   "port (0: a free one)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    return p
+
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        center = coerce_to_address(args.center)
+        center_ip, center_port = parse_address(center)
+        memory_limit = parse_memory_limit(args.memory_limit)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+    if args.nprocs < 1:
+        parser.error("--nprocs must be at least 1")
+    if args.nprocs > 1:
+        return _run_many(args)
+
+    host = args.host or get_ip(center_ip)
+    services = {"http": HTTPWorker} if args.http_port is not None else None
+    ports = {"http": args.http_port} if args.http_port is not None else None
+    worker = None
+
+    async def start():
+        nonlocal worker
+        worker = Worker(center_ip, center_port, ip=host, ncores=args.ncores,
+                        local_dir=args.local_dir, services=services,
+                        service_ports=ports, name=args.name,
+                        memory_limit=memory_limit)
+        worker.listen(args.port)
+        if not is_loopback(host):
+            logger.warning("the worker listens on %s: anyone who can reach this port "
+                           "can run code on it", host)
+        print("Start worker at: %s" % worker.address, flush=True)
+        await worker._start()
+        print("Registered with center at: %s" % worker.center.address, flush=True)
+
+    async def stop():
+        await worker._close()
+        print("Worker stopped", flush=True)
+
+    run_until_signal(start, stop)
+
+
+def _run_many(args):
+    """Start ``--nprocs`` single-process dworkers and forward signals to them."""
+    ncores = args.ncores or max(1, (os.cpu_count() or 1) // args.nprocs)
+    procs = []
+    for i in range(args.nprocs):
+        cmd = [sys.executable, "-m", "distributed.cli.dworker", args.center,
+               "--ncores", str(ncores), "--nprocs", "1"]
+        if args.host:
+            cmd += ["--host", args.host]
+        if args.port:
+            cmd += ["--port", str(args.port + i)]
+        if args.name:
+            cmd += ["--name", "%s-%d" % (args.name, i)]
+        if args.local_dir:
+            cmd += ["--local-dir", args.local_dir]
+        if args.memory_limit:
+            cmd += ["--memory-limit", args.memory_limit]
+        if args.http_port is not None:
+            cmd += ["--http-port", str(args.http_port + i if args.http_port else 0)]
+        if args.no_nanny:
+            cmd += ["--no-nanny"]
+        if args.verbose:
+            cmd += ["-v"]
+        procs.append(subprocess.Popen(cmd))
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    code = 0
+    for p in procs:
+        code = max(code, abs(p.wait()))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

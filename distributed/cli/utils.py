@@ -1,0 +1,62 @@
+"""Shared pieces of the command lines: signals, logging, sizes."""
+
+import asyncio
+import logging
+import re
+import signal
+import sys
+
+import psutil
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
+          "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_limit(text):
+    """``'4GB'`` / ``'512MiB'`` / ``'0.5'`` (of RAM) / ``'auto'`` / ``'0'`` -> bytes or None.
+
+    >>> parse_memory_limit('2GB')
+    2000000000
+    """
+    if text is None:
+        return None
+    text = str(text).strip().lower()
+    total = psutil.virtual_memory().total
+    if text in ("", "0", "none"):
+        return None
+    if text == "auto":
+        return total
+    m = re.fullmatch(r"([0-9.]+)\s*([a-z]*)", text)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(
+            "memory limit %r not understood: use bytes ('4GB', '512MiB'), a fraction "
+            "of RAM ('0.5') or 'auto'" % text
+        )
+    value = float(m.group(1))
+    if not m.group(2) and value <= 1:
+        return int(value * total)
+    return int(value * _UNITS[m.group(2)])
+
+
+def setup_logging(verbose=False):
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_until_signal(start, stop):
+    """Run ``await start()``, then wait for SIGINT/SIGTERM and ``await stop()``."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        await start()
+        await stopping.wait()
+        await stop()
+
+    asyncio.run(main())

@@ -1,0 +1,78 @@
+"""``python -m distributed.demo``: the worker story on a real local cluster.
+
+Starts ``dcenter`` and two ``dworker`` processes (alice and bob) on
+127.0.0.1, then walks through the conversation of the worker docs: data put
+on alice and bob, alice computing ``add(x, a)`` with ``a`` fetched straight
+from bob, the center told who holds what.  Everything stops at the end.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from operator import add
+
+import numpy as np
+import pandas as pd
+
+from .core import rpc
+from .utils_test import popen, wait_for_line
+
+
+def say(*args):
+    print(*args, flush=True)
+
+
+async def story(center_address, alice_address, bob_address):
+    center = rpc(center_address)
+    alice = rpc(alice_address)
+    bob = rpc(bob_address)
+
+    say("\n>>> alice.update_data(data={'x': np.arange(5), 'y': DataFrame})")
+    say(await alice.update_data(data={"x": np.arange(5),
+                                      "y": pd.DataFrame({"a": [1, 2, 3]})}))
+    say(">>> alice.get_data(keys=['x', 'y'])")
+    d = await alice.get_data(keys=["x", "y"])
+    say(repr(d["x"]), "and a DataFrame of shape", d["y"].shape)
+    say(">>> bob.update_data(data={'a': 10})")
+    say(await bob.update_data(data={"a": 10}))
+    say(">>> center.who_has()")
+    say(await center.who_has())
+    say(">>> alice.compute(function=add, keys=['x', 'a'])   # alice fetches 'a' from bob")
+    response, metadata = await alice.compute(function=add, keys=["x", "a"], key="z")
+    say(response, {k: metadata[k] for k in ("key", "nbytes", "type")})
+    say(">>> alice.get_data(keys=['z'])")
+    say(await alice.get_data(keys=["z"]))
+    say(">>> center.who_has(keys=['a', 'z'])    # alice now holds a copy of 'a'")
+    say(await center.who_has(keys=["a", "z"]))
+    say(">>> center.delete_data(keys=['x', 'a'])")
+    say(await center.delete_data(keys=["x", "a"]))
+    say(">>> center.has_what()")
+    say(await center.has_what())
+    for r in (center, alice, bob):
+        r.close_streams()
+
+
+def main():
+    start = time.time()
+    python = sys.executable
+    with popen([python, "-m", "distributed.cli.dcenter", "--port", "0"]) as c:
+        center_address = wait_for_line(c, "Start center at").split()[-1]
+        say("center at", center_address)
+        with popen([python, "-m", "distributed.cli.dworker", center_address,
+                    "--name", "alice", "--ncores", "1"]) as a, \
+             popen([python, "-m", "distributed.cli.dworker", center_address,
+                    "--name", "bob", "--ncores", "1"]) as b:
+            alice_address = wait_for_line(a, "Start worker at").split()[-1]
+            bob_address = wait_for_line(b, "Start worker at").split()[-1]
+            wait_for_line(a, "Registered with center")
+            wait_for_line(b, "Registered with center")
+            say("alice at", alice_address, "| bob at", bob_address)
+            asyncio.run(story(center_address, alice_address, bob_address))
+    say("\ndemo finished in %.1f s; all processes stopped" % (time.time() - start))
+
+
+if __name__ == "__main__":
+    main()
