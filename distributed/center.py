@@ -26,7 +26,11 @@ from collections import defaultdict
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from .core import Server, coerce_to_address, rpc, ConnectionPool
+from tornado.iostream import StreamClosedError
+
+from .batched import BatchedSend
+from .core import ConnectionPool, Server, coerce_to_address, read, rpc
+from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +63,9 @@ class Center(Server):
         self.service_classes = services or {}
         self.service_ports = dict(service_ports or {})
         self.services = {}
-        #: objects told of worker arrivals and departures (e.g. the scheduler),
-        #: each with optional ``add_worker(address)``/``remove_worker(address)``
-        self.plugins = []
+        self.scheduler = Scheduler(self.who_has, self.has_what, self.nbytes)
+        self.worker_comms = {}  # address -> BatchedSend on its stream
+        self.client_comms = {}  # client id -> BatchedSend
         handlers = {
             "register": self.register,
             "unregister": self.unregister,
@@ -75,6 +79,12 @@ class Center(Server):
             "delete_data": self.delete_data,
             "broadcast": self.broadcast,
             "terminate": self.terminate,
+            # the scheduler's
+            "worker-stream": self.worker_stream,
+            "register-client": self.client_stream,
+            "restart": self.restart,
+            "processing": self.get_processing,
+            "task_states": self.get_task_states,
         }
         super().__init__(handlers, ip=ip, **kwargs)
         self._check = PeriodicCallback(self._check_heartbeats, 1000)
@@ -130,9 +140,6 @@ class Center(Server):
             self._stream_workers[stream] = address
         self._add_keys(address, keys, nbytes)
         logger.info("registered worker %s (%s cores)", address, ncores)
-        for plugin in self.plugins:
-            if hasattr(plugin, "add_worker"):
-                plugin.add_worker(address)
         return b"OK"
 
     def unregister(self, stream=None, address=None):
@@ -154,7 +161,8 @@ class Center(Server):
         if address not in self.ncores:
             return
         logger.info("removing worker %s", address)
-        for key in self.has_what.pop(address, ()):
+        keys = self.has_what.pop(address, set())
+        for key in keys:
             holders = self.who_has.get(key)
             if holders is not None:
                 holders.discard(address)
@@ -169,9 +177,11 @@ class Center(Server):
             self._stream_workers.pop(stream, None)
             stream.close()
         self.pool.close(address)
-        for plugin in self.plugins:
-            if hasattr(plugin, "remove_worker"):
-                plugin.remove_worker(address)
+        comm = self.worker_comms.pop(address, None)
+        if comm is not None:
+            comm.abort()
+        self.scheduler.remove_worker(address, keys)
+        self.send_scheduler_messages()
 
     def stream_closed(self, stream):
         address = self._stream_workers.pop(stream, None)
@@ -188,6 +198,103 @@ class Center(Server):
                     address, time.time() - seen,
                 )
                 self.remove_worker(address)
+
+    # -- the scheduler's streams ------------------------------------------------
+
+    async def worker_stream(self, stream, address=None):
+        """A registered worker turns its stream into a batched message stream.
+
+        Tasks go to the worker on it; results, errors and heartbeats come back.
+        """
+        address = coerce_to_address(address)
+        if self.worker_streams.get(address) is not stream:
+            raise ValueError("worker %s must register on this stream first" % address)
+        self.worker_comms[address] = BatchedSend(stream, self.loop)
+        self.scheduler.add_worker(address, self.ncores.get(address))
+        self.send_scheduler_messages()
+        handlers = {
+            "task-finished": self.scheduler.task_finished,
+            "task-erred": self.scheduler.task_erred,
+            "missing-data": self.scheduler.missing_data,
+            "add-keys": self.scheduler.add_keys,
+        }
+        await self._read_stream(stream, address, handlers, self.last_seen)
+
+    async def client_stream(self, stream, client=None):
+        """An executor's batched stream: graphs and releases in, results out."""
+        if client is None:
+            raise ValueError("register-client needs client=<a unique id>")
+        comm = BatchedSend(stream, self.loop)
+        self.client_comms[client] = comm
+        self.scheduler.add_client(client)
+        comm.send({"op": "stream-start"})
+        s = self.scheduler
+        handlers = {
+            "update-graph": s.update_graph,
+            "client-releases-keys": s.client_releases_keys,
+            "client-desires-keys": s.client_desires_keys,
+            "cancel": s.cancel,
+            "update-data": s.update_data,
+        }
+        try:
+            await self._read_stream(stream, client, handlers)
+        finally:
+            if self.client_comms.get(client) is comm:
+                del self.client_comms[client]
+                self.scheduler.remove_client(client)
+                self.send_scheduler_messages()
+
+    async def _read_stream(self, stream, sender, handlers, last_seen=None):
+        while True:
+            try:
+                batch = await read(stream, self.limits)
+            except StreamClosedError:
+                return
+            if last_seen is not None:
+                if sender not in last_seen:
+                    return  # removed meanwhile
+                last_seen[sender] = time.time()
+            for msg in batch if type(batch) is list else [batch]:
+                op = msg.pop("op", None)
+                if op == "heartbeat":
+                    continue
+                if op == "close-stream":
+                    return
+                handler = handlers.get(op)
+                if handler is None:
+                    logger.warning("unknown message %r from %s", op, sender)
+                    continue
+                try:
+                    handler(sender, **msg)
+                except Exception:
+                    logger.exception("error handling %r from %s", op, sender)
+            self.send_scheduler_messages()
+
+    def send_scheduler_messages(self):
+        to_workers, to_clients = self.scheduler.flush()
+        for address, msgs in to_workers.items():
+            comm = self.worker_comms.get(address)
+            if comm is not None and not comm.closed:
+                comm.send_many(msgs)
+        for client, msgs in to_clients.items():
+            comm = self.client_comms.get(client)
+            if comm is not None and not comm.closed:
+                comm.send_many(msgs)
+
+    def restart(self, stream=None):
+        """Forget all tasks and data; executors are told their futures are gone."""
+        self.scheduler.restart()
+        self.send_scheduler_messages()
+        return b"OK"
+
+    def get_processing(self, stream=None):
+        return self.scheduler.processing()
+
+    def get_task_states(self, stream=None, keys=None):
+        states = self.scheduler.task_states()
+        if keys is not None:
+            return {k: states.get(k) for k in keys}
+        return states
 
     # -- keys ----------------------------------------------------------------
 

@@ -316,7 +316,10 @@ class Server(TCPServer):
                 return
 
     async def _dispatch(self, stream, op, msg):
-        handler = self.handlers.get(op)
+        try:
+            handler = self.handlers.get(op)
+        except TypeError:  # an unhashable op is unknown too
+            handler = None
         if handler is None:
             return error_message(
                 KeyError("unknown operation %r; this %s knows %s"
@@ -500,7 +503,13 @@ class rpc:
     async def _call(self, msg):
         if self._stream is not None:
             async with self._lock:
-                reply = await self._exchange(self._stream, msg)
+                try:
+                    reply = await self._exchange(self._stream, msg)
+                except BaseException:
+                    # a half-read reply would poison the next call (tornado
+                    # allows one read at a time): this stream is done
+                    self._stream.close()
+                    raise
         else:
             stream = await self.pool.connect(self.address)
             try:

@@ -13,6 +13,8 @@ nested tasks, lists of those, or literals::
 """
 
 __all__ = [
+    "TaskRef",
+    "substitute_refs",
     "istask",
     "get_dependencies",
     "execute_task",
@@ -21,8 +23,55 @@ __all__ = [
 ]
 
 
+class TaskRef:
+    """Stands for the value of ``key`` in the arguments of a submitted task.
+
+    The executor puts one wherever a Future was passed; the worker swaps it
+    for the data.  Unlike a bare key, it cannot be confused with a string
+    argument that happens to equal a key.
+    """
+
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def __reduce__(self):
+        return (TaskRef, (self.key,))
+
+    def __eq__(self, other):
+        return type(other) is TaskRef and other.key == self.key
+
+    def __hash__(self):
+        return hash((TaskRef, self.key))
+
+    def __repr__(self):
+        return "TaskRef(%r)" % (self.key,)
+
+
+def substitute_refs(obj, data):
+    """Replace every :class:`TaskRef` in ``obj`` (lists, tuples, dicts, sets)."""
+    t = type(obj)
+    if t is TaskRef:
+        return data[obj.key]
+    if t is list:
+        return [substitute_refs(o, data) for o in obj]
+    if t is tuple:
+        return tuple(substitute_refs(o, data) for o in obj)
+    if t is dict:
+        return {k: substitute_refs(v, data) for k, v in obj.items()}
+    if t is set or t is frozenset:
+        return t(substitute_refs(o, data) for o in obj)
+    return obj
+
+
 def istask(x):
     return type(x) is tuple and bool(x) and callable(x[0])
+
+
+def _is_node(x):
+    """A task of dask's newer graph format (``dask._task_spec.Task`` etc.)."""
+    return type(x).__module__ == "dask._task_spec" and hasattr(x, "dependencies")
 
 
 def _is_key(x, keys):
@@ -36,6 +85,8 @@ def get_dependencies(dsk, key=None, task=None):
     """The keys of ``dsk`` that ``dsk[key]`` (or ``task``) refers to."""
     if key is not None:
         task = dsk[key]
+    if _is_node(task):
+        return set(task.dependencies)
     deps = set()
     stack = [task]
     while stack:
@@ -57,6 +108,8 @@ def get_dependencies(dsk, key=None, task=None):
 
 def execute_task(task, data):
     """Evaluate ``task``, reading the keys it names from ``data``."""
+    if _is_node(task):
+        return task(data)
     t = type(task)
     if t is tuple and task and callable(task[0]):
         func = task[0]
@@ -112,6 +165,6 @@ def toposort(dsk):
                 continue
             stack.append((k, True))
             for d in deps[k]:
-                if d not in seen:
+                if d not in seen and d in deps:
                     stack.append((d, False))
     return order

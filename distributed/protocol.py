@@ -65,12 +65,16 @@ __all__ = [
     "FrameTooLarge",
     "serialize",
     "deserialize",
+    "to_blob",
+    "from_blob",
 ]
 
 #: buffers smaller than this stay inside the pickle; larger ones get a frame
 BUFFER_THRESHOLD = 64 * 1024
 #: bytes values up to this size may ride in the msgpack header
 PLAIN_BYTES_LIMIT = 1024
+#: lone surrogates are legal in a Python str: carry them through the header
+_UNICODE_ERRORS = "surrogatepass"
 
 _U64 = struct.Struct("<Q")
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
@@ -205,6 +209,26 @@ def deserialize(payload, buffers=(), byte_frames=()):
     return _Unpickler(io.BytesIO(payload), buffers, byte_frames).load()
 
 
+def to_blob(obj):
+    """Pickle ``obj`` into one bytes object, opaque to whoever forwards it.
+
+    Task specs and exceptions travel as blobs through the center, which
+    never needs to (nor could always) import the classes inside.
+    """
+    try:
+        payload = pickle.dumps(obj, protocol=5)
+        if b"__main__" not in payload:
+            return payload
+    except Exception:
+        pass
+    return cloudpickle.dumps(obj, protocol=5)
+
+
+def from_blob(blob):
+    """Inverse of :func:`to_blob`."""
+    return pickle.loads(blob)
+
+
 # ---------------------------------------------------------------------------
 # Messages <-> frames
 
@@ -218,6 +242,10 @@ def _is_plain(value):
     if t is bytes:
         return len(value) <= PLAIN_BYTES_LIMIT
     return False
+
+
+def _pack_header(header):
+    return msgpack.packb(header, use_bin_type=True, unicode_errors=_UNICODE_ERRORS)
 
 
 def dumps(msg):
@@ -245,12 +273,12 @@ def dumps(msg):
         header = {}
         obj = msg
     if obj is None:
-        return [msgpack.packb(header, use_bin_type=True)]
+        return [_pack_header(header)]
     payload, oob, extra = serialize(obj)
     header["p"] = len(oob)
     if extra:
         header["x"] = len(extra)
-    frames = [msgpack.packb(header, use_bin_type=True), payload]
+    frames = [_pack_header(header), payload]
     frames.extend(oob)
     frames.extend(extra)
     return frames
@@ -259,7 +287,8 @@ def dumps(msg):
 def loads_header(frame):
     """Decode the header frame, which never involves pickle."""
     try:
-        header = msgpack.unpackb(frame, raw=False, use_list=False, strict_map_key=True)
+        header = msgpack.unpackb(frame, raw=False, use_list=False, strict_map_key=True,
+                                 unicode_errors=_UNICODE_ERRORS)
     except Exception as e:
         raise ProtocolError("undecodable message header: %s" % e) from None
     if type(header) is not dict or type(header.get("d", {})) is not dict:

@@ -15,8 +15,16 @@ from functools import singledispatch
 __all__ = ["sizeof"]
 
 
+_lazy = {}  # top-level module name -> function registering its types
+
+
 @singledispatch
 def sizeof(obj):
+    module = type(obj).__module__.partition(".")[0]
+    register = _lazy.pop(module, None)
+    if register is not None:  # first value of a numpy/pandas type: register them
+        register()
+        return sizeof(obj)
     try:
         return sys.getsizeof(obj)
     except Exception:  # some objects refuse
@@ -48,10 +56,7 @@ def _sizeof_dict(obj):
 
 
 def _register_numpy():
-    try:
-        import numpy as np
-    except ImportError:
-        return
+    import numpy as np
 
     @sizeof.register(np.ndarray)
     def _sizeof_ndarray(x):
@@ -63,10 +68,7 @@ def _register_numpy():
 
 
 def _register_pandas():
-    try:
-        import pandas as pd
-    except ImportError:
-        return
+    import pandas as pd
 
     @sizeof.register(pd.DataFrame)
     def _sizeof_frame(df):
@@ -81,5 +83,6 @@ def _register_pandas():
         return int(i.memory_usage(deep=False))
 
 
-_register_numpy()
-_register_pandas()
+# registered on first use, so that importing this module does not import pandas
+_lazy["numpy"] = _register_numpy
+_lazy["pandas"] = _register_pandas

@@ -16,6 +16,7 @@ the peer** that holds them.  Every key it gains is reported to the center.
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib
 import logging
 import os
@@ -31,15 +32,21 @@ import psutil
 from tornado import gen
 from tornado.ioloop import IOLoop, PeriodicCallback
 
+from tornado.iostream import StreamClosedError
+
+from .batched import BatchedSend
 from .core import (
     ConnectionPool,
     Server,
     coerce_to_address,
     connect,
     error_message,
+    read,
     rpc,
+    write,
 )
-from .graph import substitute
+from .graph import execute_task, substitute, substitute_refs
+from .protocol import from_blob, to_blob
 from .sizeof import sizeof
 from .utils import funcname, get_ip, new_id, parse_address
 
@@ -146,7 +153,9 @@ class Worker(Server):
         self.service_ports = dict(service_ports or {})
         self.services = {}
         self.status = "created"
-        self._heartbeat_rpc = None
+        self.batched = None  # batches to the center on the registration stream
+        self.tasks = {}  # key -> spec of tasks given by the scheduler, not done
+        self._fetching = {}  # key -> future of the transfer bringing it
         self._heartbeats = None
         handlers = {
             "compute": self.compute,
@@ -221,7 +230,7 @@ class Worker(Server):
                     name=self.name,
                     timeout=max(1, deadline - time.time()),
                 )
-            except (OSError, TimeoutError) as e:
+            except (OSError, TimeoutError, StreamClosedError) as e:
                 if time.time() + delay > deadline:
                     raise TimeoutError(
                         "worker %s could not register with the center at %s within "
@@ -230,27 +239,48 @@ class Worker(Server):
                 yield gen.sleep(delay)
                 delay = min(delay * 2, 1)
                 continue
-            if self._heartbeat_rpc is not None:
-                self._heartbeat_rpc.close_streams()
-            self._heartbeat_rpc = hb
+            if self.batched is not None:
+                self.batched.abort()
+            # from now on the stream carries batches both ways
+            yield write(stream, {"op": "worker-stream", "address": self.address,
+                                 "reply": False})
+            self.batched = BatchedSend(stream, self.loop)
+            self.loop.add_callback(self._read_center_stream, stream)
             return
 
-    @gen.coroutine
     def _heartbeat(self):
-        if self.status != "running" or self._heartbeat_rpc is None:
-            return
+        if self.status == "running" and self.batched is not None and not self.batched.closed:
+            self.batched.send({"op": "heartbeat"})
+
+    @gen.coroutine
+    def _read_center_stream(self, stream):
+        handlers = {
+            "compute-task": self._compute_task,
+            "delete-data": self._delete_data,
+        }
         try:
-            reply = yield self._heartbeat_rpc.heartbeat(
-                address=self.address, timeout=max(5, 5 * self.heartbeat_interval)
-            )
-        except Exception as e:
-            reply = None
-            logger.warning("lost the center at %s (%s); reconnecting",
-                           self.center.address, e)
-        if reply != b"OK" and self.status == "running":
+            while True:
+                batch = yield read(stream, self.limits)
+                for msg in batch:
+                    op = msg.pop("op", None)
+                    handler = handlers.get(op)
+                    if handler is None:
+                        logger.warning("unknown message %r from the center", op)
+                        continue
+                    handler(**msg)
+        except StreamClosedError:
+            pass
+        except Exception:
+            logger.exception("error on the stream from the center")
+        stream.close()
+        if self.status == "running" and self.batched is not None \
+                and self.batched.stream is stream:
+            logger.warning("lost the center at %s; reconnecting", self.center.address)
             self.status = "reconnecting"
             try:
                 yield self._register(timeout=3600)
+            except Exception:
+                logger.exception("could not reconnect to the center")
             finally:
                 if self.status == "reconnecting":
                     self.status = "running"
@@ -268,8 +298,8 @@ class Worker(Server):
                 yield self.center.unregister(address=self.address, timeout=timeout)
             except Exception as e:
                 logger.info("could not unregister from the center: %s", e)
-        if self._heartbeat_rpc is not None:
-            self._heartbeat_rpc.close_streams()
+        if self.batched is not None:
+            self.batched.abort()
         for service in self.services.values():
             service.stop()
         self.stop()
@@ -401,6 +431,121 @@ class Worker(Server):
         meta.update(timings)
         return b"OK", meta
 
+    # -- tasks from the scheduler ------------------------------------------------
+
+    def _compute_task(self, key=None, spec=None, who_has=None, nbytes=None,
+                      priority=None):
+        if key in self.tasks:
+            return
+        if key in self.data:
+            self._send_finished(key, None)
+            return
+        deps = list(who_has or ())
+        self.tasks[key] = spec
+        missing = {d: who_has[d] for d in deps if d not in self.data}
+        if missing:
+            self._fetch_and_run(key, spec, missing, deps)
+        else:
+            self._run_task(key, spec, deps)
+
+    @gen.coroutine
+    def _fetch_and_run(self, key, spec, missing, deps):
+        to_fetch = {k: [a for a in v if a != self.address]
+                    for k, v in missing.items() if k not in self._fetching}
+        if to_fetch:
+            fut = gather_from_workers(to_fetch, self.rpc_for)
+            for k in to_fetch:
+                self._fetching[k] = fut
+        futures = {self._fetching[k] for k in missing if k in self._fetching}
+        bad = set()
+        for fut in futures:
+            try:
+                data, _, bad_workers = yield fut
+            except Exception:
+                logger.exception("transfer for %r failed", key)
+                continue
+            bad.update(bad_workers)
+            new = {k: v for k, v in data.items() if k not in self.data}
+            if new:
+                nb = {k: self.put_key(k, v) for k, v in new.items()}
+                self._send({"op": "add-keys", "keys": list(nb), "nbytes": nb})
+        for k, f in list(self._fetching.items()):
+            if f in futures:
+                del self._fetching[k]
+        if key not in self.tasks:
+            return  # released meanwhile
+        lost = [d for d in deps if d not in self.data]
+        if lost:
+            del self.tasks[key]
+            self._send({"op": "missing-data", "key": key, "missing": lost,
+                        "bad_workers": list(bad)})
+            return
+        self._run_task(key, spec, deps)
+
+    def _run_task(self, key, spec, deps):
+        try:
+            function, args, kwargs = self._unpack(spec, deps)
+        except Exception as e:
+            self._send_erred(key, e, e.__traceback__)
+            return
+        self.active.add(key)
+        future = self.executor.submit(_run_function, function, args, kwargs)
+        future.add_done_callback(
+            lambda f: self.loop.add_callback(self._task_done, key, f))
+
+    def _unpack(self, spec, deps):
+        data = self.data
+        if "task" in spec:
+            task = from_blob(spec["task"])
+            return execute_task, (task, {d: data[d] for d in deps}), {}
+        function = _load_function(spec["function"])
+        args = from_blob(spec["args"]) if spec.get("args") else ()
+        kwargs = from_blob(spec["kwargs"]) if spec.get("kwargs") else {}
+        if deps:
+            args = substitute_refs(args, data)
+            kwargs = substitute_refs(kwargs, data)
+        return function, args, kwargs
+
+    def _task_done(self, key, future):
+        self.active.discard(key)
+        ok, result, timings = future.result()
+        if self.tasks.pop(key, "released") == "released":
+            return  # released while running; the result is not wanted
+        if ok:
+            self.put_key(key, result)
+            self._send_finished(key, (timings["compute_start"], timings["compute_stop"]))
+        else:
+            self._send_erred(key, *result)
+
+    def _send_finished(self, key, startstops):
+        value = self.data[key]
+        self._send({"op": "task-finished", "key": key, "nbytes": self.nbytes[key],
+                    "type": type(value).__name__, "startstops": startstops})
+
+    def _send_erred(self, key, exc, tb):
+        self.tasks.pop(key, None)
+        msg = error_message(exc, tb)
+        self._send({"op": "task-erred", "key": key,
+                    "exception": to_blob(msg["exception"]),
+                    "traceback": _traceback_blob(msg["traceback"]),
+                    "text": msg["text"]})
+
+    def _delete_data(self, keys=(), all=False):
+        if all:
+            self.data.clear()
+            self.nbytes.clear()
+            self.tasks = {k: "released" for k in self.tasks}
+            return
+        for key in keys:
+            self.data.pop(key, None)
+            self.nbytes.pop(key, None)
+            if key in self.tasks:
+                self.tasks[key] = "released"
+
+    def _send(self, msg):
+        if self.batched is not None and not self.batched.closed:
+            self.batched.send(msg)
+
     # -- admin -------------------------------------------------------------------
 
     @gen.coroutine
@@ -465,6 +610,19 @@ class Worker(Server):
             self.ncores,
             self.status,
         )
+
+
+@functools.lru_cache(maxsize=512)
+def _load_function(blob):
+    """Unpickle a function, once per distinct pickle (many tasks share one)."""
+    return from_blob(blob)
+
+
+def _traceback_blob(tb):
+    try:
+        return to_blob(tb)
+    except Exception:
+        return None
 
 
 def _run_function(function, args, kwargs):

@@ -58,7 +58,8 @@ def main(argv=None):
                   % (center.ip, center.service_ports["http"]), flush=True)
 
     async def stop():
-        await center._close()
+        if center is not None:
+            await center._close()
         print("Center stopped", flush=True)
 
     run_until_signal(start, stop)

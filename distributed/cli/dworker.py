@@ -96,7 +96,8 @@ def main(argv=None):
         print("Registered with center at: %s" % worker.center.address, flush=True)
 
     async def stop():
-        await worker._close()
+        if worker is not None:
+            await worker._close()
         print("Worker stopped", flush=True)
 
     run_until_signal(start, stop)

@@ -48,15 +48,29 @@ def setup_logging(verbose=False):
 
 
 def run_until_signal(start, stop):
-    """Run ``await start()``, then wait for SIGINT/SIGTERM and ``await stop()``."""
+    """Run ``await start()``, then wait for SIGINT/SIGTERM and ``await stop()``.
+
+    A signal that arrives while ``start()`` is still running (a worker waiting
+    for its center, say) cancels it and stops at once.
+    """
 
     async def main():
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
-        await start()
-        await stopping.wait()
+        starting = asyncio.ensure_future(start())
+        signalled = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait([starting, signalled], return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # start() failed: raise its error
+            await signalled
+        else:
+            starting.cancel()
+            try:
+                await starting
+            except asyncio.CancelledError:
+                pass
         await stop()
 
     asyncio.run(main())

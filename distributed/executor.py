@@ -1,0 +1,1372 @@
+"""The client: ``Executor`` submits work to a cluster and returns ``Future``s.
+
+::
+
+    from distributed import Executor
+    e = Executor('127.0.0.1:8787')       # or Executor() for a local cluster
+    x = e.submit(inc, 1)
+    y = e.submit(add, x, 10)             # futures as arguments: dependencies
+    y.result()                           # 12
+    e.gather(e.map(inc, range(3)))       # [1, 2, 3]
+
+From a script, a thread or Jupyter the executor runs its event loop in a
+thread of its own and its methods block.  Inside a coroutine on a running
+loop, make it with ``start=False`` and use the underscore forms::
+
+    e = Executor('127.0.0.1:8787', start=False)
+    await e._start()                     # or: yield e._start()
+    x = e.submit(inc, 1)
+    await x                              # or: yield x._result()
+    await e._gather([x])
+    await e._shutdown()
+
+Futures are reference counted: when the last future of a key is garbage
+collected, the center is told, and the workers drop the data unless some
+other task or executor still needs it.
+"""
+
+import asyncio
+import atexit
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import defaultdict, namedtuple
+
+from tornado.ioloop import IOLoop
+from tornado.iostream import StreamClosedError
+
+from .batched import BatchedSend
+from .core import (
+    CommClosedError,
+    ConnectionPool,
+    coerce_to_address,
+    connect,
+    read,
+    rpc,
+    write,
+)
+from .graph import TaskRef, get_dependencies, toposort
+from .protocol import from_blob, to_blob
+from .tokenize import tokenize
+from .utils import funcname, key_split
+from .worker import gather_from_workers
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Executor",
+    "Future",
+    "wait",
+    "as_completed",
+    "CancelledError",
+    "default_executor",
+]
+
+CancelledError = concurrent.futures.CancelledError
+
+_current = [None]  # the last executor started: default_executor()
+_executors = weakref.WeakSet()
+
+
+def default_executor(e=None):
+    """The most recently started executor (or set it with ``e``)."""
+    if e is not None:
+        _current[0] = e
+    if _current[0] is None or _current[0].status == "closed":
+        raise ValueError("no running Executor: make one with Executor(...)")
+    return _current[0]
+
+
+# ---------------------------------------------------------------------------
+# Futures
+
+
+class FutureState:
+    """What the executor knows of one key; shared by its Future objects."""
+
+    __slots__ = ("key", "status", "type", "exception", "traceback", "text",
+                 "workers", "event", "refcount", "callbacks")
+
+    def __init__(self, key):
+        self.key = key
+        self.status = "pending"
+        self.type = None
+        self.exception = None
+        self.traceback = None
+        self.text = None
+        self.workers = ()
+        self.event = asyncio.Event()
+        self.refcount = 0
+        self.callbacks = []
+
+    def finish(self, type=None, workers=()):
+        self.status = "finished"
+        self.type = type
+        if workers:
+            self.workers = workers
+        self._done()
+
+    def set_error(self, exception, traceback=None, text=None):
+        self.status = "error"
+        self.exception = exception
+        self.traceback = traceback
+        self.text = text
+        self._done()
+
+    def cancel(self):
+        self.status = "cancelled"
+        self._done()
+
+    def lose(self):
+        self.status = "pending"
+        self.workers = ()
+        self.event.clear()
+
+    def _done(self):
+        self.event.set()
+        callbacks, self.callbacks = self.callbacks, []
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:
+                logger.exception("error in a future's callback")
+
+    def done(self):
+        return self.status != "pending"
+
+    async def wait(self, timeout=None):
+        if timeout is None:
+            await self.event.wait()
+        else:
+            await asyncio.wait_for(self.event.wait(), timeout)
+
+
+class Future:
+    """A remote result: the key of a task that runs (or ran) on the cluster.
+
+    ``result()`` blocks until it is known and returns it (fetched from the
+    worker holding it), or re-raises the task's exception with the remote
+    traceback.  In a coroutine, ``await future`` instead.
+    """
+
+    def __init__(self, key, executor, state=None):
+        self.key = key
+        self.executor = executor
+        self._state = state if state is not None else executor._state_for(key)
+        executor._inc_ref(self._state)
+
+    @property
+    def status(self):
+        """``'pending'``, ``'finished'``, ``'error'``, ``'cancelled'``."""
+        return self._state.status
+
+    @property
+    def type(self):
+        return self._state.type
+
+    def done(self):
+        return self._state.done()
+
+    def cancelled(self):
+        return self._state.status == "cancelled"
+
+    def result(self, timeout=None):
+        """The value, waiting up to ``timeout`` seconds (``TimeoutError``)."""
+        return self.executor.sync(self._result, timeout=timeout)
+
+    async def _result(self, timeout=None):
+        await self._state.wait(timeout)
+        result = await self.executor._gather([self])
+        return result[0]
+
+    def __await__(self):
+        return self._result().__await__()
+
+    def exception(self, timeout=None):
+        """The exception the task raised (``None`` if it did not)."""
+        async def _():
+            await self._state.wait(timeout)
+            return self._exception()
+        return self.executor.sync(_)
+
+    def _exception(self):
+        if self._state.status == "error":
+            exc, _ = _unpack_error(self._state)
+            return exc
+        return None
+
+    def traceback(self, timeout=None):
+        """The remote traceback of the task's exception (``None`` if none)."""
+        async def _():
+            await self._state.wait(timeout)
+            if self._state.status == "error":
+                return _unpack_error(self._state)[1]
+            return None
+        return self.executor.sync(_)
+
+    def cancel(self):
+        """Cancel the task (other executors wanting the same key are unaffected)."""
+        self.executor.cancel([self])
+
+    def add_done_callback(self, fn):
+        """Call ``fn(future)`` when the future is done (in a separate thread)."""
+        executor = self.executor
+
+        def run():
+            executor._callback_pool.submit(_run_callback, fn, self)
+
+        executor._on_loop(self._add_callback, run)
+
+    def _add_callback(self, cb):
+        if self._state.done():
+            cb()
+        else:
+            self._state.callbacks.append(cb)
+
+    def release(self):
+        if self.executor is not None and self._state is not None:
+            self.executor._dec_ref(self._state)
+            self._state = _ReleasedState
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    def __getstate__(self):
+        return (self.key,)
+
+    def __setstate__(self, state):
+        raise TypeError("futures cannot be pickled; pass them as arguments to "
+                        "submit/map and they become the values they stand for")
+
+    def __repr__(self):
+        state = self._state
+        if state.status == "finished" and state.type:
+            return "<Future: status: finished, type: %s, key: %s>" % (state.type, self.key)
+        return "<Future: status: %s, key: %s>" % (state.status, self.key)
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, Future) and other.key == self.key
+
+    def _repr_html_(self):
+        return "<b>Future: %s</b> <font color='gray'>status:</font> %s" % (
+            key_split(self.key), self.status)
+
+
+class _Released:
+    status = "released"
+    type = None
+
+    def done(self):
+        return True
+
+
+_ReleasedState = _Released()
+
+
+def _run_callback(fn, future):
+    try:
+        fn(future)
+    except Exception:
+        logger.exception("error in the done callback %r", fn)
+
+
+def _unpack_error(state):
+    exc, tb = state.exception, state.traceback
+    if type(exc) is bytes:
+        try:
+            exc = from_blob(exc)
+        except Exception as e:
+            exc = RuntimeError("the task raised an exception that could not be "
+                               "unpickled here (%s):\n%s" % (e, state.text or ""))
+    if type(tb) is bytes:
+        try:
+            tb = from_blob(tb)
+        except Exception:
+            tb = None
+    state.exception, state.traceback = exc, tb
+    return exc, tb
+
+
+# ---------------------------------------------------------------------------
+# The executor
+
+
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread."""
+
+    def __init__(self):
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True,
+                                       name="distributed-executor-loop")
+        self.thread.start()
+        started.wait()
+
+    def _run(self, started):
+        self.asyncio_loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.asyncio_loop)
+        self.loop = IOLoop.current()
+        self.asyncio_loop.call_soon(started.set)
+        self.asyncio_loop.run_forever()
+
+    def stop(self):
+        self.asyncio_loop.call_soon_threadsafe(self.asyncio_loop.stop)
+        self.thread.join(5)
+
+
+class Executor:
+    """Submit work to a cluster (see the module docstring).
+
+    ``address`` is the center's (``'ip:port'``, ``(ip, port)``); with none, a
+    :class:`~distributed.local.LocalCluster` of one single-threaded worker per
+    core starts and is closed by :meth:`shutdown`.  ``timeout`` is how long
+    to wait for the center, in seconds.
+    """
+
+    def __init__(self, address=None, start=True, timeout=10, loop=None,
+                 n_workers=None, threads_per_worker=1):
+        self.id = "executor-" + uuid.uuid4().hex
+        self.address = coerce_to_address(address) if address is not None else None
+        self.timeout = timeout
+        self.status = "created"
+        self.futures = {}  # key -> FutureState
+        self.cluster = None
+        self._cluster_kwargs = {"n_workers": n_workers,
+                                "threads_per_worker": threads_per_worker}
+        self._priority = itertools.count()
+        self._lock = threading.Lock()
+        self._callback_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="distributed-callbacks")
+        self._function_blobs = {}
+        self.pool = ConnectionPool()
+        self.batched = None
+        self.center = None
+        self._loop_thread = None
+        self._asyncio_loop = None
+        if start:
+            self._loop_thread = _LoopThread()
+            self.loop = self._loop_thread.loop
+            self._asyncio_loop = self._loop_thread.asyncio_loop
+            try:
+                self.sync(self._start)
+            except BaseException:
+                self._stop_loop()
+                raise
+        else:
+            self.loop = loop or IOLoop.current()
+
+    # -- running coroutines -----------------------------------------------------
+
+    @property
+    def asynchronous(self):
+        """True when used from coroutines on the loop it runs on."""
+        return self._loop_thread is None
+
+    def _in_loop_thread(self):
+        if self._asyncio_loop is None:
+            return False
+        try:
+            return asyncio.get_running_loop() is self._asyncio_loop
+        except RuntimeError:
+            return False
+
+    def sync(self, func, *args, timeout=None, **kwargs):
+        """Run ``await func(*args, **kwargs)`` on the executor's loop; block for it."""
+        if self._loop_thread is None:
+            raise RuntimeError(
+                "this Executor runs on your event loop (start=False): use the "
+                "async forms, e.g. `await e._gather(futures)`, `await future`")
+        if self._in_loop_thread():
+            raise RuntimeError("blocking call made from the executor's own event "
+                               "loop; use `await` on the underscore method instead")
+
+        async def run():
+            return await func(*args, **kwargs)
+
+        fut = asyncio.run_coroutine_threadsafe(run(), self._asyncio_loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError("no result within %s s" % timeout) from None
+
+    def _on_loop(self, fn, *args):
+        """Call ``fn(*args)`` on the executor's loop (now, if already there)."""
+        if self._loop_thread is None or self._in_loop_thread():
+            fn(*args)
+        else:
+            self.loop.add_callback(fn, *args)
+
+    # -- life cycle -------------------------------------------------------------
+
+    async def _start(self):
+        """Start a local cluster if there is no address, connect to the center."""
+        if self.status == "running":
+            return self
+        if self.address is None:
+            from .local import LocalCluster
+
+            self.cluster = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: LocalCluster(**self._cluster_kwargs))
+            self.address = self.cluster.center_address
+        if self._asyncio_loop is None:
+            self._asyncio_loop = asyncio.get_running_loop()
+        self.center = rpc(self.address, pool=self.pool)
+        stream = await self._connect_center()
+        await write(stream, {"op": "register-client", "client": self.id, "reply": False})
+        first = await asyncio.wait_for(read(stream), self.timeout)
+        if not (type(first) is list and first and first[0].get("op") == "stream-start"):
+            stream.close()
+            raise ValueError("%s did not answer as a center: %r" % (self.address, first))
+        self.batched = BatchedSend(stream, self.loop)
+        self.loop.add_callback(self._handle_report, stream)
+        self.status = "running"
+        _current[0] = self
+        _executors.add(self)
+        return self
+
+    async def _connect_center(self):
+        deadline = time.time() + self.timeout
+        delay = 0.05
+        while True:
+            try:
+                return await connect(self.address, timeout=max(0.1, deadline - time.time()))
+            except (OSError, TimeoutError) as e:
+                if time.time() + delay > deadline:
+                    raise TimeoutError(
+                        "could not connect to the center at %s within %s s: %s"
+                        % (self.address, self.timeout, e)) from None
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.5)
+
+    def __await__(self):
+        return self._start().__await__()
+
+    async def _handle_report(self, stream):
+        handlers = {
+            "key-in-memory": self._key_in_memory,
+            "task-erred": self._task_erred,
+            "lost-data": self._lost_data,
+            "restart": self._restarted,
+        }
+        try:
+            while True:
+                batch = await read(stream)
+                for msg in batch:
+                    op = msg.pop("op")
+                    handler = handlers.get(op)
+                    if handler is not None:
+                        handler(**msg)
+        except StreamClosedError:
+            pass
+        except Exception:
+            logger.exception("error on the stream from the center")
+        if self.status == "running":
+            logger.warning("lost the connection to the center at %s", self.address)
+            self.status = "disconnected"
+            err = CommClosedError("lost the connection to the center at %s"
+                                  % self.address)
+            for state in list(self.futures.values()):
+                if not state.done():
+                    state.set_error(err)
+
+    def _key_in_memory(self, key=None, type=None, workers=()):
+        state = self.futures.get(key)
+        if state is not None and state.status != "cancelled":
+            state.finish(type, workers)
+
+    def _task_erred(self, key=None, exception=None, traceback=None, text=None,
+                    blob=None):
+        state = self.futures.get(key)
+        if state is not None and state.status != "cancelled":
+            state.set_error(exception, traceback, text)
+
+    def _lost_data(self, key=None):
+        state = self.futures.get(key)
+        if state is not None and state.status == "finished":
+            state.lose()
+
+    def _restarted(self):
+        for state in self.futures.values():
+            if state.status in ("pending", "finished"):
+                state.cancel()
+        self.futures.clear()
+
+    def shutdown(self, timeout=10):
+        """Disconnect; stop the local cluster and the loop thread if ours."""
+        if self.status == "closed":
+            return
+        if self._loop_thread is not None:
+            try:
+                self.sync(self._shutdown, timeout=timeout)
+            except Exception:
+                logger.debug("error shutting down", exc_info=True)
+            self._stop_loop()
+        else:
+            raise RuntimeError("use `await e._shutdown()` for an Executor made "
+                               "with start=False")
+
+    close = shutdown
+
+    async def _shutdown(self):
+        if self.status == "closed":
+            return
+        self.status = "closed"
+        if self.batched is not None and not self.batched.closed:
+            self.batched.send({"op": "close-stream"})
+            for _ in range(100):
+                if not self.batched.buffer and not self.batched._busy:
+                    break
+                await asyncio.sleep(0.01)
+            self.batched.abort()
+        self.pool.close()
+        if _current[0] is self:
+            _current[0] = None
+        if self.cluster is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.cluster.close)
+
+    def _stop_loop(self):
+        if self._loop_thread is not None:
+            self._loop_thread.stop()
+        self._callback_pool.shutdown(wait=False)
+        self.status = "closed"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    async def __aenter__(self):
+        return await self._start()
+
+    async def __aexit__(self, *exc):
+        await self._shutdown()
+
+    def __del__(self):
+        if getattr(self, "status", "closed") != "closed" and self._loop_thread is not None:
+            try:
+                self.shutdown(timeout=2)
+            except Exception:
+                pass
+
+    def __repr__(self):
+        return "<Executor: center=%s status=%s>" % (self.address, self.status)
+
+    # -- reference counting -----------------------------------------------------------
+
+    def _state_for(self, key):
+        with self._lock:
+            state = self.futures.get(key)
+            if state is None:
+                state = self.futures[key] = FutureState(key)
+            return state
+
+    def _inc_ref(self, state):
+        with self._lock:
+            state.refcount += 1
+
+    def _dec_ref(self, state):
+        with self._lock:
+            state.refcount -= 1
+            last = state.refcount == 0
+        if last and self.status == "running":
+            self._on_loop(self._release, state)
+
+    def _release(self, state):
+        with self._lock:
+            if state.refcount > 0 or self.futures.get(state.key) is not state:
+                return
+            del self.futures[state.key]
+        self._send({"op": "client-releases-keys", "keys": [state.key]})
+
+    def _send(self, msg):
+        if self.status != "running" or self.batched is None:
+            raise CommClosedError("the executor is %s" % self.status)
+        if self._loop_thread is None or self._in_loop_thread():
+            self.batched.send(msg)
+        else:
+            self.loop.add_callback(self.batched.send, msg)
+
+    # -- submitting work -----------------------------------------------------------------
+
+    def _check_running(self):
+        if self.status != "running":
+            raise RuntimeError("the executor is %s; make a new one" % self.status)
+
+    def _dumps_function(self, func):
+        try:
+            return self._function_blobs[func]
+        except (KeyError, TypeError):
+            pass
+        blob = _to_blob_or_raise(func, "the function %s" % funcname(func))
+        try:
+            if len(self._function_blobs) > 1000:
+                self._function_blobs.clear()
+            self._function_blobs[func] = blob
+        except TypeError:
+            pass
+        return blob
+
+    def submit(self, func, *args, key=None, pure=True, workers=None,
+               allow_other_workers=False, **kwargs):
+        """Run ``func(*args, **kwargs)`` on the cluster; return a Future.
+
+        Futures among the arguments (nested in lists, tuples, dicts too) are
+        dependencies: the task runs once they are done, with their values.
+        ``pure=True`` gives identical calls the same key (one computation);
+        ``workers=`` restricts where it may run (with
+        ``allow_other_workers=True``, only a preference).
+        """
+        if not callable(func):
+            raise TypeError("submit needs a callable first argument, got %r" % (func,))
+        self._check_running()
+        if key is None:
+            if pure:
+                key = "%s-%s" % (funcname(func), tokenize(func, args, kwargs))
+            else:
+                key = "%s-%s" % (funcname(func), uuid.uuid4().hex)
+        state = self.futures.get(key)
+        if state is not None and state.status != "cancelled":
+            return Future(key, self, state)
+        restrictions = self._restrictions([key], workers)
+        spec, deps = self._task_spec(func, args, kwargs, key)
+        future = Future(key, self, self._new_state(key))
+        self._send({
+            "op": "update-graph",
+            "tasks": {key: spec},
+            "dependencies": {key: deps},
+            "keys": [key],
+            "restrictions": restrictions,
+            "loose_restrictions": [key] if restrictions and allow_other_workers else [],
+            "priority": {key: (next(self._priority),)},
+        })
+        return future
+
+    def _new_state(self, key):
+        with self._lock:
+            state = self.futures[key] = FutureState(key)
+            return state
+
+    def _task_spec(self, func, args, kwargs, key):
+        args, deps = self._replace_futures(args)
+        kwargs, kdeps = self._replace_futures(kwargs)
+        deps |= kdeps
+        spec = {"function": self._dumps_function(func)}
+        if args:
+            spec["args"] = _to_blob_or_raise(args, "the arguments of %s" % key)
+        if kwargs:
+            spec["kwargs"] = _to_blob_or_raise(kwargs, "the keyword arguments of %s" % key)
+        return spec, list(deps)
+
+    def _replace_futures(self, obj):
+        deps = set()
+
+        def replace(o):
+            t = type(o)
+            if isinstance(o, Future):
+                if o.executor is not self:
+                    raise ValueError("future %s belongs to another executor" % o.key)
+                if o.cancelled():
+                    raise CancelledError("future %s was cancelled" % o.key)
+                deps.add(o.key)
+                return TaskRef(o.key)
+            if t is list or t is tuple or t is set or t is frozenset:
+                return t(replace(x) for x in o)
+            if t is dict:
+                return {k: replace(v) for k, v in o.items()}
+            return o
+
+        return replace(obj), deps
+
+    def _restrictions(self, keys, workers):
+        if workers is None:
+            return None
+        if isinstance(workers, (str, tuple)) and not isinstance(workers, list):
+            workers = [workers]
+        addresses = [coerce_to_address(w) for w in workers]
+        if self._loop_thread is not None and not self._in_loop_thread():
+            known = self.ncores()
+            unknown = [a for a in addresses if a not in known]
+            if unknown:
+                raise ValueError("workers=%s: no such worker%s on the cluster; the "
+                                 "workers are %s" % (unknown, "s" if len(unknown) > 1
+                                                     else "", sorted(known)))
+        return {k: addresses for k in keys}
+
+    def map(self, func, *iterables, key=None, pure=True, workers=None,
+            allow_other_workers=False, **kwargs):
+        """``[submit(func, *args, **kwargs) for args in zip(*iterables)]``, in one message."""
+        if not callable(func):
+            raise TypeError("map needs a callable first argument, got %r" % (func,))
+        if not iterables:
+            raise TypeError("map needs at least one iterable")
+        self._check_running()
+        seqs = list(zip(*iterables))
+        name = funcname(func)
+        if key is not None and not isinstance(key, str):
+            keys = list(key)
+            if len(keys) != len(seqs):
+                raise ValueError("map got %d keys for %d tasks" % (len(keys), len(seqs)))
+        elif pure:
+            prefix = key or name
+            keys = ["%s-%s" % (prefix, tokenize(func, args, kwargs)) for args in seqs]
+        else:
+            prefix = key or name
+            keys = ["%s-%s" % (prefix, uuid.uuid4().hex) for _ in seqs]
+        fblob = self._dumps_function(func)
+        kwblob = None
+        kdeps = set()
+        if kwargs:
+            kw, kdeps = self._replace_futures(kwargs)
+            kwblob = _to_blob_or_raise(kw, "the keyword arguments of %s" % name)
+        tasks, deps, priority, futures, new_keys = {}, {}, {}, [], []
+        base = next(self._priority)
+        for i, (k, args) in enumerate(zip(keys, seqs)):
+            state = self.futures.get(k)
+            if state is not None and state.status != "cancelled":
+                futures.append(Future(k, self, state))
+                continue
+            if k in tasks:
+                futures.append(Future(k, self, self.futures[k]))
+                continue
+            a, d = self._replace_futures(args)
+            spec = {"function": fblob,
+                    "args": _to_blob_or_raise(a, "the arguments of %s" % k)}
+            if kwblob is not None:
+                spec["kwargs"] = kwblob
+            tasks[k] = spec
+            deps[k] = list(d | kdeps)
+            priority[k] = (base, i)
+            new_keys.append(k)
+            futures.append(Future(k, self, self._new_state(k)))
+        if tasks:
+            restrictions = self._restrictions(new_keys, workers)
+            self._send({
+                "op": "update-graph", "tasks": tasks, "dependencies": deps,
+                "keys": new_keys, "restrictions": restrictions,
+                "loose_restrictions": new_keys if restrictions and allow_other_workers
+                else [],
+                "priority": priority,
+            })
+        return futures
+
+    # -- getting results --------------------------------------------------------------
+
+    def gather(self, futures):
+        """The results of ``futures`` (a future, or lists/tuples/dicts of them)."""
+        return self.sync(self._gather, futures)
+
+    async def _gather(self, futures):
+        flat = _collect_futures(futures)
+        if not flat:
+            return futures
+        states = {}
+        for f in flat:
+            if f.executor is not self:
+                raise ValueError("future %s belongs to another executor" % f.key)
+            states[f.key] = f._state
+        data = {}
+        while True:
+            for key, state in states.items():
+                await state.wait()
+                if state.status == "error":
+                    exc, tb = _unpack_error(state)
+                    raise exc.with_traceback(tb)
+                if state.status == "cancelled":
+                    raise CancelledError("future %s was cancelled" % key)
+                if state.status == "released":
+                    raise CancelledError("future %s was released" % key)
+            needed = {k: s for k, s in states.items() if k not in data}
+            if not needed:
+                break
+            who_has = {k: list(s.workers) for k, s in needed.items()}
+            unknown = [k for k, v in who_has.items() if not v]
+            if unknown:
+                found = await self.center.who_has(keys=unknown, timeout=self.timeout)
+                for k, v in found.items():
+                    who_has[k] = list(v)
+            got, missing, bad = await gather_from_workers(who_has, self._rpc)
+            data.update(got)
+            if missing:
+                # the holders are gone: the center recomputes or reports loss
+                found = await self.center.who_has(keys=list(missing), timeout=self.timeout)
+                for k in missing:
+                    state = states[k]
+                    if found.get(k):
+                        state.workers = list(found[k])
+                    elif state.status == "finished":
+                        state.lose()
+                await asyncio.sleep(0.01)
+        return _pack_futures(futures, data)
+
+    def _rpc(self, address):
+        return rpc(address, pool=self.pool)
+
+    # -- data -------------------------------------------------------------------------
+
+    def scatter(self, data, workers=None, broadcast=False):
+        """Put local data on the workers; return futures for it.
+
+        A list (or other sequence) gives a list of futures, a dict a dict of
+        futures by key, anything else a single future.  ``broadcast=True``
+        puts a copy on every worker (of ``workers``).
+        """
+        return self.sync(self._scatter, data, workers=workers, broadcast=broadcast)
+
+    async def _scatter(self, data, workers=None, broadcast=False):
+        self._check_running()
+        single = False
+        if isinstance(data, dict):
+            items = dict(data)
+        elif isinstance(data, (list, tuple, set, frozenset)) or hasattr(data, "__next__"):
+            seq = list(data)
+            items = {}
+            for v in seq:
+                items["%s-%s" % (type(v).__name__, tokenize(v))] = v
+            order = list(items)
+            keys_in_order = ["%s-%s" % (type(v).__name__, tokenize(v)) for v in seq]
+        else:
+            single = True
+            items = {"%s-%s" % (type(data).__name__, tokenize(data)): data}
+        ncores = await self.center.ncores(timeout=self.timeout)
+        if workers is not None:
+            if isinstance(workers, (str, tuple)):
+                workers = [workers]
+            wanted = [coerce_to_address(w) for w in workers]
+            unknown = [w for w in wanted if w not in ncores]
+            if unknown:
+                raise ValueError("scatter: no such workers %s; the workers are %s"
+                                 % (unknown, sorted(ncores)))
+            ncores = {w: ncores[w] for w in wanted}
+        if not ncores:
+            raise ValueError("scatter: the cluster has no workers yet")
+        targets = defaultdict(dict)
+        if broadcast:
+            for w in ncores:
+                targets[w] = items
+        else:
+            ring = itertools.cycle(sorted(ncores))
+            for k, v in items.items():
+                targets[next(ring)][k] = v
+        addresses = list(targets)
+        replies = await asyncio.gather(*[
+            self._rpc(a).update_data(data=targets[a], report=False)
+            for a in addresses])
+        who_has = defaultdict(list)
+        nbytes = {}
+        for a, (status, meta) in zip(addresses, replies):
+            for k, n in meta["nbytes"].items():
+                who_has[k].append(a)
+                nbytes[k] = n
+        futures = {}
+        for k in items:
+            state = self.futures.get(k)
+            if state is None or state.status in ("cancelled", "error"):
+                state = self._new_state(k)
+            state.finish(type(items[k]).__name__, who_has[k])
+            futures[k] = Future(k, self, state)
+        self._send({"op": "update-data", "who_has": dict(who_has), "nbytes": nbytes})
+        if single:
+            return next(iter(futures.values()))
+        if isinstance(data, dict):
+            return futures
+        return [futures[k] for k in keys_in_order]
+
+    def cancel(self, futures):
+        """Cancel the tasks of ``futures``; their results raise ``CancelledError``."""
+        flat = _collect_futures(futures)
+        keys = [f.key for f in flat]
+
+        def _cancel():
+            for f in flat:
+                state = f._state
+                if self.futures.get(f.key) is state:
+                    del self.futures[f.key]
+                if not isinstance(state, _Released) and state.status != "cancelled":
+                    state.cancel()
+            self._send({"op": "cancel", "keys": keys})
+
+        if self._loop_thread is None or self._in_loop_thread():
+            _cancel()
+        else:
+            async def run():
+                _cancel()
+            self.sync(run)
+
+    async def _cancel(self, futures):
+        self.cancel(futures)
+
+    # -- task graphs --------------------------------------------------------------------
+
+    def _graph_to_futures(self, dsk, keys, restrictions=None, loose_restrictions=None):
+        dsk = _normalize_graph(dsk)
+        order = toposort(dsk) if len(dsk) < 100000 else list(dsk)
+        rank = {k: i for i, k in enumerate(order)}
+        base = next(self._priority)
+        tasks, deps = {}, {}
+        held = []  # futures found in the graph: keep them alive until sent
+        for k, v in dsk.items():
+            if isinstance(v, Future):
+                held.append(v)
+                if v.key == k:
+                    continue
+                tasks[k] = {"task": to_blob(v.key)}
+                deps[k] = [v.key]
+                continue
+            v2, fdeps = self._replace_futures_in_task(v, held)
+            d = get_dependencies(dsk, task=v2) | fdeps
+            tasks[k] = {"task": _to_blob_or_raise(v2, "task %r" % (k,))}
+            deps[k] = list(d)
+        wanted = [k for k in keys]
+        futures = {}
+        for k in wanted:
+            state = self.futures.get(k)
+            if state is None or state.status == "cancelled" or k in tasks:
+                if state is None or state.status == "cancelled" or state.status == "error":
+                    state = self._new_state(k)
+            futures[k] = Future(k, self, state)
+        restrict = None
+        if restrictions:
+            restrict = {}
+            for k, ws in restrictions.items():
+                restrict.update(self._restrictions([k], ws))
+        self._send({
+            "op": "update-graph", "tasks": tasks, "dependencies": deps,
+            "keys": wanted, "restrictions": restrict,
+            "loose_restrictions": list(loose_restrictions or ()),
+            "priority": {k: (base, rank.get(k, 0)) for k in tasks},
+        })
+        del held
+        return futures
+
+    def _replace_futures_in_task(self, task, held):
+        fdeps = set()
+
+        def replace(o):
+            if isinstance(o, Future):
+                held.append(o)
+                fdeps.add(o.key)
+                return o.key
+            t = type(o)
+            if t is tuple:
+                return tuple(replace(x) for x in o)
+            if t is list:
+                return [replace(x) for x in o]
+            if t is dict:
+                return {k: replace(v) for k, v in o.items()}
+            return o
+
+        return replace(task), fdeps
+
+    def get(self, dsk, keys, restrictions=None, loose_restrictions=None, **kwargs):
+        """Compute ``keys`` of the task graph ``dsk`` (dask's scheduler interface).
+
+        ``keys`` is a key or a nested list of keys; the result has the same
+        shape.  Usable as ``dask.compute(x, scheduler=e.get)``.
+        """
+        if hasattr(dsk, "__dask_graph__") and not isinstance(dsk, dict):
+            dsk = dsk.__dask_graph__()
+        flat = list(_flatten_keys(keys))
+        futures = self._graph_to_futures(dsk, flat, restrictions, loose_restrictions)
+        try:
+            results = self.gather([futures[k] for k in flat])
+        finally:
+            for f in futures.values():
+                f.release()
+            del futures
+        mapping = dict(zip(flat, results))
+        return _pack_keys(keys, mapping)
+
+    async def _get(self, dsk, keys, **kwargs):
+        flat = list(_flatten_keys(keys))
+        futures = self._graph_to_futures(dsk, flat)
+        results = await self._gather([futures[k] for k in flat])
+        return _pack_keys(keys, dict(zip(flat, results)))
+
+    def compute(self, collections, sync=False):
+        """Start computing dask collections; return a future per collection.
+
+        ``sync=True`` waits and returns the results instead.
+        """
+        single = not isinstance(collections, (list, tuple))
+        colls = [collections] if single else list(collections)
+        futures = []
+        for c in colls:
+            dsk, key = _collection_graph(c)
+            futures.append(self._graph_to_futures(dsk, [key])[key])
+        if sync:
+            results = self.gather(futures)
+            return results[0] if single else results
+        return futures[0] if single else futures
+
+    def persist(self, collections):
+        """Start computing dask collections, keep the results on the cluster.
+
+        Returns collections of the same type whose graphs point at futures.
+        """
+        single = not isinstance(collections, (list, tuple))
+        colls = [collections] if single else list(collections)
+        out = []
+        for c in colls:
+            dsk, keys = _collection_graph(c, finalize=False)
+            flat = list(_flatten_keys(keys))
+            futures = self._graph_to_futures(dsk, flat)
+            rebuild, args = c.__dask_postpersist__()
+            out.append(rebuild(futures, *args))
+        return out[0] if single else out
+
+    # -- cluster information and administration -------------------------------------------
+
+    def who_has(self, futures=None):
+        """``{key: [address]}`` for the keys of ``futures`` (default: all)."""
+        keys = None if futures is None else [f.key for f in _collect_futures(futures)]
+        result = self.sync(self.center.who_has, keys=keys, timeout=self.timeout)
+        return {k: sorted(v) for k, v in result.items()}
+
+    def has_what(self, workers=None):
+        """``{address: [key]}`` for the workers (default: all)."""
+        addresses = None if workers is None else [coerce_to_address(w) for w in workers]
+        result = self.sync(self.center.has_what, addresses=addresses, timeout=self.timeout)
+        return {a: list(v) for a, v in result.items()}
+
+    def ncores(self, workers=None):
+        """``{address: threads}`` of the workers."""
+        addresses = None if workers is None else [coerce_to_address(w) for w in workers]
+        return self.sync(self.center.ncores, addresses=addresses, timeout=self.timeout)
+
+    def restart(self):
+        """Drop all tasks and data; a local cluster gets fresh worker processes.
+
+        Every future of every executor is cancelled.
+        """
+        return self.sync(self._restart)
+
+    async def _restart(self):
+        await self.center.restart(timeout=self.timeout)
+        if self.cluster is not None:
+            n = len(self.cluster.workers)
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.cluster.restart_workers)
+            deadline = time.time() + self.timeout * 3
+            while len(await self.center.ncores()) < n:
+                if time.time() > deadline:
+                    raise TimeoutError("workers did not come back after restart")
+                await asyncio.sleep(0.05)
+        self._restarted()
+
+    def run(self, function, *args, workers=None, **kwargs):
+        """Run ``function(*args, **kwargs)`` in every worker process.
+
+        Returns ``{address: result}``; re-raises the first exception.
+        """
+        return self.sync(self._run, function, *args, workers=workers, **kwargs)
+
+    async def _run(self, function, *args, workers=None, **kwargs):
+        if workers is None:
+            addresses = list(await self.center.ncores(timeout=self.timeout))
+        else:
+            addresses = [coerce_to_address(w) for w in workers]
+        results = await asyncio.gather(*[
+            self._rpc(a).run(function=function, args=args, kwargs=kwargs)
+            for a in addresses], return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return dict(zip(addresses, results))
+
+    def upload_file(self, path):
+        """Send a .py/.egg/.zip file to every worker and make it importable there."""
+        with open(path, "rb") as f:
+            data = f.read()
+        filename = os.path.basename(path)
+
+        async def _():
+            addresses = list(await self.center.ncores(timeout=self.timeout))
+            results = await asyncio.gather(*[
+                self._rpc(a).upload_file(filename=filename, data=data)
+                for a in addresses], return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            return {a: r["nbytes"] for a, r in zip(addresses, results)}
+
+        return self.sync(_)
+
+    def replicate(self, futures, n=None, workers=None):
+        """Copy the data of ``futures`` until ``n`` workers (default: all) hold it."""
+        return self.sync(self._replicate, futures, n=n, workers=workers)
+
+    async def _replicate(self, futures, n=None, workers=None):
+        flat = _collect_futures(futures)
+        await self._gather_states(flat)
+        ncores = await self.center.ncores(timeout=self.timeout)
+        pool_ = [coerce_to_address(w) for w in workers] if workers else list(ncores)
+        n = len(pool_) if n is None else min(n, len(pool_))
+        who_has = await self.center.who_has(keys=[f.key for f in flat])
+        load = {a: 0 for a in pool_}
+        for holders in who_has.values():
+            for a in holders:
+                if a in load:
+                    load[a] += 1
+        orders = defaultdict(dict)
+        for key, holders in who_has.items():
+            holders = set(holders)
+            if not holders:
+                continue
+            have = len(holders & set(pool_))
+            for a in sorted((a for a in pool_ if a not in holders), key=load.get):
+                if have >= n:
+                    break
+                orders[a][key] = list(holders)
+                load[a] += 1
+                have += 1
+        await asyncio.gather(*[self._rpc(a).gather(who_has=wh) for a, wh in orders.items()])
+
+    def rebalance(self, futures=None, workers=None):
+        """Move data so that every worker holds about the same number of bytes."""
+        return self.sync(self._rebalance, futures, workers)
+
+    async def _rebalance(self, futures=None, workers=None):
+        keys = None
+        if futures is not None:
+            flat = _collect_futures(futures)
+            await self._gather_states(flat)
+            keys = {f.key for f in flat}
+        ncores = await self.center.ncores(timeout=self.timeout)
+        addresses = [coerce_to_address(w) for w in workers] if workers else list(ncores)
+        has_what = await self.center.has_what(addresses=addresses)
+        nbytes = await self.center.nbytes()
+        if keys is not None:
+            has_what = {a: {k for k in ks if k in keys} for a, ks in has_what.items()}
+        totals = {a: sum(nbytes.get(k, 0) for k in ks) for a, ks in has_what.items()}
+        if not totals:
+            return
+        mean = sum(totals.values()) / len(totals)
+        moves = defaultdict(lambda: defaultdict(list))  # recipient -> sender -> keys
+        receivers = sorted(totals, key=totals.get)
+        for sender in sorted(totals, key=totals.get, reverse=True):
+            for key in sorted(has_what[sender], key=lambda k: -nbytes.get(k, 0)):
+                size = nbytes.get(key, 0)
+                if totals[sender] - size < mean:
+                    continue
+                target = min(receivers, key=totals.get)
+                if target == sender or totals[target] + size > mean + size / 2:
+                    continue
+                if any(key in has_what[r] for r in [target]):
+                    continue
+                moves[target][sender].append(key)
+                totals[sender] -= size
+                totals[target] += size
+        for target, senders in moves.items():
+            who_has = {k: [s] for s, ks in senders.items() for k in ks}
+            await self._rpc(target).gather(who_has=who_has)
+            for s, ks in senders.items():
+                await self._rpc(s).delete_data(keys=ks, report=True)
+
+    async def _gather_states(self, flat):
+        for f in flat:
+            await f._state.wait()
+
+
+# ---------------------------------------------------------------------------
+# wait, as_completed
+
+
+DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", "done not_done")
+
+FIRST_COMPLETED = "FIRST_COMPLETED"
+ALL_COMPLETED = "ALL_COMPLETED"
+
+
+def wait(futures, timeout=None, return_when=ALL_COMPLETED):
+    """Wait until all (or the first of) ``futures`` are done.
+
+    Returns ``(done, not_done)`` sets; raises ``TimeoutError`` after
+    ``timeout`` seconds.
+    """
+    flat = _collect_futures(futures)
+    if not flat:
+        return DoneAndNotDoneFutures(set(), set())
+    executor = flat[0].executor
+    return executor.sync(_wait, flat, timeout, return_when)
+
+
+async def _wait(futures, timeout=None, return_when=ALL_COMPLETED):
+    if return_when not in (ALL_COMPLETED, FIRST_COMPLETED):
+        raise ValueError("return_when must be ALL_COMPLETED or FIRST_COMPLETED")
+    waits = [asyncio.ensure_future(f._state.wait()) for f in futures]
+    try:
+        done, pending = await asyncio.wait(
+            waits, timeout=timeout,
+            return_when=asyncio.ALL_COMPLETED if return_when == ALL_COMPLETED
+            else asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if return_when == ALL_COMPLETED and pending:
+        raise TimeoutError("%d of %d futures not done within %s s"
+                           % (len(pending), len(futures), timeout))
+    if return_when == FIRST_COMPLETED and not done:
+        raise TimeoutError("no future done within %s s" % timeout)
+    done_set = {f for f in futures if f.done()}
+    return DoneAndNotDoneFutures(done_set, set(futures) - done_set)
+
+
+class as_completed:
+    """Iterate over futures in the order they finish.
+
+    ::
+
+        for future in as_completed(futures):
+            print(future.result())
+    """
+
+    def __init__(self, futures=()):
+        import queue
+
+        self.queue = queue.Queue()
+        self.count = 0
+        self.lock = threading.Lock()
+        for f in futures:
+            self.add(f)
+
+    def add(self, future):
+        with self.lock:
+            self.count += 1
+        future.executor._on_loop(future._add_callback, lambda: self.queue.put(future))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.lock:
+            if self.count == 0:
+                raise StopIteration
+            self.count -= 1
+        return self.queue.get()
+
+    def __len__(self):
+        return self.count
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _to_blob_or_raise(obj, what):
+    try:
+        return to_blob(obj)
+    except Exception as e:
+        raise TypeError("could not serialize %s to send it to the cluster: %s: %s"
+                        % (what, type(e).__name__, e)) from e
+
+
+def _collect_futures(obj):
+    out = []
+    seen = set()
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, Future):
+            if id(o) not in seen:
+                seen.add(id(o))
+                out.append(o)
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(reversed(list(o)))
+        elif isinstance(o, dict):
+            stack.extend(reversed(list(o.values())))
+    return out
+
+
+def _pack_futures(obj, data):
+    if isinstance(obj, Future):
+        return data[obj.key]
+    t = type(obj)
+    if t in (list, tuple, set, frozenset):
+        return t(_pack_futures(o, data) for o in obj)
+    if t is dict:
+        return {k: _pack_futures(v, data) for k, v in obj.items()}
+    return obj
+
+
+def _flatten_keys(keys):
+    if isinstance(keys, list):
+        for k in keys:
+            yield from _flatten_keys(k)
+    else:
+        yield keys
+
+
+def _pack_keys(keys, mapping):
+    if isinstance(keys, list):
+        return [_pack_keys(k, mapping) for k in keys]
+    return mapping[keys]
+
+
+def _normalize_graph(dsk):
+    if hasattr(dsk, "__dask_graph__") and not isinstance(dsk, dict):
+        dsk = dsk.__dask_graph__()
+    if not isinstance(dsk, dict):
+        dsk = dict(dsk)
+    if any(_is_graph_node(v) for v in dsk.values()):
+        from dask._task_spec import convert_legacy_graph
+
+        dsk = convert_legacy_graph(dsk)
+    return dsk
+
+
+def _is_graph_node(v):
+    return type(v).__module__ == "dask._task_spec"
+
+
+def _collection_graph(c, finalize=True):
+    """``(graph, key)`` computing dask collection ``c`` (finalized), or
+    ``(graph, keys)`` of its partitions with ``finalize=False``."""
+    if not hasattr(c, "__dask_graph__"):
+        raise TypeError("expected a dask collection, got %r; use get() for a graph "
+                        "dict or submit() for a function" % type(c).__name__)
+    try:
+        from dask.base import collections_to_expr
+
+        expr = collections_to_expr([c], True)
+        if finalize:
+            from dask._expr import FinalizeCompute
+
+            expr = FinalizeCompute(expr)
+        expr = expr.optimize()
+        dsk = expr.__dask_graph__()
+        keys = expr.__dask_keys__()
+    except ImportError:  # an older dask
+        dsk = c.__dask_graph__()
+        keys = c.__dask_keys__()
+        if finalize:
+            func, args = c.__dask_postcompute__()
+            name = "finalize-" + tokenize(keys)
+            dsk = dict(dsk)
+            dsk[name] = (func, keys) + tuple(args)
+            return dsk, name
+    if finalize:
+        flat = list(_flatten_keys(keys))
+        return dsk, flat[0]
+    return dsk, keys
+
+
+@atexit.register
+def _shutdown_executors():
+    for e in list(_executors):
+        try:
+            if e.status != "closed" and e._loop_thread is not None:
+                e.shutdown(timeout=2)
+        except Exception:
+            pass

@@ -1,0 +1,149 @@
+"""``LocalCluster``: a center and workers as child processes on this machine.
+
+::
+
+    with LocalCluster(n_workers=2, threads_per_worker=1) as cluster:
+        e = Executor(cluster.center_address)
+        ...
+
+``Executor()`` with no address makes one for itself and closes it on
+shutdown.  Everything binds to 127.0.0.1 unless ``ip`` says otherwise.
+"""
+
+import atexit
+import logging
+import os
+import sys
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+from .process import Process
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LocalCluster"]
+
+_clusters = weakref.WeakSet()
+
+
+class LocalCluster:
+    """Start ``dcenter`` and ``n_workers`` ``dworker`` processes.
+
+    ``n_workers`` defaults to the number of cores; each worker runs
+    ``threads_per_worker`` threads (default 1).  ``timeout`` bounds the
+    start-up, in seconds.
+    """
+
+    def __init__(self, n_workers=None, threads_per_worker=1, ip="127.0.0.1",
+                 timeout=30, worker_args=(), echo=False):
+        self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
+        self.threads_per_worker = threads_per_worker
+        self.ip = ip
+        self.timeout = timeout
+        self.worker_args = list(worker_args)
+        self.echo = echo
+        self.center = None
+        self.workers = []
+        self.status = "starting"
+        try:
+            self._start_center()
+            self.start_workers(self.n_workers)
+        except BaseException:
+            self.close()
+            raise
+        self.status = "running"
+        _clusters.add(self)
+
+    @property
+    def center_address(self):
+        return self._center_address
+
+    scheduler_address = center_address
+
+    def _start_center(self):
+        self.center = Process(
+            [sys.executable, "-m", "distributed.cli.dcenter", "--host", self.ip,
+             "--port", "0"], echo=self.echo)
+        line = self.center.wait_for_line("Start center at", self.timeout)
+        self._center_address = line.split()[-1]
+
+    def _start_worker(self):
+        p = Process(
+            [sys.executable, "-m", "distributed.cli.dworker", self._center_address,
+             "--host", self.ip, "--ncores", str(self.threads_per_worker),
+             "--no-nanny"] + self.worker_args, echo=self.echo)
+        try:
+            address = p.wait_for_line("Start worker at", self.timeout).split()[-1]
+            p.wait_for_line("Registered with center", self.timeout)
+        except BaseException:
+            p.stop()
+            raise
+        p.address = address
+        return p
+
+    def start_workers(self, n):
+        """Start ``n`` more workers (in parallel); return their processes."""
+        if n <= 0:
+            return []
+        with ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(self._start_worker) for _ in range(n)]
+            started, error = [], None
+            for f in futures:
+                try:
+                    started.append(f.result())
+                except BaseException as e:
+                    error = e
+        self.workers.extend(started)
+        if error is not None:
+            raise error
+        return started
+
+    def stop_worker(self, process):
+        process.stop()
+        if process in self.workers:
+            self.workers.remove(process)
+
+    def restart_workers(self):
+        """Stop every worker process and start as many fresh ones."""
+        n = len(self.workers)
+        for p in list(self.workers):
+            self.stop_worker(p)
+        self.start_workers(n)
+
+    @property
+    def worker_addresses(self):
+        return [p.address for p in self.workers]
+
+    def close(self):
+        if self.status == "closed":
+            return
+        self.status = "closed"
+        for p in self.workers:
+            p.send_signal(15)
+        for p in self.workers:
+            p.stop()
+        self.workers = []
+        if self.center is not None:
+            self.center.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return "LocalCluster(%r, workers=%d)" % (
+            getattr(self, "_center_address", None), len(self.workers))
+
+
+@atexit.register
+def _close_clusters():
+    for cluster in list(_clusters):
+        cluster.close()
