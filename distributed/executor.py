@@ -69,6 +69,11 @@ __all__ = [
 
 CancelledError = concurrent.futures.CancelledError
 
+try:  # with dask installed, a Future inside a dask task is a reference to its key
+    from dask._task_spec import TaskRef as _DaskTaskRef
+except ImportError:
+    _DaskTaskRef = None
+
 _current = [None]  # the last executor started: default_executor()
 _executors = weakref.WeakSet()
 
@@ -146,7 +151,7 @@ class FutureState:
             await asyncio.wait_for(self.event.wait(), timeout)
 
 
-class Future:
+class Future(_DaskTaskRef or object):
     """A remote result: the key of a task that runs (or ran) on the cluster.
 
     ``result()`` blocks until it is known and returns it (fetched from the
@@ -239,18 +244,19 @@ class Future:
         except Exception:
             pass
 
-    def __getstate__(self):
-        return (self.key,)
-
-    def __setstate__(self, state):
-        raise TypeError("futures cannot be pickled; pass them as arguments to "
-                        "submit/map and they become the values they stand for")
+    def __reduce__(self):
+        if _DaskTaskRef is not None:
+            return _DaskTaskRef, (self.key,)  # inside a dask task: a key reference
+        raise TypeError("a Future cannot be pickled; pass it as an argument to "
+                        "submit/map (or put it in a graph) and the task gets its value")
 
     def __repr__(self):
         state = self._state
         if state.status == "finished" and state.type:
             return "<Future: status: finished, type: %s, key: %s>" % (state.type, self.key)
         return "<Future: status: %s, key: %s>" % (state.status, self.key)
+
+    __str__ = __repr__
 
     def __hash__(self):
         return hash(self.key)
@@ -911,6 +917,9 @@ class Executor:
 
     def _graph_to_futures(self, dsk, keys, restrictions=None, loose_restrictions=None):
         dsk = _normalize_graph(dsk)
+        for k, v in dsk.items():  # dask wraps persisted futures in DataNodes
+            if _is_graph_node(v) and isinstance(getattr(v, "value", None), Future):
+                dsk[k] = v.value
         order = toposort(dsk) if len(dsk) < 100000 else list(dsk)
         rank = {k: i for i, k in enumerate(order)}
         base = next(self._priority)
@@ -1322,7 +1331,11 @@ def _normalize_graph(dsk):
     if any(_is_graph_node(v) for v in dsk.values()):
         from dask._task_spec import convert_legacy_graph
 
-        dsk = convert_legacy_graph(dsk)
+        futures = {k: v for k, v in dsk.items() if isinstance(v, Future)}
+        dsk = convert_legacy_graph({k: v for k, v in dsk.items() if k not in futures})
+        dsk.update(futures)
+    else:
+        dsk = dict(dsk)
     return dsk
 
 
