@@ -30,6 +30,7 @@ from tornado.iostream import StreamClosedError
 
 from .batched import BatchedSend
 from .core import ConnectionPool, Server, coerce_to_address, read, rpc
+from .protocol import ProtocolError
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Center(Server):
         self.nbytes = {}
         self.worker_services = {}
         self.names = {}
+        self.nannies = {}  # worker address -> address of the nanny running it
         self.last_seen = {}
         self.worker_streams = {}
         self._stream_workers = {}
@@ -63,6 +65,7 @@ class Center(Server):
         self.service_classes = services or {}
         self.service_ports = dict(service_ports or {})
         self.services = {}
+        self.status = "created"
         self.scheduler = Scheduler(self.who_has, self.has_what, self.nbytes)
         self.worker_comms = {}  # address -> BatchedSend on its stream
         self.client_comms = {}  # client id -> BatchedSend
@@ -103,6 +106,7 @@ class Center(Server):
             self.services[name] = service
             self.service_ports[name] = service.port
         self._check.start()
+        self.status = "running"
 
     async def _start(self, port=None, address=None):
         """Listen (awaitable form of :meth:`listen`)."""
@@ -119,7 +123,7 @@ class Center(Server):
     # -- workers arriving and leaving ---------------------------------------
 
     def register(self, stream, address=None, ncores=None, keys=(), services=None,
-                 name=None, nbytes=None, now=None):
+                 name=None, nbytes=None, nanny=None, now=None):
         address = coerce_to_address(address)
         if name is not None:
             for other, other_name in self.names.items():
@@ -129,10 +133,12 @@ class Center(Server):
                         "worker a unique --name" % (name, other)
                     )
         if address in self.ncores:
-            self.remove_worker(address)
+            self.remove_worker(address, close=self.worker_streams.get(address) is not stream)
         self.ncores[address] = ncores
         self.worker_services[address] = dict(services or {})
         self.names[address] = name if name is not None else address
+        if nanny is not None:
+            self.nannies[address] = coerce_to_address(nanny)
         self.last_seen[address] = time.time()
         self.has_what[address]  # an empty entry: the worker is known
         if stream is not None:
@@ -146,7 +152,8 @@ class Center(Server):
         address = coerce_to_address(address)
         if address not in self.ncores:
             return b"unknown"
-        self.remove_worker(address)
+        # the reply may have to travel on the very stream the worker registered on
+        self.remove_worker(address, close=self.worker_streams.get(address) is not stream)
         return b"OK"
 
     def heartbeat(self, stream=None, address=None, now=None, **metrics):
@@ -156,8 +163,8 @@ class Center(Server):
         self.last_seen[address] = time.time()
         return b"OK"
 
-    def remove_worker(self, address):
-        """Forget a worker and everything it held."""
+    def remove_worker(self, address, close=True):
+        """Forget a worker and everything it held; close its stream if ``close``."""
         if address not in self.ncores:
             return
         logger.info("removing worker %s", address)
@@ -168,17 +175,20 @@ class Center(Server):
                 holders.discard(address)
                 if not holders:
                     del self.who_has[key]
+                    self.nbytes.pop(key, None)
         del self.ncores[address]
         self.worker_services.pop(address, None)
         self.names.pop(address, None)
+        self.nannies.pop(address, None)
         self.last_seen.pop(address, None)
         stream = self.worker_streams.pop(address, None)
         if stream is not None:
             self._stream_workers.pop(stream, None)
-            stream.close()
+            if close:
+                stream.close()
         self.pool.close(address)
         comm = self.worker_comms.pop(address, None)
-        if comm is not None:
+        if comm is not None and close:
             comm.abort()
         self.scheduler.remove_worker(address, keys)
         self.send_scheduler_messages()
@@ -250,6 +260,10 @@ class Center(Server):
                 batch = await read(stream, self.limits)
             except StreamClosedError:
                 return
+            except ProtocolError as e:
+                logger.error("closing the stream of %s: %s", sender, e)
+                stream.close()
+                return
             if last_seen is not None:
                 if sender not in last_seen:
                     return  # removed meanwhile
@@ -281,10 +295,20 @@ class Center(Server):
             if comm is not None and not comm.closed:
                 comm.send_many(msgs)
 
-    def restart(self, stream=None):
-        """Forget all tasks and data; executors are told their futures are gone."""
+    async def restart(self, stream=None, timeout=30):
+        """Forget all tasks and data; executors are told their futures are gone.
+
+        Workers that run under a nanny are replaced by fresh processes.
+        """
         self.scheduler.restart()
         self.send_scheduler_messages()
+        nannies = list(set(self.nannies.values()))
+        results = await asyncio.gather(
+            *[rpc(n, pool=self.pool).restart(timeout=timeout) for n in nannies],
+            return_exceptions=True)
+        for nanny, result in zip(nannies, results):
+            if isinstance(result, Exception):
+                logger.warning("nanny %s could not restart its worker: %s", nanny, result)
         return b"OK"
 
     def get_processing(self, stream=None):
@@ -393,6 +417,9 @@ class Center(Server):
 
     def close(self):
         """Stop listening and close every connection."""
+        if self.status == "closed":
+            return
+        self.status = "closed"
         self._check.stop()
         for service in self.services.values():
             service.stop()

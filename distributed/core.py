@@ -27,12 +27,13 @@ import logging
 import socket
 from collections import defaultdict
 
+import numpy
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 from tornado.tcpserver import TCPServer
 
 from . import protocol
-from .protocol import DEFAULT_LIMITS, ProtocolError
+from .protocol import DEFAULT_LIMITS, FrameTooLarge, ProtocolError
 from .utils import (
     format_exception_text,
     parse_address,
@@ -116,6 +117,18 @@ async def connect(ip, port=None, timeout=CONNECT_TIMEOUT):
     return stream
 
 
+def _receive_buffer(nbytes):
+    """A writeable buffer for a frame that commits memory as data arrives.
+
+    ``bytearray(n)`` zero-fills all ``n`` bytes at once, so a peer that merely
+    announced a big frame would cost that much memory; ``numpy.empty`` does not.
+    """
+    try:
+        return numpy.empty(nbytes, dtype="u1")
+    except MemoryError:
+        raise FrameTooLarge("cannot allocate %d bytes for a frame" % nbytes) from None
+
+
 async def read(stream, limits=DEFAULT_LIMITS):
     """Read one message from ``stream``.
 
@@ -131,7 +144,7 @@ async def read(stream, limits=DEFAULT_LIMITS):
     while i < n:
         length = lengths[i]
         if length >= _JOIN_LIMIT:
-            buf = bytearray(length)
+            buf = _receive_buffer(length)
             await stream.read_into(buf)
             frames.append(buf)
             i += 1
@@ -248,6 +261,8 @@ class Server(TCPServer):
         self.port = None
         self.limits = limits or DEFAULT_LIMITS
         self.streams = set()
+        #: called (no arguments) once the node has closed, e.g. to end its process
+        self.on_close = None
         self.id = type(self).__name__ + "-" + format(id(self), "x")
         kwargs.setdefault("max_buffer_size", 2**62)
         super().__init__(**kwargs)
@@ -341,6 +356,9 @@ class Server(TCPServer):
         super().stop()
         for stream in list(self.streams):
             stream.close()
+        if self.on_close is not None:
+            callback, self.on_close = self.on_close, None
+            callback()
 
 
 # ---------------------------------------------------------------------------

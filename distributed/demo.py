@@ -1,15 +1,16 @@
-"""``python -m distributed.demo``: the worker story on a real local cluster.
+"""``python -m distributed.demo``: the system at work on a local cluster.
 
-Starts ``dcenter`` and two ``dworker`` processes (alice and bob) on
-127.0.0.1, then walks through the conversation of the worker docs: data put
-on alice and bob, alice computing ``add(x, a)`` with ``a`` fetched straight
-from bob, the center told who holds what.  Everything stops at the end.
+1. The worker story: ``dcenter`` and two ``dworker`` processes (alice and
+   bob) on 127.0.0.1, and the conversation of the worker docs: data put on
+   alice and bob, alice computing ``add(x, a)`` with ``a`` fetched straight
+   from bob, the center told who holds what.
+2. The executor quickstart on an embedded local cluster (``Executor()``):
+   map, submit on futures, gather, a task graph, an error coming back.
+
+Everything stops at the end.
 """
 
 import asyncio
-import os
-import signal
-import subprocess
 import sys
 import time
 from operator import add
@@ -55,6 +56,49 @@ async def story(center_address, alice_address, bob_address):
         r.close_streams()
 
 
+def square(x):
+    return x ** 2
+
+
+def neg(x):
+    return -x
+
+
+def inc(x):
+    return x + 1
+
+
+def div(x, y):
+    return x / y
+
+
+def quickstart():
+    from .executor import Executor
+
+    say("\n--- the executor on an embedded local cluster ---")
+    say(">>> e = Executor()")
+    with Executor() as e:
+        say(e, e.ncores())
+        say(">>> A = e.map(square, range(10)); B = e.map(neg, A)")
+        A = e.map(square, range(10))
+        B = e.map(neg, A)
+        say(">>> total = e.submit(sum, B); total.result()")
+        total = e.submit(sum, B)
+        say(total.result())
+        say(">>> e.gather(A)")
+        say(e.gather(A))
+        say(">>> e.get({'a': 1, 'b': (inc, 'a'), 'c': (add, 'a', 'b')}, 'c')")
+        say(e.get({"a": 1, "b": (inc, "a"), "c": (add, "a", "b")}, "c"))
+        say(">>> e.submit(div, 1, 0).result()")
+        try:
+            e.submit(div, 1, 0).result()
+        except ZeroDivisionError as exc:
+            say("ZeroDivisionError raised here, from the worker:", exc)
+        say(">>> x = e.scatter(np.arange(1e6)); e.submit(np.sum, x).result()")
+        x = e.scatter(np.arange(1e6))
+        say(e.submit(np.sum, x).result())
+
+
 def main():
     start = time.time()
     python = sys.executable
@@ -71,6 +115,7 @@ def main():
             wait_for_line(b, "Registered with center")
             say("alice at", alice_address, "| bob at", bob_address)
             asyncio.run(story(center_address, alice_address, bob_address))
+    quickstart()
     say("\ndemo finished in %.1f s; all processes stopped" % (time.time() - start))
 
 

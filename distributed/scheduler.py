@@ -268,14 +268,15 @@ class Scheduler:
             ts.who_wants.add(client)
             self.clients[client].add(key)
             wanted.append(ts)
+        # report what is already known (before erring tasks whose dependencies
+        # are unknown, which reports them once itself), request the rest
+        for ts in wanted:
+            self._report_state(ts, client)
         for key, deps in missing_deps.items():
             ts = self.tasks[key]
             exc = LostData("task %r depends on %s, which the scheduler does not "
                            "know (released or lost)" % (key, deps))
             self._erred(ts, exc, None, str(exc), blob=False)
-        # report what is already known, request the rest
-        for ts in wanted:
-            self._report_state(ts, client)
         self._request(new + wanted)
 
     def client_desires_keys(self, client, keys):

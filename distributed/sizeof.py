@@ -47,12 +47,12 @@ def _sizeof_memoryview(obj):
 @sizeof.register(set)
 @sizeof.register(frozenset)
 def _sizeof_container(obj):
-    return sys.getsizeof(obj) + sum(map(sizeof, obj))
+    return sum(map(sizeof, obj))
 
 
 @sizeof.register(dict)
 def _sizeof_dict(obj):
-    return sys.getsizeof(obj) + sum(map(sizeof, obj.keys())) + sum(map(sizeof, obj.values()))
+    return sum(map(sizeof, obj.keys())) + sum(map(sizeof, obj.values()))
 
 
 def _register_numpy():

@@ -129,7 +129,7 @@ class Worker(Server):
     def __init__(self, center_ip, center_port=None, ip=None, ncores=None, loop=None,
                  local_dir=None, services=None, service_ports=None, name=None,
                  heartbeat_interval=HEARTBEAT_INTERVAL, memory_limit=None,
-                 **kwargs):
+                 nanny=None, **kwargs):
         if center_port is None:
             center_ip, center_port = parse_address(coerce_to_address(center_ip))
         self.loop = loop or IOLoop.current()
@@ -139,6 +139,7 @@ class Worker(Server):
         self.nbytes = {}
         self.active = set()
         self.memory_limit = memory_limit
+        self.nanny = nanny
         self.heartbeat_interval = heartbeat_interval
         self.executor = concurrent.futures.ThreadPoolExecutor(
             self.ncores, thread_name_prefix="distributed-worker"
@@ -228,6 +229,7 @@ class Worker(Server):
                     nbytes=dict(self.nbytes),
                     services=self.service_ports,
                     name=self.name,
+                    nanny=self.nanny,
                     timeout=max(1, deadline - time.time()),
                 )
             except (OSError, TimeoutError, StreamClosedError) as e:

@@ -44,10 +44,11 @@ def main(argv=None):
     ports = {"http": args.http_port} if args.http_port is not None else None
     center = None
 
-    async def start():
+    async def start(stopping):
         nonlocal center
         center = Center(args.host, args.port, services=services, service_ports=ports,
                         heartbeat_timeout=args.heartbeat_timeout)
+        center.on_close = stopping.set
         center.listen(args.port)
         if not is_loopback(args.host):
             logger.warning("the center listens on %s: anyone who can reach this port "

@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 
+from tornado.ioloop import PeriodicCallback
+
 from ..core import coerce_to_address
 from ..http import HTTPWorker
 from ..utils import get_ip, is_loopback, parse_address
@@ -53,7 +55,9 @@ def make_parser():
                    help="memory the worker may use: bytes ('4GB', '512MiB'), a fraction "
                    "of RAM ('0.5') or 'auto' (default: no limit)")
     p.add_argument("--no-nanny", action="store_true",
-                   help="run the worker in this process rather than under a nanny")
+                   help="run the worker in this process; by default a nanny process "
+                   "runs it as a child and restarts it when it dies")
+    p.add_argument("--nanny-address", default=None, help=argparse.SUPPRESS)
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve JSON status (/info.json, /resources.json) on this "
                    "port (0: a free one)")
@@ -77,16 +81,19 @@ def main(argv=None):
         return _run_many(args)
 
     host = args.host or get_ip(center_ip)
+    if not args.no_nanny:
+        return _run_nanny(args, center_ip, center_port, host)
     services = {"http": HTTPWorker} if args.http_port is not None else None
     ports = {"http": args.http_port} if args.http_port is not None else None
     worker = None
 
-    async def start():
+    async def start(stopping):
         nonlocal worker
         worker = Worker(center_ip, center_port, ip=host, ncores=args.ncores,
                         local_dir=args.local_dir, services=services,
                         service_ports=ports, name=args.name,
-                        memory_limit=memory_limit)
+                        memory_limit=memory_limit, nanny=args.nanny_address)
+        worker.on_close = stopping.set
         worker.listen(args.port)
         if not is_loopback(host):
             logger.warning("the worker listens on %s: anyone who can reach this port "
@@ -94,10 +101,64 @@ def main(argv=None):
         print("Start worker at: %s" % worker.address, flush=True)
         await worker._start()
         print("Registered with center at: %s" % worker.center.address, flush=True)
+        if args.nanny_address:
+            _stop_when_orphaned(stopping)
+        if "http" in worker.service_ports:
+            print("HTTP status at http://%s:%d/info.json"
+                  % (worker.ip, worker.service_ports["http"]), flush=True)
 
     async def stop():
         if worker is not None:
             await worker._close()
+        print("Worker stopped", flush=True)
+
+    run_until_signal(start, stop)
+
+
+def _stop_when_orphaned(stopping):
+    """A worker under a nanny stops when the nanny dies (even by SIGKILL)."""
+    parent = os.getppid()
+
+    def check():
+        if os.getppid() != parent:
+            logger.warning("the nanny (pid %d) is gone; stopping", parent)
+            stopping.set()
+
+    PeriodicCallback(check, 500).start()
+
+
+def _worker_args(args):
+    """The options a nanny passes on to the worker it starts."""
+    out = []
+    for flag, value in [("--host", args.host), ("--ncores", args.ncores),
+                        ("--name", args.name), ("--local-dir", args.local_dir),
+                        ("--memory-limit", args.memory_limit),
+                        ("--http-port", args.http_port)]:
+        if value is not None:
+            out += [flag, str(value)]
+    if args.port:
+        out += ["--port", str(args.port)]
+    if args.verbose:
+        out.append("-v")
+    return out
+
+
+def _run_nanny(args, center_ip, center_port, host):
+    from ..nanny import Nanny
+
+    nanny = None
+
+    async def start(stopping):
+        nonlocal nanny
+        nanny = Nanny(center_ip, center_port, ip=host, worker_args=_worker_args(args),
+                      echo=True)  # the worker's own lines: "Start worker at: ..."
+        nanny.on_close = stopping.set
+        nanny.listen(0)
+        print("Start nanny at: %s" % nanny.address, flush=True)
+        await nanny._start()
+
+    async def stop():
+        await nanny._close()
         print("Worker stopped", flush=True)
 
     run_until_signal(start, stop)

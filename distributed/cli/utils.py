@@ -48,10 +48,12 @@ def setup_logging(verbose=False):
 
 
 def run_until_signal(start, stop):
-    """Run ``await start()``, then wait for SIGINT/SIGTERM and ``await stop()``.
+    """Run ``await start(stopping)``, then wait for SIGINT/SIGTERM and ``await stop()``.
 
-    A signal that arrives while ``start()`` is still running (a worker waiting
-    for its center, say) cancels it and stops at once.
+    ``stopping`` is an ``asyncio.Event`` the node may set itself (on a
+    ``terminate`` request) to end the process the same way.  A signal that
+    arrives while ``start()`` is still running (a worker waiting for its
+    center, say) cancels it and stops at once.
     """
 
     async def main():
@@ -59,7 +61,7 @@ def run_until_signal(start, stop):
         stopping = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
-        starting = asyncio.ensure_future(start())
+        starting = asyncio.ensure_future(start(stopping))
         signalled = asyncio.ensure_future(stopping.wait())
         await asyncio.wait([starting, signalled], return_when=asyncio.FIRST_COMPLETED)
         if starting.done():

@@ -1,0 +1,164 @@
+"""The nanny: runs a worker as a child process and restarts it when it dies.
+
+::
+
+    n = Nanny('127.0.0.1', 8787, worker_args=['--ncores', '2'])
+    await n._start()          # listens, starts the worker, waits for it
+    n.worker_address          # '127.0.0.1:40123'
+    await n._close()          # stops the worker (it unregisters) and itself
+
+``dworker`` runs one unless ``--no-nanny``.  The center learns each worker's
+nanny when the worker registers, and asks the nannies to restart their
+workers on ``Executor.restart()``.
+
+Handlers: ``restart`` (kill the worker, start a fresh one, wait until it
+registered), ``kill``, ``instantiate``, ``terminate``, ``identity``, ``ping``.
+"""
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+from tornado.ioloop import PeriodicCallback
+
+from .core import Server
+from .process import Process
+from .utils import get_ip, unparse_address
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Nanny"]
+
+
+def describe_exit(code):
+    """``-9`` -> ``'killed by signal SIGKILL'``; ``3`` -> ``'exit code 3'``."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return "killed by signal %s" % name
+    return "exit code %d" % code
+
+
+class Nanny(Server):
+    """Supervise one worker process (see the module docstring)."""
+
+    def __init__(self, center_ip, center_port, ip=None, worker_args=(), timeout=30,
+                 restart_delay=0.5, echo=False, **kwargs):
+        self.center_address = unparse_address(center_ip, center_port)
+        self.worker_args = list(worker_args)
+        self.timeout = timeout
+        self.restart_delay = restart_delay
+        self.echo = echo  # print the worker's output as our own
+        self.process = None
+        self.worker_address = None
+        self.status = "created"
+        self.deaths = []  # (time, cause) of unexpected worker exits
+        self._restarting = None
+        self._watch = PeriodicCallback(self._check, 100)
+        handlers = {
+            "restart": self.restart,
+            "kill": self.kill,
+            "instantiate": self.instantiate,
+            "terminate": self.terminate,
+        }
+        super().__init__(handlers, ip=ip or get_ip(center_ip), **kwargs)
+
+    def identity(self, stream=None):
+        return {"type": "Nanny", "id": self.id, "worker": self.worker_address,
+                "center": self.center_address}
+
+    async def _start(self, port=0):
+        if self.port is None:
+            self.listen(port)
+        await self.instantiate()
+        self._watch.start()
+        self.status = "running"
+        return self
+
+    async def instantiate(self, stream=None):
+        """Start the worker process if none runs; return its address."""
+        if self.process is not None and self.process.poll() is None:
+            return self.worker_address
+        args = [sys.executable, "-m", "distributed.cli.dworker", self.center_address,
+                "--no-nanny", "--nanny-address", self.address] + self.worker_args
+        process = Process(args, echo=self.echo)
+        loop = asyncio.get_running_loop()
+        try:
+            line = await loop.run_in_executor(
+                None, process.wait_for_line, "Start worker at", self.timeout)
+            await loop.run_in_executor(
+                None, process.wait_for_line, "Registered with center", self.timeout)
+        except BaseException:
+            process.kill()
+            raise
+        self.process = process
+        self.worker_address = line.split()[-1]
+        return self.worker_address
+
+    async def kill(self, stream=None, timeout=5):
+        """Stop the worker process (SIGTERM, then SIGKILL)."""
+        process, self.process = self.process, None
+        if process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, process.stop, timeout)
+        return b"OK"
+
+    async def restart(self, stream=None, timeout=None):
+        """Kill the worker and start a fresh one; return its address."""
+        if self._restarting is not None:
+            return await self._restarting
+        self._restarting = asyncio.ensure_future(self._restart())
+        try:
+            return await self._restarting
+        finally:
+            self._restarting = None
+
+    async def _restart(self):
+        await self.kill()
+        return await self.instantiate()
+
+    def _check(self):
+        """Restart a worker that died on its own."""
+        if self.status != "running" or self._restarting is not None:
+            return
+        process = self.process
+        if process is None or process.poll() is None:
+            return
+        cause = describe_exit(process.poll())
+        self.deaths.append((time.time(), cause))
+        logger.warning("worker %s died (%s); restarting it", self.worker_address, cause)
+        print("Worker %s died (%s); restarting" % (self.worker_address, cause), flush=True)
+        self.process = None
+        self._restarting = asyncio.ensure_future(self._restart_after_death())
+
+    async def _restart_after_death(self):
+        try:
+            await asyncio.sleep(self.restart_delay)
+            address = await self.instantiate()
+            print("Restarted worker at: %s" % address, flush=True)
+        except Exception:
+            logger.exception("could not restart the worker")
+        finally:
+            self._restarting = None
+
+    def terminate(self, stream=None):
+        asyncio.ensure_future(self._close())
+        return b"OK"
+
+    async def _close(self):
+        if self.status == "closed":
+            return
+        self.status = "closed"
+        self._watch.stop()
+        if self._restarting is not None:
+            try:
+                await self._restarting
+            except Exception:
+                pass
+        await self.kill()
+        self.stop()
