@@ -7,6 +7,7 @@
 """
 
 import argparse
+import sys
 import logging
 
 from ..center import Center
@@ -63,8 +64,8 @@ def main(argv=None):
             await center._close()
         print("Center stopped", flush=True)
 
-    run_until_signal(start, stop)
+    return run_until_signal(start, stop)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

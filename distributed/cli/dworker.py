@@ -54,6 +54,9 @@ def make_parser():
     p.add_argument("--memory-limit", default=None,
                    help="memory the worker may use: bytes ('4GB', '512MiB'), a fraction "
                    "of RAM ('0.5') or 'auto' (default: no limit)")
+    p.add_argument("--connect-timeout", type=float, default=30,
+                   help="seconds to keep trying to reach the center before giving up "
+                   "(default 30)")
     p.add_argument("--no-nanny", action="store_true",
                    help="run the worker in this process; by default a nanny process "
                    "runs it as a child and restarts it when it dies")
@@ -99,7 +102,7 @@ def main(argv=None):
             logger.warning("the worker listens on %s: anyone who can reach this port "
                            "can run code on it", host)
         print("Start worker at: %s" % worker.address, flush=True)
-        await worker._start()
+        await worker._start(timeout=args.connect_timeout)
         print("Registered with center at: %s" % worker.center.address, flush=True)
         if args.nanny_address:
             _stop_when_orphaned(stopping)
@@ -112,7 +115,7 @@ def main(argv=None):
             await worker._close()
         print("Worker stopped", flush=True)
 
-    run_until_signal(start, stop)
+    return run_until_signal(start, stop)
 
 
 def _stop_when_orphaned(stopping):
@@ -131,6 +134,7 @@ def _worker_args(args):
     """The options a nanny passes on to the worker it starts."""
     out = []
     for flag, value in [("--host", args.host), ("--ncores", args.ncores),
+                        ("--connect-timeout", args.connect_timeout),
                         ("--name", args.name), ("--local-dir", args.local_dir),
                         ("--memory-limit", args.memory_limit),
                         ("--http-port", args.http_port)]:
@@ -161,7 +165,7 @@ def _run_nanny(args, center_ip, center_port, host):
         await nanny._close()
         print("Worker stopped", flush=True)
 
-    run_until_signal(start, stop)
+    return run_until_signal(start, stop)
 
 
 def _run_many(args):

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 import re
 import signal
 import sys
@@ -65,7 +66,14 @@ def run_until_signal(start, stop):
         signalled = asyncio.ensure_future(stopping.wait())
         await asyncio.wait([starting, signalled], return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
-            starting.result()  # start() failed: raise its error
+            error = starting.exception()
+            if error is not None:
+                signalled.cancel()
+                try:
+                    await stop()
+                except Exception:
+                    pass
+                raise error
             await signalled
         else:
             starting.cancel()
@@ -75,4 +83,10 @@ def run_until_signal(start, stop):
                 pass
         await stop()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (OSError, TimeoutError, EOFError, ValueError) as e:
+        print("%s: error: %s" % (os.path.basename(sys.argv[0]), e), file=sys.stderr,
+              flush=True)
+        return 1
+    return 0
