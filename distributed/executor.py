@@ -95,7 +95,7 @@ class FutureState:
     """What the executor knows of one key; shared by its Future objects."""
 
     __slots__ = ("key", "status", "type", "exception", "traceback", "text",
-                 "workers", "event", "refcount", "callbacks")
+                 "workers", "event", "refcount", "callbacks", "value")
 
     def __init__(self, key):
         self.key = key
@@ -108,10 +108,12 @@ class FutureState:
         self.event = asyncio.Event()
         self.refcount = 0
         self.callbacks = []
+        self.value = None  # the pickled result, when the center sent it along
 
-    def finish(self, type=None, workers=()):
+    def finish(self, type=None, workers=(), value=None):
         self.status = "finished"
         self.type = type
+        self.value = value
         if workers:
             self.workers = workers
         self._done()
@@ -130,6 +132,7 @@ class FutureState:
     def lose(self):
         self.status = "pending"
         self.workers = ()
+        self.value = None
         self.event.clear()
 
     def _done(self):
@@ -397,14 +400,22 @@ class Executor:
                                "loop; use `await` on the underscore method instead")
 
         async def run():
-            return await func(*args, **kwargs)
+            # asyncio would turn a CancelledError raised here into its own
+            # asyncio.CancelledError (a BaseException): hand it over as it is
+            try:
+                return await func(*args, **kwargs), None
+            except CancelledError as e:
+                return None, e
 
         fut = asyncio.run_coroutine_threadsafe(run(), self._asyncio_loop)
         try:
-            return fut.result(timeout)
+            result, error = fut.result(timeout)
         except concurrent.futures.TimeoutError:
             fut.cancel()
             raise TimeoutError("no result within %s s" % timeout) from None
+        if error is not None:
+            raise error
+        return result
 
     def _on_loop(self, fn, *args):
         """Call ``fn(*args)`` on the executor's loop (now, if already there)."""
@@ -486,10 +497,10 @@ class Executor:
                 if not state.done():
                     state.set_error(err)
 
-    def _key_in_memory(self, key=None, type=None, workers=()):
+    def _key_in_memory(self, key=None, type=None, workers=(), value=None):
         state = self.futures.get(key)
         if state is not None and state.status != "cancelled":
-            state.finish(type, workers)
+            state.finish(type, workers, value)
 
     def _task_erred(self, key=None, exception=None, traceback=None, text=None,
                     blob=None):
@@ -793,6 +804,9 @@ class Executor:
                     raise CancelledError("future %s was cancelled" % key)
                 if state.status == "released":
                     raise CancelledError("future %s was released" % key)
+            for k, s in states.items():
+                if k not in data and s.value is not None:
+                    data[k] = from_blob(s.value)
             needed = {k: s for k, s in states.items() if k not in data}
             if not needed:
                 break

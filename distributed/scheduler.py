@@ -333,7 +333,11 @@ class Scheduler:
 
     # -- inputs from workers ------------------------------------------------------
 
-    def task_finished(self, address, key, nbytes=None, type=None, startstops=None):
+    def task_finished(self, address, key, nbytes=None, type=None, startstops=None,
+                      value=None):
+        """``key`` is in memory on ``address``.  ``value``: for small results,
+        the pickled value itself, passed on to the clients that want it so
+        they need not fetch it."""
         ts = self.tasks.get(key)
         ws = self.workers.get(address)
         if ws is not None and ts is not None:
@@ -352,7 +356,7 @@ class Scheduler:
                 if other is not None and other is not ws:
                     other.processing.discard(ts)  # it may still report: a replica
                 ts.processing_on = None
-                self._set_memory(ts, type)
+                self._set_memory(ts, type, value)
         if ws is not None:
             self._fill(ws)
         self._flush_releases()
@@ -583,13 +587,15 @@ class Scheduler:
         self.who_has[ts.key].add(address)
         self.has_what[address].add(ts.key)
 
-    def _set_memory(self, ts, type=None):
+    def _set_memory(self, ts, type=None, value=None):
         ts.state = "memory"
         ts.type = type
         workers = list(self.who_has.get(ts.key, ()))
         for client in ts.who_wants:
-            self.to_clients[client].append(
-                {"op": "key-in-memory", "key": ts.key, "type": type, "workers": workers})
+            msg = {"op": "key-in-memory", "key": ts.key, "type": type, "workers": workers}
+            if value is not None:
+                msg["value"] = value
+            self.to_clients[client].append(msg)
         for dts in ts.waiters:
             if dts.state == "waiting":
                 dts.waiting_on.discard(ts)

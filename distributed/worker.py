@@ -60,6 +60,8 @@ HEARTBEAT_INTERVAL = 1.0
 CONNECT_RETRY_TIMEOUT = 30
 #: seconds allowed for one transfer from a peer
 TRANSFER_TIMEOUT = 300
+#: results up to this many bytes are sent with the task-finished message
+SMALL_RESULT = 1024
 
 
 @gen.coroutine
@@ -521,8 +523,18 @@ class Worker(Server):
 
     def _send_finished(self, key, startstops):
         value = self.data[key]
-        self._send({"op": "task-finished", "key": key, "nbytes": self.nbytes[key],
-                    "type": type(value).__name__, "startstops": startstops})
+        nbytes = self.nbytes[key]
+        msg = {"op": "task-finished", "key": key, "nbytes": nbytes,
+               "type": type(value).__name__, "startstops": startstops}
+        if nbytes <= SMALL_RESULT:
+            # small results ride along to the executor: no fetch round trip
+            try:
+                blob = to_blob(value)
+            except Exception:
+                blob = None
+            if blob is not None and len(blob) <= 2 * SMALL_RESULT:
+                msg["value"] = blob
+        self._send(msg)
 
     def _send_erred(self, key, exc, tb):
         self.tasks.pop(key, None)
