@@ -57,7 +57,7 @@ class Center(Server):
         self.nannies = {}  # worker address -> address of the nanny running it
         self.last_seen = {}
         self.worker_streams = {}
-        self._stream_workers = {}
+        self._stream_workers = defaultdict(set)  # stream -> addresses registered on it
         self.heartbeat_timeout = heartbeat_timeout
         self.loop = loop or IOLoop.current()
         self.pool = ConnectionPool()
@@ -143,7 +143,7 @@ class Center(Server):
         self.has_what[address]  # an empty entry: the worker is known
         if stream is not None:
             self.worker_streams[address] = stream
-            self._stream_workers[stream] = address
+            self._stream_workers[stream].add(address)
         self._add_keys(address, keys, nbytes)
         logger.info("registered worker %s (%s cores)", address, ncores)
         return b"OK"
@@ -183,7 +183,11 @@ class Center(Server):
         self.last_seen.pop(address, None)
         stream = self.worker_streams.pop(address, None)
         if stream is not None:
-            self._stream_workers.pop(stream, None)
+            others = self._stream_workers.get(stream)
+            if others is not None:
+                others.discard(address)
+                if not others:
+                    del self._stream_workers[stream]
             if close:
                 stream.close()
         self.pool.close(address)
@@ -194,10 +198,10 @@ class Center(Server):
         self.send_scheduler_messages()
 
     def stream_closed(self, stream):
-        address = self._stream_workers.pop(stream, None)
-        if address is not None and self.worker_streams.get(address) is stream:
-            logger.info("connection to worker %s closed", address)
-            self.remove_worker(address)
+        for address in self._stream_workers.pop(stream, ()):
+            if self.worker_streams.get(address) is stream:
+                logger.info("connection to worker %s closed", address)
+                self.remove_worker(address)
 
     def _check_heartbeats(self):
         deadline = time.time() - self.heartbeat_timeout

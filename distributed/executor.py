@@ -112,7 +112,8 @@ class FutureState:
 
     def finish(self, type=None, workers=(), value=None):
         self.status = "finished"
-        self.type = type
+        if type is not None:  # the center does not know the type of scattered data
+            self.type = type
         self.value = value
         if workers:
             self.workers = workers
@@ -395,16 +396,21 @@ class Executor:
             raise RuntimeError(
                 "this Executor runs on your event loop (start=False): use the "
                 "async forms, e.g. `await e._gather(futures)`, `await future`")
+        if not self._loop_thread.thread.is_alive():
+            # its loop is gone: nothing would ever run the call
+            raise RuntimeError("the executor is %s; make a new one" % self.status)
         if self._in_loop_thread():
             raise RuntimeError("blocking call made from the executor's own event "
                                "loop; use `await` on the underscore method instead")
 
         async def run():
-            # asyncio would turn a CancelledError raised here into its own
-            # asyncio.CancelledError (a BaseException): hand it over as it is
+            # errors are handed over as they are: asyncio would turn a
+            # CancelledError raised here into its own asyncio.CancelledError
+            # (a BaseException), and a TimeoutError would look like the wait
+            # below timing out
             try:
                 return await func(*args, **kwargs), None
-            except CancelledError as e:
+            except Exception as e:
                 return None, e
 
         fut = asyncio.run_coroutine_threadsafe(run(), self._asyncio_loop)
@@ -539,6 +545,9 @@ class Executor:
         if self.status == "closed":
             return
         self.status = "closed"
+        for state in list(self.futures.values()):
+            if not state.done():  # nothing will finish them now
+                state.cancel()
         if self.batched is not None and not self.batched.closed:
             self.batched.send({"op": "close-stream"})
             for _ in range(100):
@@ -747,15 +756,14 @@ class Executor:
         if kwargs:
             kw, kdeps = self._replace_futures(kwargs)
             kwblob = _to_blob_or_raise(kw, "the keyword arguments of %s" % name)
-        tasks, deps, priority, futures, new_keys = {}, {}, {}, [], []
+        tasks, deps, priority, new_keys, states = {}, {}, {}, [], {}
         base = next(self._priority)
         for i, (k, args) in enumerate(zip(keys, seqs)):
             state = self.futures.get(k)
             if state is not None and state.status != "cancelled":
-                futures.append(Future(k, self, state))
+                states[k] = state
                 continue
             if k in tasks:
-                futures.append(Future(k, self, self.futures[k]))
                 continue
             a, d = self._replace_futures(args)
             spec = {"function": fblob,
@@ -766,9 +774,13 @@ class Executor:
             deps[k] = list(d | kdeps)
             priority[k] = (base, i)
             new_keys.append(k)
-            futures.append(Future(k, self, self._new_state(k)))
+        restrictions = self._restrictions(new_keys, workers) if tasks else None
+        # only once every task could be serialized (an error above must not
+        # leave futures behind whose task was never sent)
+        for k in new_keys:
+            states[k] = self._new_state(k)
+        futures = [Future(k, self, states[k]) for k in keys]
         if tasks:
-            restrictions = self._restrictions(new_keys, workers)
             self._send({
                 "op": "update-graph", "tasks": tasks, "dependencies": deps,
                 "keys": new_keys, "restrictions": restrictions,

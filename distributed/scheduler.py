@@ -197,8 +197,9 @@ class Scheduler:
                     dep.waiting_on.add(ts)
             if ts.run_spec is None:
                 exc = LostData(
-                    "the data of %r was scattered to %s, which died; scattered "
-                    "data has no lineage to recompute it from" % (ts.key, address))
+                    "the data of %r was lost: it was scattered to %s, which died; "
+                    "scattered data has no lineage to recompute it from"
+                    % (ts.key, address))
                 self._erred(ts, exc, None, str(exc), blob=False)
             elif ts.who_wants or ts.waiters:
                 recompute.append(ts)
@@ -297,19 +298,28 @@ class Scheduler:
         self.client_releases_keys(client, keys)
 
     def update_data(self, client, who_has, nbytes=None):
-        """Data the client scattered: ``who_has`` is ``{key: [address]}``."""
+        """Data the client scattered: ``who_has`` is ``{key: [address]}``.
+
+        The holders are sent ``confirm-data``: it follows, on the same
+        stream, any ``delete-data`` of an earlier copy of the same key.
+        """
         self.add_client(client)
         nbytes = nbytes or {}
+        confirm = defaultdict(list)
         for key, addresses in who_has.items():
             ts = self.tasks.get(key)
             if ts is None:
                 ts = self.tasks[key] = TaskState(key, None)
             for addr in addresses:
                 self._add_replica(ts, addr, nbytes.get(key))
+                confirm[addr].append(key)
             ts.who_wants.add(client)
             self.clients[client].add(key)
             if ts.state != "memory":
                 self._set_memory(ts, type=None)
+        self._flush_releases()
+        for addr, keys in confirm.items():
+            self.to_workers[addr].append({"op": "confirm-data", "keys": keys})
 
     def restart(self):
         """Forget every task; workers are told to drop their data."""

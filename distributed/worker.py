@@ -159,6 +159,7 @@ class Worker(Server):
         self.batched = None  # batches to the center on the registration stream
         self.tasks = {}  # key -> spec of tasks given by the scheduler, not done
         self._fetching = {}  # key -> future of the transfer bringing it
+        self._unconfirmed = set()  # scattered keys the scheduler has not confirmed
         self._heartbeats = None
         handlers = {
             "compute": self.compute,
@@ -261,6 +262,7 @@ class Worker(Server):
         handlers = {
             "compute-task": self._compute_task,
             "delete-data": self._delete_data,
+            "confirm-data": self._confirm_data,
         }
         try:
             while True:
@@ -335,6 +337,11 @@ class Worker(Server):
     def update_data(self, stream=None, data=None, report=True):
         data = data or {}
         nbytes = {k: self.put_key(k, v) for k, v in data.items()}
+        if not report:
+            # scattered by an executor, which tells the scheduler; until the
+            # scheduler confirms, a delete of the same key sent earlier must
+            # not drop this newer copy
+            self._unconfirmed.update(nbytes)
         if report and nbytes:
             yield self.center.add_keys(address=self.address, keys=list(data),
                                        nbytes=nbytes)
@@ -548,13 +555,19 @@ class Worker(Server):
         if all:
             self.data.clear()
             self.nbytes.clear()
+            self._unconfirmed.clear()
             self.tasks = {k: "released" for k in self.tasks}
             return
         for key in keys:
+            if key in self._unconfirmed:
+                continue  # a newer scattered copy: see update_data
             self.data.pop(key, None)
             self.nbytes.pop(key, None)
             if key in self.tasks:
                 self.tasks[key] = "released"
+
+    def _confirm_data(self, keys=()):
+        self._unconfirmed.difference_update(keys)
 
     def _send(self, msg):
         if self.batched is not None and not self.batched.closed:

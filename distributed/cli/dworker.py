@@ -162,7 +162,8 @@ def _run_nanny(args, center_ip, center_port, host):
         await nanny._start()
 
     async def stop():
-        await nanny._close()
+        if nanny is not None:
+            await nanny._close()
         print("Worker stopped", flush=True)
 
     return run_until_signal(start, stop)
