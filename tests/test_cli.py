@@ -1,0 +1,264 @@
+"""dcenter and dworker as real processes (free ports only)."""
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from distributed.core import rpc
+from distributed.utils_test import add, free_port, popen, wait_for_line
+
+
+def script(name):
+    """The installed console script next to this Python, else ``python -m``."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.exists(path):
+        return [path]
+    found = shutil.which(name)
+    if found:
+        return [found]
+    return [sys.executable, "-m", "distributed.cli." + name]
+
+
+DCENTER = script("dcenter")
+DWORKER = script("dworker")
+
+
+def call(address, op, **kwargs):
+    """One rpc call from this (synchronous) test."""
+
+    async def f():
+        r = rpc(address)
+        try:
+            return await r.call(op, timeout=10, **kwargs)
+        finally:
+            r.close_streams()
+
+    return asyncio.run(f())
+
+
+def poll(predicate, timeout=10, interval=0.05):
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise TimeoutError("condition not met within %s s" % timeout)
+        time.sleep(interval)
+
+
+def start_center(proc):
+    line = wait_for_line(proc, "Start center at")
+    m = re.fullmatch(r"Start center at (127\.0\.0\.1:(\d+))", line)
+    assert m, line
+    assert int(m.group(2)) > 0
+    return m.group(1)
+
+
+def start_worker(proc, center):
+    line = wait_for_line(proc, "Start worker at: ")
+    m = re.fullmatch(r"Start worker at: (127\.0\.0\.1:\d+)", line)
+    assert m, line
+    assert wait_for_line(proc, "Registered with center at: ") == (
+        "Registered with center at: %s" % center)
+    return m.group(1)
+
+
+def workers_of(center):
+    return set(call(center, "ncores"))
+
+
+def test_center_and_workers():
+    with popen(DCENTER + ["--port", "0"]) as c:
+        center = start_center(c)
+        with popen(DWORKER + [center, "--ncores", "1", "--name", "alice"]) as pa, \
+                popen(DWORKER + [center, "--ncores", "2", "--name", "bob"]) as pb:
+            alice = start_worker(pa, center)
+            bob = start_worker(pb, center)
+            assert alice != bob
+            assert call(center, "ncores") == {alice: 1, bob: 2}
+
+            # the alice and bob story, on real processes
+            assert call(alice, "update_data", data={"x": 1}) == (
+                b"OK", {"nbytes": {"x": sys.getsizeof(1)}})
+            resp, meta = call(bob, "update_data", data={"y": 2})
+            assert resp == b"OK"
+            resp, meta = call(alice, "compute", function=add, keys=["x", "y"], key="z")
+            assert resp == b"OK", meta
+            assert meta["key"] == "z"
+            assert call(alice, "get_data", keys=["z", "y"]) == {"z": 3, "y": 2}
+            who_has = call(center, "who_has", keys=["x", "y", "z"])
+            assert who_has == {"x": {alice}, "y": {alice, bob}, "z": {alice}}
+            ip, port = center.split(":")
+            assert call(alice, "identity")["center"] == (ip, int(port))
+
+            # names are unique on the cluster
+            with popen(DWORKER + [center, "--name", "alice"]) as dup:
+                dup.wait(20)
+                assert dup.returncode != 0
+                out = dup.stdout.read()
+                assert "alice" in out
+            assert call(center, "ncores") == {alice: 1, bob: 2}
+
+        # leaving the with block sent SIGTERM: both unregistered
+        assert pa.returncode == 0 and pb.returncode == 0
+        assert poll(lambda: workers_of(center) == set())
+
+
+NANNY_MODES = pytest.mark.parametrize("mode", [[], ["--no-nanny"]], ids=["nanny", "no-nanny"])
+
+
+@NANNY_MODES
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_worker_stops_on_signal(sig, mode):
+    with popen(DCENTER + ["--port", "0"]) as c:
+        center = start_center(c)
+        with popen(DWORKER + [center, "--ncores", "1"] + mode) as p:
+            w = start_worker(p, center)
+            assert w in workers_of(center)
+            call(w, "update_data", data={"x": 1})
+            start = time.time()
+            p.send_signal(sig)
+            assert p.wait(10) == 0
+            assert time.time() - start < 5
+            assert wait_for_line(p, "Worker stopped")
+            # it unregistered: the center knows neither it nor its data
+            assert w not in workers_of(center)
+            assert call(center, "who_has", keys=["x"]) == {"x": set()}
+        c.send_signal(sig)
+        assert c.wait(10) == 0
+        assert wait_for_line(c, "Center stopped")
+
+
+@NANNY_MODES
+def test_worker_killed(mode):
+    with popen(DCENTER + ["--port", "0"]) as c:
+        center = start_center(c)
+        with popen(DWORKER + [center] + mode) as pa, popen(DWORKER + [center] + mode) as pb:
+            a = start_worker(pa, center)
+            b = start_worker(pb, center)
+            call(a, "update_data", data={"x": 1, "shared": 0})
+            call(b, "update_data", data={"y": 2, "shared": 0})
+            pb.send_signal(signal.SIGKILL)
+            pb.wait(10)
+            assert poll(lambda: workers_of(center) == {a})
+            assert call(center, "who_has", keys=["x", "y", "shared"]) == {
+                "x": {a}, "y": set(), "shared": {a}}
+            assert call(a, "get_data", keys=["x", "shared"]) == {"x": 1, "shared": 0}
+            # and computing on the lost key says so
+            assert call(a, "compute", function=add, keys=["x", "y"], key="z") == (
+                b"missing-data", {"keys": ["y"]})
+
+
+def test_help():
+    out = subprocess.run(DCENTER + ["--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for option in ["--host", "--port", "--http-port", "8787"]:
+        assert option in out.stdout, option
+    out = subprocess.run(DWORKER + ["--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for option in ["CENTER_ADDRESS", "--host", "--port", "--ncores", "--nprocs", "--name",
+                   "--local-dir", "--memory-limit", "--no-nanny", "--http-port",
+                   "--connect-timeout"]:
+        assert option in out.stdout, option
+    # options come with an explanation, not just a name
+    assert "free port" in out.stdout and "threads" in out.stdout
+
+
+def test_bad_arguments():
+    out = subprocess.run(DWORKER + ["not-an-address"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert "address" in out.stderr
+    out = subprocess.run(DWORKER + ["127.0.0.1:1", "--memory-limit", "lots"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "memory" in out.stderr
+
+
+def test_nprocs():
+    with popen(DCENTER + ["--port", "0"]) as c:
+        center = start_center(c)
+        with popen(DWORKER + [center, "--nprocs", "2", "--name", "w"]) as p:
+            # the two children's lines interleave
+            lines = [wait_for_line(p, "Start worker at: |Registered with center at: ")
+                     for _ in range(4)]
+            addresses = {line.split()[-1] for line in lines
+                         if line.startswith("Start worker at: ")}
+            assert len(addresses) == 2
+            assert lines.count("Registered with center at: %s" % center) == 2
+            assert poll(lambda: workers_of(center) == addresses)
+            ncores = call(center, "ncores")
+            expected = max(1, (os.cpu_count() or 1) // 2)
+            assert set(ncores.values()) == {expected}
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(10) == 0
+        assert poll(lambda: workers_of(center) == set())
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=10) as f:
+        return json.loads(f.read())
+
+
+def test_http_ports():
+    with popen(DCENTER + ["--port", "0", "--http-port", "0"]) as c:
+        center = start_center(c)
+        line = wait_for_line(c, "HTTP status at")
+        url = line.split()[-1]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/info\.json", url)
+        with popen(DWORKER + [center, "--http-port", "0"]) as p:
+            w = start_worker(p, center)
+            info = get_json(url)
+            assert info["address"] == center
+            assert info["workers"] == [w]
+
+            wurl = wait_for_line(p, "HTTP status at").split()[-1]
+            m = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/info\.json", wurl)
+            assert m, wurl
+            assert int(m.group(1)) != int(w.split(":")[1])
+            winfo = get_json(wurl)
+            assert winfo["address"] == w
+            assert winfo["center"] == center
+            assert "memory" in get_json(wurl.replace("info.json", "resources.json"))
+
+
+@NANNY_MODES
+def test_worker_sigterm_while_waiting_for_center(mode):
+    port = free_port()
+    with popen(DWORKER + ["127.0.0.1:%d" % port] + mode) as p:
+        wait_for_line(p, "Start (worker|nanny) at: ")
+        start = time.time()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+        assert time.time() - start < 5
+
+
+@NANNY_MODES
+def test_worker_without_center_fails(mode):
+    port = free_port()
+    start = time.time()
+    with popen(DWORKER + ["127.0.0.1:%d" % port, "--connect-timeout", "1"] + mode) as p:
+        assert p.wait(20) != 0
+        assert time.time() - start < 15
+        out = p.stdout.read()
+    assert "could not register with the center at 127.0.0.1:%d" % port in out
+    assert "Traceback" not in out  # one clear line, not a stack dump
+
+
+def test_center_port_in_use():
+    with popen(DCENTER + ["--port", "0"]) as c:
+        center = start_center(c)
+        port = center.split(":")[1]
+        with popen(DCENTER + ["--port", port]) as c2:
+            assert c2.wait(20) != 0
+            assert "in use" in c2.stdout.read().lower()
