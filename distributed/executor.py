@@ -50,6 +50,7 @@ from .core import (
     rpc,
     write,
 )
+from . import local  # noqa: F401  (its exit hook must run after ours)
 from .graph import TaskRef, get_dependencies, toposort
 from .protocol import from_blob, to_blob
 from .tokenize import tokenize
@@ -506,7 +507,7 @@ class Executor:
     def _key_in_memory(self, key=None, type=None, workers=(), value=None):
         state = self.futures.get(key)
         if state is not None and state.status != "cancelled":
-            state.finish(type, workers, value)
+            state.finish(type or state.type, workers, value)
 
     def _task_erred(self, key=None, exception=None, traceback=None, text=None,
                     blob=None):

@@ -14,6 +14,8 @@ import atexit
 import logging
 import os
 import sys
+import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,7 +37,7 @@ class LocalCluster:
     """
 
     def __init__(self, n_workers=None, threads_per_worker=1, ip="127.0.0.1",
-                 timeout=30, worker_args=(), echo=False):
+                 timeout=30, worker_args=(), echo=False, restart_dead_workers=True):
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.threads_per_worker = threads_per_worker
         self.ip = ip
@@ -44,6 +46,8 @@ class LocalCluster:
         self.echo = echo
         self.center = None
         self.workers = []
+        self.deaths = []  # (time, address, exit code) of workers that died
+        self.restart_dead_workers = restart_dead_workers
         self.status = "starting"
         try:
             self._start_center()
@@ -53,6 +57,11 @@ class LocalCluster:
             raise
         self.status = "running"
         _clusters.add(self)
+        if restart_dead_workers:
+            # the cluster is the nanny of its workers: a task that crashes
+            # one gets a fresh worker, and the scheduler retries it elsewhere
+            threading.Thread(target=self._watch, daemon=True,
+                             name="distributed-local-cluster-watch").start()
 
     @property
     def center_address(self):
@@ -99,15 +108,33 @@ class LocalCluster:
         return started
 
     def stop_worker(self, process):
-        process.stop()
         if process in self.workers:
             self.workers.remove(process)
+        process.stop()
+
+    def _watch(self):
+        while self.status == "running":
+            for p in list(self.workers):
+                code = p.poll()
+                if code is None or p not in self.workers or self.status != "running":
+                    continue
+                self.workers.remove(p)
+                self.deaths.append((time.time(), p.address, code))
+                logger.warning("worker %s died (exit code %s); starting another",
+                               p.address, code)
+                try:
+                    self.start_workers(1)
+                except Exception:
+                    if self.status == "running":
+                        logger.exception("could not start a worker")
+            time.sleep(0.1)
 
     def restart_workers(self):
         """Stop every worker process and start as many fresh ones."""
         n = len(self.workers)
-        for p in list(self.workers):
-            self.stop_worker(p)
+        old, self.workers = self.workers, []
+        for p in old:
+            p.stop()
         self.start_workers(n)
 
     @property
@@ -118,11 +145,11 @@ class LocalCluster:
         if self.status == "closed":
             return
         self.status = "closed"
-        for p in self.workers:
+        workers, self.workers = self.workers, []
+        for p in workers:
             p.send_signal(15)
-        for p in self.workers:
+        for p in workers:
             p.stop()
-        self.workers = []
         if self.center is not None:
             self.center.stop()
 

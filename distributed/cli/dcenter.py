@@ -64,7 +64,7 @@ def main(argv=None):
             await center._close()
         print("Center stopped", flush=True)
 
-    return run_until_signal(start, stop)
+    return run_until_signal(start, stop, prog="dcenter")
 
 
 if __name__ == "__main__":

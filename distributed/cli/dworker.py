@@ -115,7 +115,7 @@ def main(argv=None):
             await worker._close()
         print("Worker stopped", flush=True)
 
-    return run_until_signal(start, stop)
+    return run_until_signal(start, stop, prog="dworker")
 
 
 def _stop_when_orphaned(stopping):
@@ -155,7 +155,7 @@ def _run_nanny(args, center_ip, center_port, host):
     async def start(stopping):
         nonlocal nanny
         nanny = Nanny(center_ip, center_port, ip=host, worker_args=_worker_args(args),
-                      echo=True)  # the worker's own lines: "Start worker at: ..."
+                      echo=True, timeout=args.connect_timeout + 30)  # the worker's own lines: "Start worker at: ..."
         nanny.on_close = stopping.set
         nanny.listen(0)
         print("Start nanny at: %s" % nanny.address, flush=True)
@@ -166,7 +166,7 @@ def _run_nanny(args, center_ip, center_port, host):
             await nanny._close()
         print("Worker stopped", flush=True)
 
-    return run_until_signal(start, stop)
+    return run_until_signal(start, stop, prog="dworker")
 
 
 def _run_many(args):
@@ -190,6 +190,7 @@ def _run_many(args):
             cmd += ["--http-port", str(args.http_port + i if args.http_port else 0)]
         if args.no_nanny:
             cmd += ["--no-nanny"]
+        cmd += ["--connect-timeout", str(args.connect_timeout)]
         if args.verbose:
             cmd += ["-v"]
         procs.append(subprocess.Popen(cmd))

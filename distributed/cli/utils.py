@@ -48,7 +48,7 @@ def setup_logging(verbose=False):
     )
 
 
-def run_until_signal(start, stop):
+def run_until_signal(start, stop, prog=None):
     """Run ``await start(stopping)``, then wait for SIGINT/SIGTERM and ``await stop()``.
 
     ``stopping`` is an ``asyncio.Event`` the node may set itself (on a
@@ -86,7 +86,7 @@ def run_until_signal(start, stop):
     try:
         asyncio.run(main())
     except (OSError, TimeoutError, EOFError, ValueError) as e:
-        print("%s: error: %s" % (os.path.basename(sys.argv[0]), e), file=sys.stderr,
+        print("%s: error: %s" % (prog or os.path.basename(sys.argv[0]), e), file=sys.stderr,
               flush=True)
         return 1
     return 0
