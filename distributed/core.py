@@ -33,7 +33,7 @@ from tornado.tcpclient import TCPClient
 from tornado.tcpserver import TCPServer
 
 from . import protocol
-from .protocol import DEFAULT_LIMITS, FrameTooLarge, ProtocolError
+from .protocol import DEFAULT_LIMITS, DeserializationError, FrameTooLarge, ProtocolError
 from .utils import (
     format_exception_text,
     parse_address,
@@ -306,6 +306,12 @@ class Server(TCPServer):
                 msg = await read(stream, self.limits)
             except StreamClosedError:
                 return
+            except DeserializationError as e:
+                # well framed: answer with the error and keep the connection
+                logger.warning("bad request from %s: %s", address, e)
+                if e.header.get("reply", True) is not False:
+                    await write(stream, error_message(e))
+                continue
             except ProtocolError as e:
                 logger.error("closing connection from %s: %s", address, e)
                 return

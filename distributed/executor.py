@@ -838,10 +838,26 @@ class Executor:
                     state = states[k]
                     if found.get(k):
                         state.workers = list(found[k])
+                        # still held: a holder that answers with an error (a
+                        # result that does not serialize) would be asked forever
+                        error = await self._holder_error(k, state.workers)
+                        if error is not None:
+                            raise error
                     elif state.status == "finished":
                         state.lose()
                 await asyncio.sleep(0.01)
         return _pack_futures(futures, data)
+
+    async def _holder_error(self, key, holders):
+        """The error a holder of ``key`` answers with, other than being gone."""
+        for address in holders:
+            try:
+                await self._rpc(address).get_data(keys=[key], timeout=self.timeout)
+            except (OSError, StreamClosedError, CommClosedError, TimeoutError):
+                continue
+            except Exception as e:
+                return e
+        return None
 
     def _rpc(self, address):
         return rpc(address, pool=self.pool)

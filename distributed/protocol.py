@@ -63,6 +63,7 @@ __all__ = [
     "Decoder",
     "ProtocolError",
     "FrameTooLarge",
+    "DeserializationError",
     "serialize",
     "deserialize",
     "to_blob",
@@ -82,6 +83,19 @@ _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
 class ProtocolError(ValueError):
     """The bytes received are not a valid message."""
+
+
+class DeserializationError(ProtocolError):
+    """The frames were well formed but the pickled part could not be loaded
+    (say, a function from a module this process cannot import).
+
+    The connection is still in step: ``header`` holds the plain part of the
+    message (its ``op``, for a request), so the receiver can answer.
+    """
+
+    def __init__(self, message, header=None):
+        super().__init__(message)
+        self.header = header or {}
 
 
 class FrameTooLarge(ProtocolError):
@@ -320,7 +334,9 @@ def loads(frames):
     except ProtocolError:
         raise
     except Exception as e:
-        raise ProtocolError("could not unpickle message: %r" % e) from e
+        raise DeserializationError(
+            "could not unpickle the message: %s: %s" % (type(e).__name__, e),
+            header.get("d")) from e
     if "d" in header:
         if type(obj) is not dict:
             raise ProtocolError("pickled part of a dict message is not a dict")

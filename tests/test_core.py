@@ -459,9 +459,25 @@ HOSTILE = {
     "undecodable_header": frames_to_bytes([b"\xc1\xc1\xc1"]),
     "header_not_a_map": frames_to_bytes([msgpack.packb([1, 2, 3])]),
     "missing_frames": frames_to_bytes([msgpack.packb({"p": 3}), b"x"]),
-    "bad_pickle": frames_to_bytes([msgpack.packb({"d": {"op": "echo"}, "p": 0}),
-                                   b"\x80\x05garbage"]),
 }
+
+
+@with_server()
+async def test_unloadable_pickle_gets_an_error_reply(s):
+    """Well-framed but unloadable (e.g. a class the server cannot import):
+    the caller learns why, and the connection stays in step."""
+    wire = frames_to_bytes([msgpack.packb({"d": {"op": "echo"}, "p": 0}),
+                            b"\x80\x05garbage"])
+    reader, writer = await raw_connection(s)
+    writer.write(wire)
+    await writer.drain()
+    reply = await read_reply(reader)
+    assert reply["status"] == "uncaught-error"
+    assert "could not unpickle" in str(reply["exception"])
+    writer.write(frames_to_bytes(dumps({"op": "echo", "x": 5})))
+    await writer.drain()
+    assert await read_reply(reader) == 5
+    writer.close()
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
