@@ -24,7 +24,6 @@ frames between sockets and that pure code.
 import asyncio
 import inspect
 import logging
-import socket
 from collections import defaultdict
 
 import numpy

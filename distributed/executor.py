@@ -829,7 +829,9 @@ class Executor:
                 found = await self.center.who_has(keys=unknown, timeout=self.timeout)
                 for k, v in found.items():
                     who_has[k] = list(v)
-            got, missing, bad = await gather_from_workers(who_has, self._rpc)
+            got, missing, bad, errors = await gather_from_workers(who_has, self._rpc)
+            for k, exc in errors.items():  # held, but it cannot be sent
+                raise exc
             data.update(got)
             if missing:
                 # the holders are gone: the center recomputes or reports loss
@@ -838,26 +840,10 @@ class Executor:
                     state = states[k]
                     if found.get(k):
                         state.workers = list(found[k])
-                        # still held: a holder that answers with an error (a
-                        # result that does not serialize) would be asked forever
-                        error = await self._holder_error(k, state.workers)
-                        if error is not None:
-                            raise error
                     elif state.status == "finished":
                         state.lose()
                 await asyncio.sleep(0.01)
         return _pack_futures(futures, data)
-
-    async def _holder_error(self, key, holders):
-        """The error a holder of ``key`` answers with, other than being gone."""
-        for address in holders:
-            try:
-                await self._rpc(address).get_data(keys=[key], timeout=self.timeout)
-            except (OSError, StreamClosedError, CommClosedError, TimeoutError):
-                continue
-            except Exception as e:
-                return e
-        return None
 
     def _rpc(self, address):
         return rpc(address, pool=self.pool)
@@ -880,11 +866,8 @@ class Executor:
             items = dict(data)
         elif isinstance(data, (list, tuple, set, frozenset)) or hasattr(data, "__next__"):
             seq = list(data)
-            items = {}
-            for v in seq:
-                items["%s-%s" % (type(v).__name__, tokenize(v))] = v
-            order = list(items)
             keys_in_order = ["%s-%s" % (type(v).__name__, tokenize(v)) for v in seq]
+            items = dict(zip(keys_in_order, seq))
         else:
             single = True
             items = {"%s-%s" % (type(data).__name__, tokenize(data)): data}

@@ -44,6 +44,8 @@ __all__ = ["Scheduler", "TaskState", "WorkerState", "KilledWorker", "LostData"]
 
 #: how many worker deaths while running a task before it is marked erred
 ALLOWED_FAILURES = 3
+#: how many times a task may fail to fetch its inputs before it is marked erred
+MISSING_DATA_RETRIES = 10
 #: assumed bandwidth between workers, bytes/s, to weigh locality against load
 BANDWIDTH = 200e6
 #: assumed duration of a task never seen before, seconds
@@ -414,6 +416,14 @@ class Scheduler:
             if dts.run_spec is None:
                 exc = LostData("the scattered data %r was lost" % (dts.key,))
                 self._erred(dts, exc, None, str(exc), blob=False)
+        if ts.retries > MISSING_DATA_RETRIES:
+            # holders that answer but cannot hand the data over (a value
+            # that does not serialize) would otherwise be asked forever
+            exc = LostData(
+                "task %r could not get its inputs %s from %s after %d tries; a "
+                "value that cannot be serialized does this"
+                % (key, list(missing), list(bad_workers), ts.retries))
+            self._erred(ts, exc, None, str(exc), blob=False)
         self._request([ts] + [d for d in lost if d.state == "released"])
         if ws is not None:
             self._fill(ws)

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 
 import psutil
 from tornado import gen
@@ -64,53 +64,74 @@ TRANSFER_TIMEOUT = 300
 SMALL_RESULT = 1024
 
 
+#: a peer failing with one of these is gone (or unreachable): ask another
+CONNECTION_ERRORS = (OSError, StreamClosedError, TimeoutError)
+
+
 @gen.coroutine
 def gather_from_workers(who_has, rpc_for, timeout=TRANSFER_TIMEOUT):
     """Fetch keys from the workers that hold them.
 
     ``who_has`` is ``{key: [address, ...]}``; ``rpc_for(address)`` gives an
     :class:`~distributed.core.rpc`.  Keys are grouped by holder (chosen at
-    random, to spread load) so that each peer is asked once; a peer that
-    fails is dropped and its keys are asked of the remaining holders.
+    random, to spread load) so that each peer is asked once.  A peer that
+    cannot be reached is dropped and its keys are asked of the remaining
+    holders; a peer that answers with an error (a value that does not
+    serialize, say) gets each key asked alone, so that one bad value does
+    not spoil the others.
 
-    Returns ``(data, missing, bad_workers)``: the values fetched, the keys no
-    live holder could give, and the addresses that failed.
+    Returns ``GatherResult(data, missing, bad, errors)``: the values fetched,
+    the keys no reachable holder had, the addresses that could not be
+    reached, and ``{key: exception}`` for keys whose holder answered with an
+    error.
     """
     candidates = {k: list(v) for k, v in who_has.items()}
-    data, missing, bad = {}, set(), set()
+    data, missing, bad, errors = {}, set(), set(), {}
+    alone = set()  # keys to ask for one at a time
     while candidates:
+        requests = []  # (address, keys)
         by_worker = defaultdict(list)
         for key, holders in candidates.items():
             holders = [h for h in holders if h not in bad]
             if not holders:
                 missing.add(key)
                 continue
-            by_worker[random.choice(holders)].append(key)
-        if not by_worker:
+            holder = random.choice(holders)
+            if key in alone:
+                requests.append((holder, [key]))
+            else:
+                by_worker[holder].append(key)
+        requests.extend(by_worker.items())
+        if not requests:
             break
-        addresses = list(by_worker)
-        results = yield [
-            _get_data(rpc_for(a), by_worker[a], timeout) for a in addresses
-        ]
-        for address, result in zip(addresses, results):
-            if isinstance(result, Exception):
+        results = yield [_get_data(rpc_for(a), keys, timeout) for a, keys in requests]
+        for (address, keys), result in zip(requests, results):
+            if isinstance(result, CONNECTION_ERRORS):
                 logger.warning("could not fetch %d keys from %s: %s",
-                               len(by_worker[address]), address, result)
+                               len(keys), address, result)
                 bad.add(address)
+            elif isinstance(result, Exception):
+                if len(keys) == 1:
+                    errors[keys[0]] = result
+                else:
+                    alone.update(keys)
             else:
                 data.update(result)
-                for key in by_worker[address]:
+                for key in keys:
                     if key not in result:  # the peer no longer has it
                         candidates[key] = [h for h in candidates[key] if h != address]
         candidates = {
             k: [h for h in v if h not in bad]
             for k, v in candidates.items()
-            if k not in data and k not in missing
+            if k not in data and k not in missing and k not in errors
         }
         for k in [k for k, v in candidates.items() if not v]:
             missing.add(k)
             del candidates[k]
-    return data, missing, bad
+    return GatherResult(data, missing, bad, errors)
+
+
+GatherResult = namedtuple("GatherResult", "data missing bad errors")
 
 
 async def _get_data(r, keys, timeout):
@@ -364,7 +385,8 @@ class Worker(Server):
     def gather(self, stream=None, who_has=None, report=True):
         """Fetch the keys of ``who_has`` from peers into ``data``."""
         who_has = {k: v for k, v in (who_has or {}).items() if k not in self.data}
-        data, missing, _ = yield gather_from_workers(who_has, self.rpc_for)
+        data, missing, _, errors = yield gather_from_workers(who_has, self.rpc_for)
+        missing |= set(errors)
         nbytes = {k: self.put_key(k, v) for k, v in data.items()}
         if report and nbytes:
             yield self.center.add_keys(address=self.address, keys=list(nbytes),
@@ -385,7 +407,8 @@ class Worker(Server):
             found = yield self.center.who_has(keys=unknown)
             who_has.update(found)
         locs = {k: [a for a in who_has.get(k, ()) if a != self.address] for k in missing}
-        data, lost, _ = yield gather_from_workers(locs, self.rpc_for)
+        data, lost, _, errors = yield gather_from_workers(locs, self.rpc_for)
+        lost |= set(errors)
         nbytes = {k: self.put_key(k, v) for k, v in data.items()}
         if report and nbytes:
             yield self.center.add_keys(address=self.address, keys=list(nbytes),
@@ -468,14 +491,15 @@ class Worker(Server):
             for k in to_fetch:
                 self._fetching[k] = fut
         futures = {self._fetching[k] for k in missing if k in self._fetching}
-        bad = set()
+        bad, errors = set(), {}
         for fut in futures:
             try:
-                data, _, bad_workers = yield fut
+                data, _, bad_workers, errs = yield fut
             except Exception:
                 logger.exception("transfer for %r failed", key)
                 continue
             bad.update(bad_workers)
+            errors.update(errs)
             new = {k: v for k, v in data.items() if k not in self.data}
             if new:
                 nb = {k: self.put_key(k, v) for k, v in new.items()}
@@ -485,6 +509,17 @@ class Worker(Server):
                 del self._fetching[k]
         if key not in self.tasks:
             return  # released meanwhile
+        failed = [d for d in deps if d in errors and d not in self.data]
+        if failed:
+            # the holder has it but cannot hand it over: retrying will not help
+            dep = failed[0]
+            exc = errors[dep]
+            try:
+                raise type(exc)("could not fetch the input %r of %r: %s"
+                                % (dep, key, exc)) from exc
+            except Exception as e:
+                self._send_erred(key, e, e.__traceback__)
+            return
         lost = [d for d in deps if d not in self.data]
         if lost:
             del self.tasks[key]
