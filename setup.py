@@ -28,6 +28,9 @@ setup(
             "pytest>=7",
             "pytest-timeout>=2.1",
             "hypothesis>=6",
+            # dask core only (never dask.distributed: it is also named
+            # `distributed`); tests run dask.array/dataframe graphs on our cluster
+            "dask[array,dataframe]>=2025.1",
         ],
     },
     entry_points={
