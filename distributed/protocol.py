@@ -148,20 +148,15 @@ class _Pickler(pickle.Pickler):
     """Pickler that sends large ``bytes`` out of band, like protocol-5 buffers.
 
     ``bytes`` is pickled by the C fast path before ``reducer_override`` is
-    consulted, so ``persistent_id`` is the one hook that can see it.
+    consulted, so ``persistent_id`` is the one hook that can see it.  The
+    buffer callback is a closure over plain lists, not a bound method: a
+    pickler referring to itself would be a reference cycle, and its memo
+    would keep every object it pickled alive until the cyclic GC runs.
     """
 
-    def __init__(self, file, frames):
-        super().__init__(file, protocol=5, buffer_callback=self._buffer)
+    def __init__(self, file, oob, frames):
+        super().__init__(file, protocol=5, buffer_callback=_buffer_callback(oob))
         self._frames = frames
-        self._oob = []
-
-    def _buffer(self, pb):
-        raw = pb.raw()
-        if raw.nbytes < BUFFER_THRESHOLD:
-            return True  # keep small buffers inside the pickle
-        self._oob.append(raw)
-        return False
 
     def persistent_id(self, obj):
         if type(obj) is bytes and len(obj) >= BUFFER_THRESHOLD:
@@ -173,13 +168,22 @@ class _Pickler(pickle.Pickler):
 class _CloudPickler(cloudpickle.Pickler):
     """Same as :class:`_Pickler`, for objects only cloudpickle can pickle."""
 
-    def __init__(self, file, frames):
-        super().__init__(file, protocol=5, buffer_callback=self._buffer)
+    def __init__(self, file, oob, frames):
+        super().__init__(file, protocol=5, buffer_callback=_buffer_callback(oob))
         self._frames = frames
-        self._oob = []
 
-    _buffer = _Pickler._buffer
     persistent_id = _Pickler.persistent_id
+
+
+def _buffer_callback(oob):
+    def buffer_callback(pb):
+        raw = pb.raw()
+        if raw.nbytes < BUFFER_THRESHOLD:
+            return True  # keep small buffers inside the pickle
+        oob.append(raw)
+        return False
+
+    return buffer_callback
 
 
 class _Unpickler(pickle.Unpickler):
@@ -195,11 +199,12 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _pickle(obj, pickler_class):
-    extra = []
+    oob, extra = [], []
     f = io.BytesIO()
-    p = pickler_class(f, extra)
+    p = pickler_class(f, oob, extra)
     p.dump(obj)
-    return f.getvalue(), p._oob, extra
+    p.clear_memo()
+    return f.getvalue(), oob, extra
 
 
 def serialize(obj):

@@ -592,3 +592,22 @@ def test_frame_prelude_layout():
     prelude = frame_prelude(frames)
     assert prelude == struct.pack("<4Q", 3, 3, 5, 0)
     assert frames_to_bytes([b"abc", b"de"]) == struct.pack("<3Q", 2, 3, 2) + b"abcde"
+
+
+def test_dumps_keeps_no_reference_to_the_message():
+    """Sent data must be freed by reference counting alone: a pickler cycle
+    kept every array a worker had sent alive until a full GC."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        for extra in ({}, {"f": lambda: 1}):  # plain pickle and cloudpickle paths
+            a = np.ones(10**5)
+            ref = weakref.ref(a)
+            frames = dumps(dict({"x": a, "b": b"z" * 100000}, **extra))
+            assert any(isinstance(f, memoryview) for f in frames)
+            del a, frames
+            assert ref() is None
+    finally:
+        gc.enable()
