@@ -22,6 +22,8 @@ setup(
         "msgpack>=1.0",
         # Makes remote tracebacks picklable so errors re-raise with them.
         "tblib>=1.7",
+        # Hashes big arrays for keys at memory speed (sha1 is 15x slower).
+        "xxhash>=3.0",
     ],
     extras_require={
         "test": [
