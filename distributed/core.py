@@ -128,41 +128,50 @@ def _receive_buffer(nbytes):
         raise FrameTooLarge("cannot allocate %d bytes for a frame" % nbytes) from None
 
 
+#: how much a read asks of the stream at once (whatever has arrived, up to this)
+_READ_CHUNK = 65536
+
+
+async def _fill(stream, buf, n):
+    """Append what the stream has to ``buf`` until it holds ``n`` bytes."""
+    while len(buf) < n:
+        buf += await stream.read_bytes(_READ_CHUNK, partial=True)
+
+
 async def read(stream, limits=DEFAULT_LIMITS):
     """Read one message from ``stream``.
 
-    Large frames are read straight into their own buffers (``read_into``),
-    which the loaded objects then use without a copy.  Raises
-    :class:`~distributed.protocol.ProtocolError` on invalid input and
+    Small frames come in with whatever else has arrived (one read for a
+    whole small message; bytes of the next message wait on the stream for
+    the next call).  Large frames are read straight into their own buffers
+    (``read_into``), which the loaded objects then use without a copy.
+    Raises :class:`~distributed.protocol.ProtocolError` on invalid input and
     ``StreamClosedError`` when the stream closes first.
     """
-    n = protocol.parse_count(await stream.read_bytes(8), limits)
-    lengths = protocol.parse_lengths(await stream.read_bytes(8 * n), n, limits)
+    buf = stream.__dict__.pop("_distributed_pending", None) or bytearray()
+    await _fill(stream, buf, 8)
+    n = protocol.parse_count(buf, limits)
+    pos = 8 * (n + 1)
+    await _fill(stream, buf, pos)
+    lengths = protocol.parse_lengths(bytes(buf[8:pos]), n, limits)
     frames = []
-    i = 0
-    while i < n:
-        length = lengths[i]
-        if length >= _JOIN_LIMIT:
-            buf = _receive_buffer(length)
-            await stream.read_into(buf)
-            frames.append(buf)
-            i += 1
+    for length in lengths:
+        if length < _JOIN_LIMIT:
+            await _fill(stream, buf, pos + length)
+            frames.append(bytes(buf[pos : pos + length]))
+            pos += length
             continue
-        # consecutive small frames: one read, then slice
-        j, total = i, 0
-        while j < n and lengths[j] < _JOIN_LIMIT:
-            total += lengths[j]
-            j += 1
-        data = await stream.read_bytes(total) if total else b""
-        if j - i == 1:
-            frames.append(data)
-        else:
-            view = memoryview(data)
-            pos = 0
-            for length in lengths[i:j]:
-                frames.append(view[pos : pos + length])
-                pos += length
-        i = j
+        frame = _receive_buffer(length)
+        have = min(len(buf) - pos, length)
+        if have:
+            frame[:have] = numpy.frombuffer(buf, "u1", have, pos)
+        if have < length:
+            await stream.read_into(memoryview(frame)[have:])
+        buf = buf[pos + have :]
+        pos = 0
+        frames.append(frame)
+    if pos < len(buf):
+        stream._distributed_pending = buf[pos:]
     return protocol.loads(frames)
 
 
