@@ -22,6 +22,7 @@ frames between sockets and that pure code.
 """
 
 import asyncio
+import functools
 import inspect
 import logging
 from collections import defaultdict
@@ -239,6 +240,10 @@ def raise_error_message(msg):
 # Server
 
 
+# replies that are certainly not awaitable (skips inspect.isawaitable)
+_PLAIN_REPLIES = {bytes, str, int, float, bool, type(None), dict, list, tuple}
+
+
 def pingpong(stream):
     """The ``ping`` handler."""
     return b"pong"
@@ -332,7 +337,13 @@ class Server(TCPServer):
                 op = msg.pop("op")
                 close = msg.pop("close", False)
                 reply = msg.pop("reply", True)
-                result = await self._dispatch(stream, op, msg)
+                result = self._dispatch(stream, op, msg)
+                if type(result) not in _PLAIN_REPLIES and inspect.isawaitable(result):
+                    try:
+                        result = await result
+                    except Exception as e:
+                        logger.debug("handler %r raised", op, exc_info=True)
+                        result = error_message(e)
             if reply:
                 try:
                     await write(stream, result)
@@ -344,7 +355,8 @@ class Server(TCPServer):
             if close:
                 return
 
-    async def _dispatch(self, stream, op, msg):
+    def _dispatch(self, stream, op, msg):
+        """The handler's reply (maybe an awaitable of it), or an error reply."""
         try:
             handler = self.handlers.get(op)
         except TypeError:  # an unhashable op is unknown too
@@ -355,10 +367,7 @@ class Server(TCPServer):
                          % (op, type(self).__name__, sorted(map(str, self.handlers))))
             )
         try:
-            result = handler(stream, **msg)
-            if inspect.isawaitable(result):
-                result = await result
-            return result
+            return handler(stream, **msg)
         except Exception as e:
             logger.debug("handler %r raised", op, exc_info=True)
             return error_message(e)
@@ -432,13 +441,20 @@ class ConnectionPool:
     def open(self):
         return sum(map(len, self.available.values())) + sum(map(len, self.occupied.values()))
 
-    async def connect(self, addr):
+    def take(self, addr):
+        """An idle open stream to ``addr``, now, or ``None``."""
         idle = self.available.get(addr)
         while idle:
             stream = idle.pop()
             if not stream.closed():
                 self.occupied[addr].add(stream)
                 return stream
+        return None
+
+    async def connect(self, addr):
+        stream = self.take(addr)
+        if stream is not None:
+            return stream
         if self.open >= self.limit:
             self._collect()
         stream = await connect(addr, timeout=self.timeout)
@@ -511,12 +527,7 @@ class rpc:
     def __getattr__(self, op):
         if op.startswith("_"):
             raise AttributeError(op)
-
-        def call(**kwargs):
-            return self.call(op, **kwargs)
-
-        call.__name__ = op
-        return call
+        return functools.partial(self.call, op)
 
     async def call(self, op, timeout=_NO_TIMEOUT, **kwargs):
         """Send ``{'op': op, **kwargs}`` and return the reply."""
@@ -543,7 +554,7 @@ class rpc:
                     self._stream.close()
                     raise
         else:
-            stream = await self.pool.connect(self.address)
+            stream = self.pool.take(self.address) or await self.pool.connect(self.address)
             try:
                 reply = await self._exchange(stream, msg)
             except BaseException:

@@ -355,10 +355,18 @@ def loads(frames):
 # Frames <-> bytes
 
 
+_structs = [struct.Struct("<%dQ" % n) for n in range(9)]
+
+
+def _u64s(n):
+    """A ``struct.Struct`` for ``n`` little-endian u64 (cached for small n)."""
+    return _structs[n] if n < 9 else struct.Struct("<%dQ" % n)
+
+
 def frame_prelude(frames):
     """The bytes that precede ``frames`` on the wire: count, then lengths."""
     lengths = [f.nbytes if type(f) is memoryview else len(f) for f in frames]
-    return struct.pack("<%dQ" % (len(lengths) + 1), len(lengths), *lengths)
+    return _u64s(len(lengths) + 1).pack(len(lengths), *lengths)
 
 
 def frames_to_bytes(frames):
@@ -381,7 +389,7 @@ def parse_count(data, limits=DEFAULT_LIMITS):
 
 def parse_lengths(data, n, limits=DEFAULT_LIMITS):
     """Read ``n`` frame lengths and check each and their sum against limits."""
-    lengths = struct.unpack_from("<%dQ" % n, data)
+    lengths = _u64s(n).unpack_from(data)
     total = 0
     for length in lengths:
         if length > limits.max_frame_size:
