@@ -53,6 +53,7 @@ from .core import (
 from . import local  # noqa: F401  (its exit hook must run after ours)
 from .graph import TaskRef, get_dependencies, toposort
 from .protocol import from_blob, to_blob
+from .scheduler import LostData
 from .tokenize import tokenize
 from .utils import funcname, key_split
 from .worker import gather_from_workers
@@ -361,6 +362,7 @@ class Executor:
         self._function_blobs = {}
         self.pool = ConnectionPool()
         self.batched = None
+        self._held = []  # messages to the center held while reconnecting
         self.center = None
         self._loop_thread = None
         self._asyncio_loop = None
@@ -446,6 +448,14 @@ class Executor:
         if self._asyncio_loop is None:
             self._asyncio_loop = asyncio.get_running_loop()
         self.center = rpc(self.address, pool=self.pool)
+        await self._open_stream()
+        self.status = "running"
+        _current[0] = self
+        _executors.add(self)
+        return self
+
+    async def _open_stream(self):
+        """Connect to the center and make the connection our batched stream."""
         stream = await self._connect_center()
         await write(stream, {"op": "register-client", "client": self.id, "reply": False})
         first = await asyncio.wait_for(read(stream), self.timeout)
@@ -454,10 +464,6 @@ class Executor:
             raise ValueError("%s did not answer as a center: %r" % (self.address, first))
         self.batched = BatchedSend(stream, self.loop)
         self.loop.add_callback(self._handle_report, stream)
-        self.status = "running"
-        _current[0] = self
-        _executors.add(self)
-        return self
 
     async def _connect_center(self):
         deadline = time.time() + self.timeout
@@ -495,14 +501,61 @@ class Executor:
             pass
         except Exception:
             logger.exception("error on the stream from the center")
-        if self.status == "running":
-            logger.warning("lost the connection to the center at %s", self.address)
+        if self.status != "running" or self.batched is None \
+                or self.batched.stream is not stream:
+            return
+        logger.warning("lost the connection to the center at %s; reconnecting",
+                       self.address)
+        self.status = "reconnecting"
+        try:
+            await self._reconnect()
+        except Exception as e:
+            logger.warning("could not reconnect to the center: %s", e)
             self.status = "disconnected"
-            err = CommClosedError("lost the connection to the center at %s"
-                                  % self.address)
+            err = CommClosedError("lost the connection to the center at %s and "
+                                  "could not reconnect: %s" % (self.address, e))
             for state in list(self.futures.values()):
                 if not state.done():
                     state.set_error(err)
+
+    async def _reconnect(self):
+        """A center that restarted: connect again and keep what survived.
+
+        Workers re-register the keys they hold with the new center; futures
+        whose data is on a worker stay valid, pending ones (whose task the
+        new center never heard of) fail with ``LostData``.
+        """
+        lost_pending = [s for s in self.futures.values() if s.status == "pending"]
+        finished = {k: s for k, s in self.futures.items() if s.status == "finished"}
+        self.pool.close(self.address)
+        await self._open_stream()
+        for state in lost_pending:
+            if state.status == "pending":
+                state.set_error(LostData(
+                    "the center at %s restarted while %r was pending; submit it "
+                    "again" % (self.address, state.key)))
+        who_has = {}
+        deadline = time.time() + self.timeout
+        while finished and time.time() < deadline:
+            found = await self.center.who_has(keys=list(finished), timeout=self.timeout)
+            who_has = {k: list(v) for k, v in found.items() if v}
+            if len(who_has) == len(finished):
+                break
+            await asyncio.sleep(0.1)  # workers are still re-registering
+        for key, state in finished.items():
+            if key in who_has:
+                state.workers = who_has[key]
+            else:
+                state.set_error(LostData(
+                    "the data of %r was lost while the center at %s restarted"
+                    % (key, self.address)))
+        if who_has:
+            self.batched.send({"op": "update-data", "who_has": who_has})
+        self.status = "running"
+        held, self._held = self._held, []
+        self.batched.send_many(held)
+        logger.info("reconnected to the center at %s; %d futures kept, %d lost",
+                    self.address, len(who_has), len(self.futures) - len(who_has))
 
     def _key_in_memory(self, key=None, type=None, workers=(), value=None):
         state = self.futures.get(key)
@@ -618,17 +671,20 @@ class Executor:
         self._send({"op": "client-releases-keys", "keys": [state.key]})
 
     def _send(self, msg):
-        if self.status != "running" or self.batched is None:
+        if self.status not in ("running", "reconnecting") or self.batched is None:
             raise CommClosedError("the executor is %s" % self.status)
-        if self._loop_thread is None or self._in_loop_thread():
+        self._on_loop(self._send_now, msg)
+
+    def _send_now(self, msg):
+        if self.status == "reconnecting":
+            self._held.append(msg)  # sent once connected again
+        elif self.status == "running" and not self.batched.closed:
             self.batched.send(msg)
-        else:
-            self.loop.add_callback(self.batched.send, msg)
 
     # -- submitting work -----------------------------------------------------------------
 
     def _check_running(self):
-        if self.status != "running":
+        if self.status not in ("running", "reconnecting"):
             raise RuntimeError("the executor is %s; make a new one" % self.status)
 
     def _dumps_function(self, func):

@@ -21,9 +21,10 @@ import signal
 import sys
 import time
 
+import psutil
 from tornado.ioloop import PeriodicCallback
 
-from .core import Server
+from .core import ConnectionPool, Server, rpc
 from .process import Process
 from .utils import get_ip, unparse_address
 
@@ -49,7 +50,7 @@ class Nanny(Server):
     """Supervise one worker process (see the module docstring)."""
 
     def __init__(self, center_ip, center_port, ip=None, worker_args=(), timeout=30,
-                 restart_delay=0.5, echo=False, **kwargs):
+                 restart_delay=0.5, echo=False, heartbeat_interval=1.0, **kwargs):
         self.center_address = unparse_address(center_ip, center_port)
         self.worker_args = list(worker_args)
         self.timeout = timeout
@@ -59,8 +60,11 @@ class Nanny(Server):
         self.worker_address = None
         self.status = "created"
         self.deaths = []  # (time, cause) of unexpected worker exits
+        self.pool = ConnectionPool()
+        self.center = rpc(self.center_address, pool=self.pool)
         self._restarting = None
         self._watch = PeriodicCallback(self._check, 100)
+        self._heartbeats = PeriodicCallback(self._heartbeat, heartbeat_interval * 1000)
         handlers = {
             "restart": self.restart,
             "kill": self.kill,
@@ -78,6 +82,7 @@ class Nanny(Server):
             self.listen(port)
         await self.instantiate()
         self._watch.start()
+        self._heartbeats.start()
         self.status = "running"
         return self
 
@@ -122,6 +127,28 @@ class Nanny(Server):
         await self.kill()
         return await self.instantiate()
 
+    async def _heartbeat(self):
+        """Vouch for the worker while its process runs, from outside it.
+
+        A task holding the GIL for minutes stops the worker's own heartbeats
+        (no thread of its process can run) but not these: the center then
+        sees a busy worker, not a dead one.  A stopped process (SIGSTOP) or
+        a dead one gets none, and the center removes it after its timeout.
+        """
+        process, address = self.process, self.worker_address
+        if process is None or address is None or process.poll() is not None:
+            return
+        try:
+            if psutil.Process(process.pid).status() in (psutil.STATUS_STOPPED,
+                                                        psutil.STATUS_ZOMBIE):
+                return
+        except psutil.Error:
+            return
+        try:
+            await self.center.heartbeat(address=address, reply=False, timeout=5)
+        except Exception as e:
+            logger.debug("heartbeat for %s failed: %s", address, e)
+
     def _check(self):
         """Restart a worker that died on its own."""
         if self.status != "running" or self._restarting is not None:
@@ -155,10 +182,12 @@ class Nanny(Server):
             return
         self.status = "closed"
         self._watch.stop()
+        self._heartbeats.stop()
         if self._restarting is not None:
             try:
                 await self._restarting
             except Exception:
                 pass
         await self.kill()
+        self.pool.close()
         self.stop()

@@ -1,0 +1,160 @@
+"""Faults on real processes: center restart, busy vs dead workers, nannies.
+
+Every cluster here is made of real ``dcenter`` / ``dworker`` processes on
+free ports, stopped even when a test fails.
+"""
+
+import os
+import signal
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+
+import numpy as np
+import pytest
+
+from distributed import Executor
+from distributed.process import Process
+from distributed.utils_test import free_port, inc
+
+PY = sys.executable
+
+
+def poll(predicate, timeout=20, interval=0.05):
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise TimeoutError("condition not met within %s s" % timeout)
+        time.sleep(interval)
+
+
+@contextmanager
+def processes():
+    with ExitStack() as stack:
+        started = []
+
+        def start(args, wait_for):
+            # the workers import this module's functions by reference
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+            p = Process([PY, "-m"] + args, env=env)
+            stack.callback(p.stop)
+            started.append(p)
+            p.wait_for_line(wait_for)
+            return p
+
+        yield start
+
+
+def start_center(start, port, *args):
+    return start(["distributed.cli.dcenter", "--port", str(port)] + list(args),
+                 "Start center at")
+
+
+def start_worker(start, port, *args):
+    return start(["distributed.cli.dworker", "127.0.0.1:%d" % port] + list(args),
+                 "Registered with center")
+
+
+def hold_gil(seconds):
+    """Sleep in C without releasing the GIL: no thread of this process runs."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(int(seconds))
+    return seconds
+
+
+def test_center_restart_keeps_data():
+    port = free_port()
+    with processes() as start:
+        center = start_center(start, port)
+        for _ in range(2):
+            start_worker(start, port, "--no-nanny")
+        with Executor("127.0.0.1:%d" % port) as e:
+            x = e.submit(inc, 1)
+            y = e.scatter(np.arange(10))
+            assert x.result() == 2
+            center.kill()
+            start_center(start, port)
+            # the workers re-register what they hold; the executor reconnects
+            assert x.result(timeout=20) == 2
+            assert (y.result(timeout=20) == np.arange(10)).all()
+            assert e.submit(inc, 10).result(timeout=20) == 11
+            assert len(e.ncores()) == 2
+            assert e.status == "running"
+
+
+def test_busy_worker_is_not_dead():
+    """A task holding the GIL longer than the heartbeat timeout: the nanny
+    vouches for the worker, which is not removed and finishes the task."""
+    port = free_port()
+    with processes() as start:
+        start_center(start, port, "--heartbeat-timeout", "2")
+        start_worker(start, port, "--ncores", "1")
+        with Executor("127.0.0.1:%d" % port) as e:
+            (address,) = e.ncores()
+            f = e.submit(hold_gil, 5, pure=False)
+            t0 = time.time()
+            while not f.done():
+                assert address in e.ncores(), "busy worker removed as dead"
+                assert time.time() - t0 < 30
+                time.sleep(0.25)
+            assert f.result() == 5
+
+
+def test_stopped_worker_is_removed_and_comes_back():
+    port = free_port()
+    with processes() as start:
+        start_center(start, port, "--heartbeat-timeout", "2")
+        start_worker(start, port, "--ncores", "1")
+        start_worker(start, port, "--ncores", "1")
+        with Executor("127.0.0.1:%d" % port) as e:
+            pids = e.run(os.getpid)
+            victim, other = sorted(pids)
+            os.kill(pids[victim], signal.SIGSTOP)
+            try:
+                poll(lambda: victim not in e.ncores(), timeout=15)
+                # the rest of the cluster keeps working meanwhile
+                assert e.submit(inc, 41, pure=False).result(timeout=10) == 42
+            finally:
+                os.kill(pids[victim], signal.SIGCONT)
+            # once continued it notices and registers again
+            poll(lambda: victim in e.ncores(), timeout=15)
+
+
+def test_nanny_restarts_killed_worker():
+    port = free_port()
+    with processes() as start:
+        start_center(start, port)
+        nanny = start_worker(start, port, "--ncores", "1")
+        with Executor("127.0.0.1:%d" % port) as e:
+            (pid,) = e.run(os.getpid).values()
+            os.kill(pid, signal.SIGKILL)
+            line = nanny.wait_for_line("died", timeout=10)
+            assert "SIGKILL" in line
+            nanny.wait_for_line("Restarted worker at", timeout=20)
+            poll(lambda: len(e.ncores()) == 1)
+            (new_pid,) = e.run(os.getpid).values()
+            assert new_pid != pid
+            assert e.submit(inc, 1).result(timeout=10) == 2
+
+
+def test_restart_replaces_workers_under_nannies():
+    port = free_port()
+    with processes() as start:
+        start_center(start, port)
+        start_worker(start, port, "--ncores", "1")
+        start_worker(start, port, "--ncores", "1")
+        with Executor("127.0.0.1:%d" % port) as e:
+            before = set(e.run(os.getpid).values())
+            x = e.submit(inc, 1)
+            x.result()
+            e.restart()
+            assert x.cancelled()
+            poll(lambda: len(e.ncores()) == 2)
+            after = set(e.run(os.getpid).values())
+            assert not before & after
+            assert e.submit(inc, 2).result(timeout=10) == 3
