@@ -1088,8 +1088,12 @@ class Executor:
     def compute(self, collections, sync=False):
         """Start computing dask collections; return a future per collection.
 
+        A task-graph dict gives ``{key: Future}`` for every key of the graph.
         ``sync=True`` waits and returns the results instead.
         """
+        if isinstance(collections, dict):
+            futures = self._graph_to_futures(collections, list(collections))
+            return self.gather(futures) if sync else futures
         single = not isinstance(collections, (list, tuple))
         colls = [collections] if single else list(collections)
         futures = []

@@ -280,6 +280,7 @@ class Scheduler:
             exc = LostData("task %r depends on %s, which the scheduler does not "
                            "know (released or lost)" % (key, deps))
             self._erred(ts, exc, None, str(exc), blob=False)
+        new.sort(key=_priority)  # ready tasks go out in priority order
         self._request(new + wanted)
 
     def client_desires_keys(self, client, keys):
@@ -723,6 +724,10 @@ class Scheduler:
 
     def task_states(self):
         return {key: ts.state for key, ts in self.tasks.items()}
+
+
+def _priority(ts):
+    return ts.priority
 
 
 def _load(ws):

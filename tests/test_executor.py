@@ -1292,3 +1292,10 @@ def test_restart(tmp_path):
         if e2 is not None:
             e2.shutdown()
         e.shutdown()
+
+
+def test_compute_graph_dict(e):
+    futures = e.compute({"a": 1, "b": (inc, "a"), "c": (add, "a", "b")})
+    assert set(futures) == {"a", "b", "c"}
+    assert futures["c"].result() == 3
+    assert e.compute({"x": (inc, 10)}, sync=True) == {"x": 11}
