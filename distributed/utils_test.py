@@ -42,6 +42,7 @@ __all__ = [
     "popen",
     "wait_for_line",
     "wait_for",
+    "poll",
     "free_port",
 ]
 
@@ -80,6 +81,19 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def poll(predicate, timeout=10, interval=0.05, msg="condition"):
+    """Call ``predicate()`` until it is true and return its value (blocking
+    form of :func:`wait_for`); ``AssertionError`` after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError("%s not met within %s s" % (msg, timeout))
+        time.sleep(interval)
 
 
 async def wait_for(predicate, timeout=5, interval=0.01):

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from distributed.core import rpc
-from distributed.utils_test import add, free_port, popen, wait_for_line
+from distributed.utils_test import add, free_port, poll, popen, wait_for_line
 
 
 def script(name):
@@ -44,16 +44,6 @@ def call(address, op, **kwargs):
 
     return asyncio.run(f())
 
-
-def poll(predicate, timeout=10, interval=0.05):
-    deadline = time.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise TimeoutError("condition not met within %s s" % timeout)
-        time.sleep(interval)
 
 
 def start_center(proc):

@@ -27,7 +27,7 @@ from distributed import (
     progress,
     wait,
 )
-from distributed.utils_test import add, free_port, inc, slowinc, throws
+from distributed.utils_test import add, free_port, inc, poll, slowinc, throws
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -156,13 +156,6 @@ def e2(cluster):
 def uid():
     return uuid.uuid4().hex
 
-
-def poll(predicate, timeout=5, interval=0.02, msg="condition"):
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError("%s not met within %s s" % (msg, timeout))
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------

@@ -3,22 +3,14 @@ workers dying under real load (SIGKILL)."""
 
 import os
 import signal
-import time
 
 import psutil
 import pytest
 
 from distributed import Executor, LocalCluster
 from distributed.scheduler import LostData
-from distributed.utils_test import inc, slowinc
+from distributed.utils_test import inc, poll, slowinc
 
-
-def poll(predicate, timeout=10, interval=0.05, msg="condition"):
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError("%s not met within %s s" % (msg, timeout))
-        time.sleep(interval)
 
 
 def gone(pid):

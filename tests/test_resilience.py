@@ -11,24 +11,13 @@ import time
 from contextlib import ExitStack, contextmanager
 
 import numpy as np
-import pytest
 
 from distributed import Executor
 from distributed.process import Process
-from distributed.utils_test import free_port, inc
+from distributed.utils_test import free_port, inc, poll
 
 PY = sys.executable
 
-
-def poll(predicate, timeout=20, interval=0.05):
-    deadline = time.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise TimeoutError("condition not met within %s s" % timeout)
-        time.sleep(interval)
 
 
 @contextmanager
