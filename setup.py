@@ -33,6 +33,8 @@ setup(
             # dask core only (never dask.distributed: it is also named
             # `distributed`); tests run dask.array/dataframe graphs on our cluster
             "dask[array,dataframe]>=2025.1",
+            # makes a throw-away CA and certificates for the TLS tests
+            "cryptography>=3.1",
         ],
     },
     entry_points={

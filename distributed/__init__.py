@@ -20,6 +20,7 @@ from .executor import (
 )
 from .local import LocalCluster
 from .progress import progress
+from .security import AuthenticationError, Security
 from .worker import Worker
 
 __version__ = "0.1.0"
@@ -40,4 +41,6 @@ __all__ = [
     "progress",
     "default_executor",
     "CancelledError",
+    "Security",
+    "AuthenticationError",
 ]

@@ -55,12 +55,13 @@ class Center(Server):
         self.worker_services = {}
         self.names = {}
         self.nannies = {}  # worker address -> address of the nanny running it
+        self.deaths = []  # (time, address, cause) of worker deaths told by nannies
         self.last_seen = {}
         self.worker_streams = {}
         self._stream_workers = defaultdict(set)  # stream -> addresses registered on it
         self.heartbeat_timeout = heartbeat_timeout
         self.loop = loop or IOLoop.current()
-        self.pool = ConnectionPool()
+        self.pool = ConnectionPool(security=kwargs.get("security"))
         self.default_listen_port = port
         self.service_classes = services or {}
         self.service_ports = dict(service_ports or {})
@@ -88,6 +89,7 @@ class Center(Server):
             "restart": self.restart,
             "processing": self.get_processing,
             "task_states": self.get_task_states,
+            "worker_died": self.worker_died,
         }
         super().__init__(handlers, ip=ip, **kwargs)
         self._check = PeriodicCallback(self._check_heartbeats, 1000)
@@ -317,6 +319,14 @@ class Center(Server):
 
     def get_processing(self, stream=None):
         return self.scheduler.processing()
+
+    def worker_died(self, stream=None, address=None, cause=None):
+        """A nanny tells why its worker died ("memory limit exceeded", ...)."""
+        address = coerce_to_address(address) if address else address
+        logger.warning("worker %s died: %s", address, cause)
+        self.deaths.append((time.time(), address, cause))
+        del self.deaths[:-1000]
+        return b"OK"
 
     def get_task_states(self, stream=None, keys=None):
         states = self.scheduler.task_states()

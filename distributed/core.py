@@ -18,13 +18,17 @@ remote call is made through :class:`rpc`::
         assert result == 3
 
 The wire format is :mod:`distributed.protocol`'s; this module only moves its
-frames between sockets and that pure code.
+frames between sockets and that pure code.  So too for the authentication
+handshake of :mod:`distributed.security`: :func:`connect` and
+:meth:`Server.handle_stream` run it when a token is configured, and with
+none no handshake byte is sent.
 """
 
 import asyncio
 import functools
 import inspect
 import logging
+import socket
 from collections import defaultdict
 
 import numpy
@@ -33,7 +37,16 @@ from tornado.tcpclient import TCPClient
 from tornado.tcpserver import TCPServer
 
 from . import protocol
-from .protocol import DEFAULT_LIMITS, DeserializationError, FrameTooLarge, ProtocolError
+from . import security as _auth
+from .protocol import (
+    DEFAULT_LIMITS,
+    DeserializationError,
+    FrameTooLarge,
+    HandshakeNotExpected,
+    ProtocolError,
+    _env_int,
+)
+from .security import AuthenticationError, Security, default_security
 from .utils import (
     format_exception_text,
     parse_address,
@@ -46,6 +59,8 @@ __all__ = [
     "Server",
     "rpc",
     "connect",
+    "handshake_client",
+    "handshake_server",
     "read",
     "write",
     "pingpong",
@@ -56,10 +71,18 @@ __all__ = [
     "error_message",
     "StreamClosedError",
     "CommClosedError",
+    "AuthenticationError",
+    "Security",
 ]
 
 #: seconds to wait for a TCP connection to open
 CONNECT_TIMEOUT = 10
+#: seconds a server gives a new connection to authenticate
+HANDSHAKE_TIMEOUT = 10
+#: seconds a server waits for a refused peer to hang up before closing on it
+REFUSAL_LINGER = 1.0
+#: connections a server accepts at once from one IP address (0: no limit)
+MAX_CONNECTIONS_PER_PEER = _env_int("DISTRIBUTED_MAX_CONNECTIONS_PER_PEER", 512)
 
 #: frames at least this large are written as their own buffer (no join)
 _JOIN_LIMIT = 64 * 1024
@@ -86,24 +109,53 @@ class RemoteException(Exception):
 # Streams
 
 
+#: TCP keepalive: probe an idle connection after this many seconds, every
+#: KEEPALIVE_INTERVAL, and give up after KEEPALIVE_COUNT unanswered probes
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 2, 3
+#: seconds sent data may stay unacknowledged before the connection is dropped
+USER_TIMEOUT = 30
+
+
 def _set_nodelay(stream):
+    """TCP_NODELAY, and keepalive so that a wait on a peer whose host or link
+    vanished (no FIN, no RST) ends in seconds rather than hanging.
+
+    The peer's kernel answers the probes even while its process is busy or
+    stopped, so only an unreachable peer is cut off.
+    """
     try:
         stream.set_nodelay(True)
+        sock = stream.socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+                            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+                            ("TCP_USER_TIMEOUT", USER_TIMEOUT * 1000)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     except Exception:  # closed already, or not a TCP socket
         pass
 
 
-async def connect(ip, port=None, timeout=CONNECT_TIMEOUT):
+async def connect(ip, port=None, timeout=CONNECT_TIMEOUT, security=None):
     """Open an IOStream to ``ip:port`` (or any address form), or raise.
 
-    Raises ``OSError`` when nothing listens there and ``TimeoutError``
-    when the connection does not open within ``timeout`` seconds.
+    ``security`` (default: :func:`~distributed.security.default_security`,
+    from the environment) says whether to use TLS and which auth token to
+    prove; with a token the handshake (:func:`handshake_client`) runs before
+    this returns.  Raises ``OSError`` when nothing listens there,
+    :class:`AuthenticationError` when the handshake fails and
+    ``TimeoutError`` when it all does not finish within ``timeout`` seconds.
     """
     if port is None:
         ip, port = parse_address(coerce_to_address(ip))
+    if security is None:
+        security = default_security()
     try:
         stream = await asyncio.wait_for(
-            TCPClient().connect(ip, port, max_buffer_size=2**62), timeout
+            TCPClient().connect(ip, port, max_buffer_size=2**62,
+                                ssl_options=security.client_context(ip)),
+            timeout,
         )
     except asyncio.TimeoutError:
         raise TimeoutError(
@@ -114,7 +166,114 @@ async def connect(ip, port=None, timeout=CONNECT_TIMEOUT):
             "could not connect to %s: %s" % (unparse_address(ip, port), e.real_error or e)
         ) from None
     _set_nodelay(stream)
+    if security.token is not None:
+        try:
+            await asyncio.wait_for(
+                handshake_client(stream, security.token, unparse_address(ip, port)), timeout)
+        except asyncio.TimeoutError:
+            stream.close()
+            raise TimeoutError("%s did not complete the authentication handshake within "
+                               "%s s" % (unparse_address(ip, port), timeout)) from None
+        except BaseException:
+            stream.close()
+            raise
     return stream
+
+
+# ---------------------------------------------------------------------------
+# Authentication (the messages are distributed.security's; here they only move)
+
+
+async def _read_handshake(stream):
+    header = await stream.read_bytes(_auth.HEADER_SIZE)
+    kind, length = _auth.parse_header(header)
+    body = await stream.read_bytes(length) if length else b""
+    return kind, body
+
+
+def _reason(e):
+    """The text of an AuthenticationError without its 'authentication failed: '."""
+    return str(e).split(": ", 1)[-1]
+
+
+async def handshake_client(stream, token, peer="the server"):
+    """Prove to the server at the other end of ``stream`` that we know ``token``,
+    and check that it does too, before anything else is sent.
+
+    Raises :class:`AuthenticationError` naming ``peer`` when the server
+    refuses us, does not know the token, or has none, and
+    :class:`CommClosedError` when it hangs up without saying why.
+    """
+    nonce = _auth.new_nonce()
+    try:
+        await stream.write(_auth.hello_message(nonce))
+        kind, body = await _read_handshake(stream)
+        try:
+            server_nonce = _auth.check_challenge(token, nonce, kind, body)
+        except AuthenticationError as e:
+            if kind != _auth.REFUSE:  # say why, so that the server can log it
+                try:
+                    await stream.write(_auth.refusal_message(
+                        "the client rejects the challenge: %s" % _reason(e)))
+                except StreamClosedError:
+                    pass
+            raise
+        await stream.write(_auth.proof_message(token, nonce, server_nonce))
+        _auth.check_accepted(*await _read_handshake(stream))
+    except StreamClosedError as e:  # not a refusal (that would say so): may be retried
+        raise CommClosedError("%s closed the connection during the authentication "
+                              "handshake" % peer) from e
+    except AuthenticationError as e:
+        raise AuthenticationError(
+            "authentication failed with %s: %s" % (peer, _reason(e))) from None
+
+
+async def handshake_server(stream, token, name="this node"):
+    """Check that the client at the other end of ``stream`` knows ``token`` and
+    prove that we do; reads at most two short handshake messages.
+
+    A refused client gets the reason (a framed error reply when it sent no
+    handshake at all: it has no token and waits for a reply to its
+    request), and this raises :class:`AuthenticationError`.
+    """
+    header = await stream.read_bytes(_auth.HEADER_SIZE)
+    if not _auth.is_handshake(header):
+        await write(stream, error_message(AuthenticationError(
+            "%s requires an auth token and this client has none (set "
+            "DISTRIBUTED_AUTH_TOKEN, --auth-token or security=Security(token=...))" % name)))
+        raise AuthenticationError("the client sent a request without authenticating "
+                                  "(it has no auth token)")
+    kind = None
+    try:
+        kind, length = _auth.parse_header(header)
+        nonce = _auth.check_hello(kind, await stream.read_bytes(length) if length else b"")
+        server_nonce = _auth.new_nonce()
+        await stream.write(_auth.challenge_message(token, nonce, server_nonce))
+        kind, body = await _read_handshake(stream)
+        _auth.check_proof(token, nonce, server_nonce, kind, body)
+    except AuthenticationError as e:
+        if kind != _auth.REFUSE:  # the client gave up on us: it is not listening
+            try:
+                await stream.write(_auth.refusal_message(_reason(e)))
+            except StreamClosedError:
+                pass
+        raise
+    await stream.write(_auth.ACCEPTED)
+
+
+async def _drain(stream, limit=2**20):
+    """Discard what a refused peer still sends (unread bytes would turn our close
+    into a reset that can destroy the reply), until it closes or for
+    ``REFUSAL_LINGER`` seconds."""
+    async def drain():
+        seen = 0
+        while seen < limit:
+            seen += len(await stream.read_bytes(65536, partial=True))
+
+    try:
+        await asyncio.wait_for(drain(), REFUSAL_LINGER)
+    except (StreamClosedError, asyncio.TimeoutError):
+        pass
 
 
 def _receive_buffer(nbytes):
@@ -263,21 +422,36 @@ class Server(TCPServer):
     :class:`rpc` re-raises on the caller with the remote traceback.  A
     request may carry ``close=True`` (reply, then close the stream) and
     ``reply=False`` (no reply).  A malformed message closes that one stream.
+
+    ``security`` (a :class:`~distributed.security.Security`; default from
+    the environment) turns on TLS and the authentication handshake: with a
+    token, a client that does not prove it knows the token is refused before
+    anything it sent is read as a message.  At most
+    ``max_connections_per_peer`` connections from one IP address are open at
+    once (default 512, ``DISTRIBUTED_MAX_CONNECTIONS_PER_PEER``; 0: no
+    limit); further ones are closed, with a logged reason.
     """
 
     default_ip = "127.0.0.1"
 
-    def __init__(self, handlers, ip=None, limits=None, **kwargs):
+    def __init__(self, handlers, ip=None, limits=None, security=None,
+                 max_connections_per_peer=None, **kwargs):
         self.handlers = {"identity": self.identity, "ping": pingpong}
         self.handlers.update(handlers)
         self.ip = ip
         self.port = None
         self.limits = limits or DEFAULT_LIMITS
+        self.security = security if security is not None else default_security()
+        self.max_connections_per_peer = (
+            MAX_CONNECTIONS_PER_PEER if max_connections_per_peer is None
+            else max_connections_per_peer)
+        self._peer_connections = {}  # peer ip -> open connections
         self.streams = set()
         #: called (no arguments) once the node has closed, e.g. to end its process
         self.on_close = None
         self.id = type(self).__name__ + "-" + format(id(self), "x")
         kwargs.setdefault("max_buffer_size", 2**62)
+        kwargs.setdefault("ssl_options", self.security.server_context())
         super().__init__(**kwargs)
 
     @property
@@ -304,14 +478,47 @@ class Server(TCPServer):
             self.ip = get_ip() if address in ("0.0.0.0", "") else address
 
     async def handle_stream(self, stream, address):
-        _set_nodelay(stream)
-        self.streams.add(stream)
+        peer = address[0] if address else None
+        count = self._peer_connections[peer] = self._peer_connections.get(peer, 0) + 1
         try:
-            await self._serve(stream, address)
+            if count > self.max_connections_per_peer > 0:
+                logger.warning(
+                    "closing connection from %s: %d connections from %s are open, the "
+                    "limit is %d (DISTRIBUTED_MAX_CONNECTIONS_PER_PEER)",
+                    _format_peer(address), count - 1, peer, self.max_connections_per_peer)
+                return
+            _set_nodelay(stream)
+            self.streams.add(stream)
+            if self.security.token is None or await self._authenticate(stream, address):
+                await self._serve(stream, address)
         finally:
+            count = self._peer_connections.pop(peer) - 1
+            if count:
+                self._peer_connections[peer] = count
             self.streams.discard(stream)
             stream.close()
             self.stream_closed(stream)
+
+    async def _authenticate(self, stream, address):
+        """The server side of the handshake; False (logged, peer told) on failure."""
+        try:
+            await asyncio.wait_for(
+                handshake_server(stream, self.security.token,
+                                 "%s at %s" % (type(self).__name__, self.address)),
+                HANDSHAKE_TIMEOUT)
+            return True
+        except AuthenticationError as e:
+            logger.warning("refused connection from %s: %s", _format_peer(address), e)
+        except asyncio.TimeoutError:
+            logger.warning("closing connection from %s: it did not authenticate within "
+                           "%s s", _format_peer(address), HANDSHAKE_TIMEOUT)
+            return False
+        except (StreamClosedError, OSError) as e:
+            logger.info("connection from %s closed during authentication: %s",
+                        _format_peer(address), e)
+            return False
+        await _drain(stream)
+        return False
 
     async def _serve(self, stream, address):
         while not stream.closed():
@@ -325,6 +532,15 @@ class Server(TCPServer):
                 if e.header.get("reply", True) is not False:
                     await write(stream, error_message(e))
                 continue
+            except HandshakeNotExpected as e:
+                logger.warning("refused connection from %s: %s", _format_peer(address), e)
+                try:
+                    await stream.write(_auth.refusal_message(
+                        "%s has no auth token" % type(self).__name__))
+                    await _drain(stream)
+                except StreamClosedError:
+                    pass
+                return
             except ProtocolError as e:
                 logger.error("closing connection from %s: %s", address, e)
                 return
@@ -431,9 +647,11 @@ class ConnectionPool:
     idle streams are closed to make room.
     """
 
-    def __init__(self, limit=512, timeout=CONNECT_TIMEOUT):
+    def __init__(self, limit=512, timeout=CONNECT_TIMEOUT, security=None):
         self.limit = limit
         self.timeout = timeout
+        #: the :class:`~distributed.security.Security` of every connection it opens
+        self.security = security if security is not None else default_security()
         self.available = defaultdict(list)
         self.occupied = defaultdict(set)
 
@@ -457,7 +675,7 @@ class ConnectionPool:
             return stream
         if self.open >= self.limit:
             self._collect()
-        stream = await connect(addr, timeout=self.timeout)
+        stream = await connect(addr, timeout=self.timeout, security=self.security)
         self.occupied[addr].add(stream)
         return stream
 
@@ -500,10 +718,11 @@ class rpc:
     calls and closed with :meth:`close_streams`.  ``timeout`` (seconds, per
     call or for the whole rpc) bounds the wait for a reply and raises
     ``TimeoutError``.  ``rpc(stream)`` wraps an already-open IOStream.
+    Connections use ``security`` (TLS, auth token), or the ``pool``'s.
     """
 
     def __init__(self, addr=None, ip=None, port=None, timeout=None, pool=None,
-                 limits=None):
+                 limits=None, security=None):
         self._stream = None
         if isinstance(addr, IOStream):
             self._stream = addr
@@ -522,7 +741,7 @@ class rpc:
         self.timeout = timeout
         self.limits = limits or DEFAULT_LIMITS
         self._own_pool = pool is None
-        self.pool = pool if pool is not None else ConnectionPool()
+        self.pool = pool if pool is not None else ConnectionPool(security=security)
 
     def __getattr__(self, op):
         if op.startswith("_"):
@@ -545,6 +764,7 @@ class rpc:
 
     async def _call(self, msg):
         if self._stream is not None:
+            stream = self._stream
             async with self._lock:
                 try:
                     reply = await self._exchange(self._stream, msg)
@@ -566,6 +786,8 @@ class rpc:
             else:
                 self.pool.reuse(self.address, stream)
         if is_error_message(reply):
+            if isinstance(reply["exception"], AuthenticationError):
+                stream.close()  # the server refused this connection and closes it
             raise_error_message(reply)
         return reply
 
@@ -596,6 +818,13 @@ class rpc:
 
     def __repr__(self):
         return "<rpc to %s>" % (self.address,)
+
+
+def _format_peer(address):
+    try:
+        return unparse_address(address[0], address[1])
+    except Exception:
+        return str(address)
 
 
 def _peer_of(stream):

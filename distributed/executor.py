@@ -42,10 +42,13 @@ from tornado.iostream import StreamClosedError
 
 from .batched import BatchedSend
 from .core import (
+    AuthenticationError,
     CommClosedError,
     ConnectionPool,
     coerce_to_address,
     connect,
+    is_error_message,
+    raise_error_message,
     read,
     rpc,
     write,
@@ -54,6 +57,7 @@ from . import local  # noqa: F401  (its exit hook must run after ours)
 from .graph import TaskRef, get_dependencies, toposort
 from .protocol import from_blob, to_blob
 from .scheduler import LostData
+from .security import default_security
 from .tokenize import tokenize
 from .utils import funcname, key_split
 from .worker import gather_from_workers
@@ -342,11 +346,15 @@ class Executor:
     ``address`` is the center's (``'ip:port'``, ``(ip, port)``); with none, a
     :class:`~distributed.local.LocalCluster` of one single-threaded worker per
     core starts and is closed by :meth:`shutdown`.  ``timeout`` is how long
-    to wait for the center, in seconds.
+    to wait for the center, in seconds.  ``security`` (a
+    :class:`~distributed.security.Security`: auth token, TLS) defaults to
+    that of a ``LocalCluster`` of this process at ``address``, else to the
+    environment's (``DISTRIBUTED_AUTH_TOKEN``, ``DISTRIBUTED_TLS_*``); a local
+    cluster of its own gets a random token.
     """
 
     def __init__(self, address=None, start=True, timeout=10, loop=None,
-                 n_workers=None, threads_per_worker=1):
+                 n_workers=None, threads_per_worker=1, security=None):
         self.id = "executor-" + uuid.uuid4().hex
         self.address = coerce_to_address(address) if address is not None else None
         self.timeout = timeout
@@ -354,13 +362,18 @@ class Executor:
         self.futures = {}  # key -> FutureState
         self.cluster = None
         self._cluster_kwargs = {"n_workers": n_workers,
-                                "threads_per_worker": threads_per_worker}
+                                "threads_per_worker": threads_per_worker,
+                                "security": security}
         self._priority = itertools.count()
         self._lock = threading.Lock()
         self._callback_pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="distributed-callbacks")
         self._function_blobs = {}
-        self.pool = ConnectionPool()
+        if security is None and self.address is not None:
+            security = local.cluster_security(self.address)  # a cluster we started
+        #: TLS and auth token of every connection (a local cluster's own, once started)
+        self.security = security if security is not None else default_security()
+        self.pool = ConnectionPool(security=self.security)
         self.batched = None
         self._held = []  # messages to the center held while reconnecting
         self.center = None
@@ -445,6 +458,7 @@ class Executor:
             self.cluster = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: LocalCluster(**self._cluster_kwargs))
             self.address = self.cluster.center_address
+            self.security = self.pool.security = self.cluster.security
         if self._asyncio_loop is None:
             self._asyncio_loop = asyncio.get_running_loop()
         self.center = rpc(self.address, pool=self.pool)
@@ -459,6 +473,9 @@ class Executor:
         stream = await self._connect_center()
         await write(stream, {"op": "register-client", "client": self.id, "reply": False})
         first = await asyncio.wait_for(read(stream), self.timeout)
+        if is_error_message(first):  # refused: no or another auth token
+            stream.close()
+            raise_error_message(first)
         if not (type(first) is list and first and first[0].get("op") == "stream-start"):
             stream.close()
             raise ValueError("%s did not answer as a center: %r" % (self.address, first))
@@ -470,7 +487,10 @@ class Executor:
         delay = 0.05
         while True:
             try:
-                return await connect(self.address, timeout=max(0.1, deadline - time.time()))
+                return await connect(self.address, timeout=max(0.1, deadline - time.time()),
+                                     security=self.security)
+            except AuthenticationError:
+                raise  # retrying cannot help
             except (OSError, TimeoutError) as e:
                 if time.time() + delay > deadline:
                     raise TimeoutError(
@@ -488,6 +508,7 @@ class Executor:
             "task-erred": self._task_erred,
             "lost-data": self._lost_data,
             "restart": self._restarted,
+            "worker-removed": self._worker_removed,
         }
         try:
             while True:
@@ -528,7 +549,17 @@ class Executor:
         lost_pending = [s for s in self.futures.values() if s.status == "pending"]
         finished = {k: s for k, s in self.futures.items() if s.status == "finished"}
         self.pool.close(self.address)
-        await self._open_stream()
+        deadline = time.time() + self.timeout
+        while True:
+            try:
+                await self._open_stream()
+                break
+            except (OSError, StreamClosedError, asyncio.TimeoutError) as e:
+                # e.g. reached the old center's socket in its last moments
+                if time.time() > deadline:
+                    raise
+                logger.debug("reconnecting: %s", e)
+                await asyncio.sleep(0.1)
         for state in lost_pending:
             if state.status == "pending":
                 state.set_error(LostData(
@@ -567,6 +598,9 @@ class Executor:
         state = self.futures.get(key)
         if state is not None and state.status != "cancelled":
             state.set_error(exception, traceback, text)
+
+    def _worker_removed(self, address=None):
+        self.pool.close(address)  # fails transfers waiting on it: ask others
 
     def _lost_data(self, key=None):
         state = self.futures.get(key)
@@ -891,14 +925,17 @@ class Executor:
             data.update(got)
             if missing:
                 # the holders are gone: the center recomputes or reports loss
+                tried = {k: states[k].workers for k in missing}
                 found = await self.center.who_has(keys=list(missing), timeout=self.timeout)
                 for k in missing:
                     state = states[k]
+                    if state.workers is not tried[k]:
+                        continue  # news from the center meanwhile (lost, recomputed)
                     if found.get(k):
                         state.workers = list(found[k])
                     elif state.status == "finished":
-                        state.lose()
-                await asyncio.sleep(0.01)
+                        state.lose()  # its key-in-memory will come after recomputing
+                await asyncio.sleep(0.05)
         return _pack_futures(futures, data)
 
     def _rpc(self, address):

@@ -8,11 +8,17 @@
 
 ``Executor()`` with no address makes one for itself and closes it on
 shutdown.  Everything binds to 127.0.0.1 unless ``ip`` says otherwise.
+
+Every cluster has an auth token, a random one unless ``security`` (or the
+environment) gives one: its processes get it through their environment, and
+an ``Executor(cluster.center_address)`` in this process finds it by itself.
+Any other client needs ``cluster.security``.
 """
 
 import atexit
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -20,6 +26,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from .process import Process
+from .security import Security
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +40,25 @@ class LocalCluster:
 
     ``n_workers`` defaults to the number of cores; each worker runs
     ``threads_per_worker`` threads (default 1).  ``timeout`` bounds the
-    start-up, in seconds.
+    start-up, in seconds.  ``security`` (default: the environment's) may add
+    TLS; the cluster's auth token is its token or, without one, a random one:
+    ``cluster.security`` is what clients need.
     """
 
     def __init__(self, n_workers=None, threads_per_worker=1, ip="127.0.0.1",
-                 timeout=30, worker_args=(), echo=False, restart_dead_workers=True):
+                 timeout=30, worker_args=(), echo=False, restart_dead_workers=True,
+                 security=None):
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.threads_per_worker = threads_per_worker
         self.ip = ip
         self.timeout = timeout
         self.worker_args = list(worker_args)
         self.echo = echo
+        security = security if security is not None else Security.from_env()
+        if security.token is None:
+            security = security.with_token(secrets.token_hex(32))
+        self.security = security
+        self._env = security.child_env()  # the token never goes on a command line
         self.center = None
         self.workers = []
         self.deaths = []  # (time, address, exit code) of workers that died
@@ -72,7 +87,7 @@ class LocalCluster:
     def _start_center(self):
         self.center = Process(
             [sys.executable, "-m", "distributed.cli.dcenter", "--host", self.ip,
-             "--port", "0"], echo=self.echo)
+             "--port", "0"], env=self._env, echo=self.echo)
         line = self.center.wait_for_line("Start center at", self.timeout)
         self._center_address = line.split()[-1]
 
@@ -80,7 +95,7 @@ class LocalCluster:
         p = Process(
             [sys.executable, "-m", "distributed.cli.dworker", self._center_address,
              "--host", self.ip, "--ncores", str(self.threads_per_worker),
-             "--no-nanny"] + self.worker_args, echo=self.echo)
+             "--no-nanny"] + self.worker_args, env=self._env, echo=self.echo)
         try:
             address = p.wait_for_line("Start worker at", self.timeout).split()[-1]
             p.wait_for_line("Registered with center", self.timeout)
@@ -168,6 +183,14 @@ class LocalCluster:
     def __repr__(self):
         return "LocalCluster(%r, workers=%d)" % (
             getattr(self, "_center_address", None), len(self.workers))
+
+
+def cluster_security(address):
+    """The :class:`Security` of this process's running cluster at ``address``, or None."""
+    for cluster in list(_clusters):
+        if cluster.status == "running" and cluster._center_address == address:
+            return cluster.security
+    return None
 
 
 @atexit.register

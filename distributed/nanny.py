@@ -7,7 +7,8 @@
     n.worker_address          # '127.0.0.1:40123'
     await n._close()          # stops the worker (it unregisters) and itself
 
-``dworker`` runs one unless ``--no-nanny``.  The center learns each worker's
+``dworker`` runs one unless ``--no-nanny``.  The worker gets the nanny's
+auth token and TLS settings through its environment, never its command line.  The center learns each worker's
 nanny when the worker registers, and asks the nannies to restart their
 workers on ``Executor.restart()``.
 
@@ -27,6 +28,7 @@ from tornado.ioloop import PeriodicCallback
 from .core import ConnectionPool, Server, rpc
 from .process import Process
 from .utils import get_ip, unparse_address
+from .worker import MEMORY_EXIT_CODE
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +36,12 @@ __all__ = ["Nanny"]
 
 
 def describe_exit(code):
-    """``-9`` -> ``'killed by signal SIGKILL'``; ``3`` -> ``'exit code 3'``."""
+    """``-9`` -> ``'killed by signal SIGKILL'``; ``3`` -> ``'exit code 3'``;
+    ``75`` -> ``'memory limit exceeded (exit code 75)'`` (see ``--memory-limit``)."""
     if code is None:
         return "still running"
+    if code == MEMORY_EXIT_CODE:
+        return "memory limit exceeded (exit code %d)" % code
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -92,7 +97,8 @@ class Nanny(Server):
             return self.worker_address
         args = [sys.executable, "-m", "distributed.cli.dworker", self.center_address,
                 "--no-nanny", "--nanny-address", self.address] + self.worker_args
-        process = Process(args, echo=self.echo)
+        # the auth token and TLS files travel in the environment, never in argv
+        process = Process(args, env=self.security.child_env(), echo=self.echo)
         loop = asyncio.get_running_loop()
         try:
             line = await loop.run_in_executor(
@@ -160,8 +166,16 @@ class Nanny(Server):
         self.deaths.append((time.time(), cause))
         logger.warning("worker %s died (%s); restarting it", self.worker_address, cause)
         print("Worker %s died (%s); restarting" % (self.worker_address, cause), flush=True)
+        asyncio.ensure_future(self._report_death(self.worker_address, cause))
         self.process = None
         self._restarting = asyncio.ensure_future(self._restart_after_death())
+
+    async def _report_death(self, address, cause):
+        """Tell the center why the worker died (it logs it, in ``deaths``)."""
+        try:
+            await self.center.worker_died(address=address, cause=cause, timeout=5)
+        except Exception as e:
+            logger.info("could not tell the center that %s died: %s", address, e)
 
     async def _restart_after_death(self):
         try:

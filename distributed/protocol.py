@@ -47,6 +47,8 @@ import cloudpickle
 import msgpack
 from tblib import pickling_support
 
+from .security import MAGIC as AUTH_MAGIC
+
 # Tracebacks pickle (as real traceback objects on the other side), so that a
 # remote error re-raises with the frames where it happened.
 copyreg.pickle(types.TracebackType, pickling_support.pickle_traceback)
@@ -63,6 +65,7 @@ __all__ = [
     "Decoder",
     "ProtocolError",
     "FrameTooLarge",
+    "HandshakeNotExpected",
     "DeserializationError",
     "serialize",
     "deserialize",
@@ -100,6 +103,11 @@ class DeserializationError(ProtocolError):
 
 class FrameTooLarge(ProtocolError):
     """A peer announced more frames or bytes than :class:`Limits` allow."""
+
+
+class HandshakeNotExpected(ProtocolError):
+    """A peer opened with an authentication handshake (see
+    :mod:`distributed.security`) where this node expected a message."""
 
 
 def _env_int(name, default):
@@ -380,11 +388,25 @@ def parse_count(data, limits=DEFAULT_LIMITS):
     if n == 0:
         raise ProtocolError("a message needs at least one frame")
     if n > limits.max_frames:
+        _check_foreign(data)
         raise FrameTooLarge(
             "peer announced %d frames, more than the limit of %d "
             "(DISTRIBUTED_MAX_FRAMES)" % (n, limits.max_frames)
         )
     return n
+
+
+def _check_foreign(data):
+    """Name the likely mistake when a peer opens with something that is not a message."""
+    head = bytes(data[:8])
+    if head.startswith(AUTH_MAGIC):
+        raise HandshakeNotExpected(
+            "the peer opened with an authentication handshake, but this node has "
+            "no auth token (DISTRIBUTED_AUTH_TOKEN, --auth-token)")
+    if head[:1] == b"\x16" and head[1:2] == b"\x03":
+        raise ProtocolError(
+            "the peer opened a TLS connection, but this node does not use TLS "
+            "(--tls-cert, --tls-key)")
 
 
 def parse_lengths(data, n, limits=DEFAULT_LIMITS):
@@ -442,7 +464,10 @@ class Decoder:
         n = parse_count(buf, self.limits)
         if len(buf) < 8 * (n + 1):
             return None
-        lengths = parse_lengths(memoryview(buf)[8:], n, self.limits)
+        # released even when parse_lengths raises: a view left in the
+        # traceback would pin ``buf`` (BufferError on the next feed)
+        with memoryview(buf)[8:] as view:
+            lengths = parse_lengths(view, n, self.limits)
         end = 8 * (n + 1) + sum(lengths)
         if len(buf) < end:
             return None

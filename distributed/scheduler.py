@@ -158,6 +158,12 @@ class Scheduler:
         from ``who_has`` by the center)."""
         ws = self.workers.pop(address, None)
         self.to_workers.pop(address, None)
+        # transfers already waiting on it (a cut link sends no FIN) are dropped
+        news = {"op": "worker-removed", "address": address}
+        for other in self.workers:
+            self.to_workers[other].append(news)
+        for client in self.clients:
+            self.to_clients[client].append(news)
         to_reschedule = []
         if ws is not None:
             for ts in list(ws.processing):

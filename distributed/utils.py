@@ -21,7 +21,8 @@ def get_ip(host="8.8.8.8", port=80):
     """The local IP address of the interface that routes to ``host``.
 
     Connecting a UDP socket sends no packet; it only asks the kernel for a
-    route.  Falls back to the host name's address when there is none.
+    route.  With no route (a machine without a default gateway), the first
+    address of an interface that is up and not loopback; 127.0.0.1 last.
     """
     if host in ("localhost", "127.0.0.1", "::1"):
         return "127.0.0.1"
@@ -30,10 +31,17 @@ def get_ip(host="8.8.8.8", port=80):
             s.connect((host, port))
             return s.getsockname()[0]
     except OSError:
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
+        pass
+    import psutil
+
+    stats = psutil.net_if_stats()
+    for name, addrs in psutil.net_if_addrs().items():
+        if name in stats and not stats[name].isup:
+            continue
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return "127.0.0.1"
 
 
 def parse_address(addr):

@@ -12,6 +12,28 @@ A worker keeps Python objects in ``data`` and runs functions on them in a
 thread pool of ``ncores`` threads.  Inputs it lacks are located through the
 center (or a ``who_has`` given with the request) and fetched **directly from
 the peer** that holds them.  Every key it gains is reported to the center.
+
+Memory limit
+------------
+With ``memory_limit`` (bytes) set, ``data`` is a
+:class:`~distributed.spill.SpillBuffer` and a monitor thread samples the
+process's RSS every ``memory_monitor_interval`` seconds:
+
+* above ``memory_target_fraction`` (0.6) of the limit, least recently used
+  values are spilled to ``local_dir`` (by a thread of their own; so too
+  when the values held, by ``sizeof``, exceed that fraction);
+* above ``memory_pause_fraction`` (0.8) the worker is ``paused``: it starts
+  no new task (they wait, in order, and start once memory is below that
+  fraction again);
+* above ``memory_terminate_fraction`` (0.95) the process exits with status
+  :data:`MEMORY_EXIT_CODE` (75), which its nanny reports as "memory limit
+  exceeded" before starting a fresh worker.
+
+The fractions default to the environment variables
+``DISTRIBUTED_MEMORY_TARGET``, ``DISTRIBUTED_MEMORY_PAUSE`` and
+``DISTRIBUTED_MEMORY_TERMINATE`` when set; ``0`` (or ``False``) turns a stage
+off.  Spilled values are read back (in a thread, not on the event loop) when
+a peer asks for them or a task needs them.
 """
 
 import asyncio
@@ -26,16 +48,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict, namedtuple
+from collections import OrderedDict, defaultdict, namedtuple
 
 import psutil
-from tornado import gen
+from tornado import gen, locks
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from tornado.iostream import StreamClosedError
 
 from .batched import BatchedSend
 from .core import (
+    AuthenticationError,
     ConnectionPool,
     Server,
     coerce_to_address,
@@ -48,11 +71,12 @@ from .core import (
 from .graph import execute_task, substitute, substitute_refs
 from .protocol import from_blob, to_blob
 from .sizeof import sizeof
+from .spill import SpillBuffer
 from .utils import funcname, get_ip, new_id, parse_address
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Worker", "gather_from_workers"]
+__all__ = ["Worker", "gather_from_workers", "MEMORY_EXIT_CODE"]
 
 #: seconds between heartbeats to the center
 HEARTBEAT_INTERVAL = 1.0
@@ -62,6 +86,36 @@ CONNECT_RETRY_TIMEOUT = 30
 TRANSFER_TIMEOUT = 300
 #: results up to this many bytes are sent with the task-finished message
 SMALL_RESULT = 1024
+
+#: exit status of a worker process that went past its memory limit
+#: (``EX_TEMPFAIL`` of sysexits.h; the nanny reports "memory limit exceeded")
+MEMORY_EXIT_CODE = 75
+#: fractions of ``memory_limit``: spill above, pause above, exit above
+MEMORY_TARGET_FRACTION = 0.6
+MEMORY_PAUSE_FRACTION = 0.8
+MEMORY_TERMINATE_FRACTION = 0.95
+#: seconds between two samples of the process memory
+MEMORY_MONITOR_INTERVAL = 0.1
+
+
+def _memory_fraction(value, env, default):
+    """A fraction argument: ``None`` -> ``$env`` or ``default``; 0/False -> None (off)."""
+    if value is None:
+        text = os.environ.get(env, "").strip().lower()
+        if not text:
+            return default
+        if text in ("false", "none", "off", "no"):
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("%s=%r is not a fraction of the memory limit" % (env, text))
+    if value is False or not value:
+        return None
+    value = float(value)
+    if value < 0:
+        raise ValueError("a memory fraction must be positive, got %r" % value)
+    return value
 
 
 #: a peer failing with one of these is gone (or unreachable): ask another
@@ -152,7 +206,9 @@ class Worker(Server):
     def __init__(self, center_ip, center_port=None, ip=None, ncores=None, loop=None,
                  local_dir=None, services=None, service_ports=None, name=None,
                  heartbeat_interval=HEARTBEAT_INTERVAL, memory_limit=None,
-                 nanny=None, **kwargs):
+                 nanny=None, memory_target_fraction=None, memory_pause_fraction=None,
+                 memory_terminate_fraction=None,
+                 memory_monitor_interval=MEMORY_MONITOR_INTERVAL, **kwargs):
         if center_port is None:
             center_ip, center_port = parse_address(coerce_to_address(center_ip))
         self.loop = loop or IOLoop.current()
@@ -161,7 +217,25 @@ class Worker(Server):
         self.data = {}
         self.nbytes = {}
         self.active = set()
-        self.memory_limit = memory_limit
+        self.memory_limit = int(memory_limit) if memory_limit else None
+        self.memory_target_fraction = _memory_fraction(
+            memory_target_fraction, "DISTRIBUTED_MEMORY_TARGET", MEMORY_TARGET_FRACTION)
+        self.memory_pause_fraction = _memory_fraction(
+            memory_pause_fraction, "DISTRIBUTED_MEMORY_PAUSE", MEMORY_PAUSE_FRACTION)
+        self.memory_terminate_fraction = _memory_fraction(
+            memory_terminate_fraction, "DISTRIBUTED_MEMORY_TERMINATE",
+            MEMORY_TERMINATE_FRACTION)
+        self.memory_monitor_interval = memory_monitor_interval
+        self.memory_rss = None  # last sample of the process memory
+        self.paused = False
+        self._unpaused = locks.Event()
+        self._unpaused.set()
+        self._paused_tasks = OrderedDict()  # key -> (spec, how to go on)
+        self._memory_stop = threading.Event()
+        self._memory_thread = None
+        self._spill_executor = self._unspill_executor = None
+        self._spill_pending = False
+        self._spill_request_lock = threading.Lock()
         self.nanny = nanny
         self.heartbeat_interval = heartbeat_interval
         self.executor = concurrent.futures.ThreadPoolExecutor(
@@ -171,7 +245,18 @@ class Worker(Server):
         if local_dir:
             os.makedirs(local_dir, exist_ok=True)
         self.local_dir = tempfile.mkdtemp(prefix="worker-", dir=local_dir)
-        self.pool = ConnectionPool()
+        if self.memory_limit and self.memory_target_fraction:
+            # spilling (and file removal) in one thread, reading back in another:
+            # a long eviction does not hold up a peer waiting for a spilled key
+            self._spill_executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="distributed-spill")
+            self._unspill_executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="distributed-unspill")
+            self.data = SpillBuffer(
+                os.path.join(self.local_dir, "spill"),
+                target=int(self.memory_limit * self.memory_target_fraction),
+                executor=self._spill_executor)
+        self.pool = ConnectionPool(security=kwargs.get("security"))
         self.center = rpc(ip=center_ip, port=center_port, pool=self.pool)
         self.service_classes = services or {}
         self.service_ports = dict(service_ports or {})
@@ -229,6 +314,11 @@ class Worker(Server):
         )
         self._heartbeats.start()
         self.status = "running"
+        if self.memory_limit and self._memory_thread is None:
+            self._memory_thread = threading.Thread(
+                target=self._memory_monitor, name="distributed-memory-monitor",
+                daemon=True)
+            self._memory_thread.start()
         logger.info("worker at %s registered with center at %s",
                     self.address, self.center.address)
         return self
@@ -244,7 +334,8 @@ class Worker(Server):
         while True:
             try:
                 stream = yield connect(self.center.ip, self.center.port,
-                                       timeout=max(0.1, min(5, deadline - time.time())))
+                                       timeout=max(0.1, min(5, deadline - time.time())),
+                                       security=self.security)
                 hb = rpc(stream)
                 yield hb.register(
                     address=self.address,
@@ -256,6 +347,8 @@ class Worker(Server):
                     nanny=self.nanny,
                     timeout=max(1, deadline - time.time()),
                 )
+            except AuthenticationError:
+                raise  # retrying cannot help: the tokens differ
             except (OSError, TimeoutError, StreamClosedError) as e:
                 if time.time() + delay > deadline:
                     raise TimeoutError(
@@ -284,6 +377,7 @@ class Worker(Server):
             "compute-task": self._compute_task,
             "delete-data": self._delete_data,
             "confirm-data": self._confirm_data,
+            "worker-removed": self._worker_removed,
         }
         try:
             while True:
@@ -318,6 +412,9 @@ class Worker(Server):
         if self.status in ("closing", "closed"):
             return
         self.status = "closing"
+        self._memory_stop.set()
+        self.paused = False  # compute requests waiting for a resume go on (and fail)
+        self._unpaused.set()
         if self._heartbeats is not None:
             self._heartbeats.stop()
         if report and self.port is not None:
@@ -332,6 +429,9 @@ class Worker(Server):
         self.stop()
         self.pool.close()
         self.executor.shutdown(wait=False)
+        for ex in (self._spill_executor, self._unspill_executor):
+            if ex is not None:
+                ex.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.local_dir, ignore_errors=True)
         self.status = "closed"
 
@@ -342,14 +442,47 @@ class Worker(Server):
     # -- data ----------------------------------------------------------------
 
     def put_key(self, key, value):
-        self.data[key] = value
         n = sizeof(value)
+        data = self.data
+        if type(data) is dict:
+            data[key] = value
+        else:
+            data.put(key, value, n)
+            if data.memory_bytes > data.target:
+                self._request_spill()
         self.nbytes[key] = n
         return n
 
+    def _discard(self, key):
+        try:
+            del self.data[key]
+        except KeyError:
+            pass
+
+    def _in_memory(self, keys):
+        """``(values, spilled)``: a mapping with the ``keys`` held in memory,
+        and the list of those on disk.  Dict speed: nothing is read here."""
+        data = self.data
+        if type(data) is dict:
+            return data, ()
+        return data.get_in_memory(keys)
+
+    def _unspill(self, keys):
+        """Future of ``{key: value}``, read back from disk in a thread."""
+        return self.loop.run_in_executor(self._unspill_executor, self.data.get_many, keys)
+
     def get_data(self, stream=None, keys=()):
         data = self.data
-        return {k: data[k] for k in keys if k in data}
+        if type(data) is dict:
+            return {k: data[k] for k in keys if k in data}
+        values, spilled = self._in_memory(keys)
+        if spilled:
+            return self._get_spilled_data(values, spilled)
+        return values
+
+    async def _get_spilled_data(self, values, spilled):
+        values.update(await self._unspill(spilled))
+        return values
 
     def get_keys(self, stream=None):
         return list(self.data)
@@ -372,7 +505,7 @@ class Worker(Server):
     def delete_data(self, stream=None, keys=(), report=True):
         keys = [k for k in keys if k in self.data]
         for key in keys:
-            del self.data[key]
+            self._discard(key)
             self.nbytes.pop(key, None)
         if report and keys:
             yield self.center.remove_keys(address=self.address, keys=keys)
@@ -433,13 +566,23 @@ class Worker(Server):
         if keys and not args:
             args = tuple(keys)
         start = time.time()
+        while self.paused:  # over the memory pause threshold: fetch nothing either
+            yield self._unpaused.wait()
         lost = yield self._ensure_local(needed_keys, who_has, report)
         if lost:
             return b"missing-data", {"keys": sorted(lost, key=str)}
+        while self.paused:
+            yield self._unpaused.wait()
+        values, spilled = self._in_memory(needed_keys)
+        if spilled:
+            values.update((yield self._unspill(spilled)))
+            lost = [k for k in spilled if k not in values]
+            if lost:  # deleted meanwhile
+                return b"missing-data", {"keys": sorted(lost, key=str)}
         transfer_stop = time.time()
         keyset = set(needed_keys)
-        args2 = substitute(tuple(args), self.data, keyset)
-        kwargs2 = substitute(dict(kwargs or {}), self.data, keyset)
+        args2 = substitute(tuple(args), values, keyset)
+        kwargs2 = substitute(dict(kwargs or {}), values, keyset)
         self.active.add(key)
         try:
             ok, result, timings = yield self.executor.submit(
@@ -474,8 +617,15 @@ class Worker(Server):
         if key in self.data:
             self._send_finished(key, None)
             return
-        deps = list(who_has or ())
         self.tasks[key] = spec
+        if self.paused:  # nothing starts (nor is fetched) until memory is lower
+            self._paused_tasks[key] = (
+                spec, functools.partial(self._start_task, key, spec, who_has))
+            return
+        self._start_task(key, spec, who_has)
+
+    def _start_task(self, key, spec, who_has):
+        deps = list(who_has or ())
         missing = {d: who_has[d] for d in deps if d not in self.data}
         if missing:
             self._fetch_and_run(key, spec, missing, deps)
@@ -529,8 +679,42 @@ class Worker(Server):
         self._run_task(key, spec, deps)
 
     def _run_task(self, key, spec, deps):
+        if self.paused:
+            self._paused_tasks[key] = (
+                spec, functools.partial(self._run_task, key, spec, deps))
+            return
+        values, spilled = self._in_memory(deps)
+        if spilled:
+            self.loop.add_callback(self._unspill_and_run, key, spec, deps, values,
+                                   spilled)
+            return
+        self._submit_task(key, spec, deps, values)
+
+    async def _unspill_and_run(self, key, spec, deps, values, spilled):
+        """Read the spilled inputs back in a thread, then run the task."""
         try:
-            function, args, kwargs = self._unpack(spec, deps)
+            values.update(await self._unspill(spilled))
+        except Exception as e:
+            logger.exception("could not read back the spilled inputs of %r", key)
+            if self.tasks.get(key) is spec:
+                self._send_erred(key, e, e.__traceback__)
+            return
+        state = self.tasks.get(key)
+        if state is not spec:
+            if state == "released":
+                del self.tasks[key]
+            return
+        lost = [d for d in spilled if d not in values]
+        if lost:  # deleted meanwhile
+            del self.tasks[key]
+            self._send({"op": "missing-data", "key": key, "missing": lost,
+                        "bad_workers": []})
+            return
+        self._submit_task(key, spec, deps, values)
+
+    def _submit_task(self, key, spec, deps, values):
+        try:
+            function, args, kwargs = self._unpack(spec, deps, values)
         except Exception as e:
             self._send_erred(key, e, e.__traceback__)
             return
@@ -539,8 +723,7 @@ class Worker(Server):
         future.add_done_callback(
             lambda f: self.loop.add_callback(self._task_done, key, f))
 
-    def _unpack(self, spec, deps):
-        data = self.data
+    def _unpack(self, spec, deps, data):
         if "task" in spec:
             task = from_blob(spec["task"])
             return execute_task, (task, {d: data[d] for d in deps}), {}
@@ -564,11 +747,20 @@ class Worker(Server):
             self._send_erred(key, *result)
 
     def _send_finished(self, key, startstops):
-        value = self.data[key]
+        values, spilled = self._in_memory([key])
         nbytes = self.nbytes[key]
+        if spilled:  # not read back for this: no value rides along
+            value = None
+            try:
+                type_name = self.data.slow.type_name(key)
+            except KeyError:  # read back meanwhile
+                type_name = type(self.data.fast.get(key)).__name__
+        else:
+            value = values[key]
+            type_name = type(value).__name__
         msg = {"op": "task-finished", "key": key, "nbytes": nbytes,
-               "type": type(value).__name__, "startstops": startstops}
-        if nbytes <= SMALL_RESULT:
+               "type": type_name, "startstops": startstops}
+        if nbytes <= SMALL_RESULT and not spilled:
             # small results ride along to the executor: no fetch round trip
             try:
                 blob = to_blob(value)
@@ -591,15 +783,23 @@ class Worker(Server):
             self.data.clear()
             self.nbytes.clear()
             self._unconfirmed.clear()
-            self.tasks = {k: "released" for k in self.tasks}
+            self.tasks = {k: "released" for k in self.tasks
+                          if k not in self._paused_tasks}
+            self._paused_tasks.clear()
             return
         for key in keys:
             if key in self._unconfirmed:
                 continue  # a newer scattered copy: see update_data
-            self.data.pop(key, None)
+            if key in self._paused_tasks:  # never started: forget it
+                del self._paused_tasks[key]
+                self.tasks.pop(key, None)
+            self._discard(key)  # a spilled value is not read back to be dropped
             self.nbytes.pop(key, None)
             if key in self.tasks:
                 self.tasks[key] = "released"
+
+    def _worker_removed(self, address=None):
+        self.pool.close(address)  # fails transfers waiting on it: ask others
 
     def _confirm_data(self, keys=()):
         self._unconfirmed.difference_update(keys)
@@ -607,6 +807,124 @@ class Worker(Server):
     def _send(self, msg):
         if self.batched is not None and not self.batched.closed:
             self.batched.send(msg)
+
+    # -- memory ------------------------------------------------------------------
+
+    def _rss(self):
+        """Memory of this process in bytes (psutil's RSS); tests replace it."""
+        return psutil.Process().memory_info().rss
+
+    def _memory_monitor(self):
+        """Body of the monitor thread: sample, then spill, pause or exit."""
+        while not self._memory_stop.wait(self.memory_monitor_interval):
+            try:
+                self._check_memory()
+            except Exception:
+                logger.exception("memory monitor")
+
+    def _check_memory(self):
+        """One look at the process memory (in the monitor thread)."""
+        rss = self.memory_rss = self._rss()
+        limit = self.memory_limit
+        if not limit or self.status in ("closing", "closed"):
+            return
+        if self.memory_terminate_fraction and rss > limit * self.memory_terminate_fraction:
+            self._memory_terminate(rss)
+            return
+        if self.memory_pause_fraction:
+            paused = rss > limit * self.memory_pause_fraction
+            if paused != self.paused:
+                try:
+                    self.loop.add_callback(self._set_paused, paused)
+                except RuntimeError:  # the loop is closed
+                    return
+        data = self.data
+        if type(data) is not dict:
+            target = limit * self.memory_target_fraction
+            if rss > target and data.fast:
+                # free what the process holds above the target (or all we can)
+                self._request_spill(max(0, data.memory_bytes - (rss - target)))
+            elif data.memory_bytes > data.target:
+                self._request_spill()
+
+    def _request_spill(self, target=None):
+        """Spill down to ``target`` bytes (default: the buffer's) in the spill
+        thread, unless a spill is under way already.  Any thread, dict speed."""
+        with self._spill_request_lock:
+            if self._spill_pending:
+                return
+            self._spill_pending = True
+        try:
+            self._spill_executor.submit(self._spill, target)
+        except RuntimeError:  # shut down
+            self._spill_pending = False
+
+    def _spill(self, target):
+        try:
+            n = self.data.evict_until(target)
+            if n:
+                logger.debug("spilled %d bytes to %s", n, self.local_dir)
+        except Exception:
+            logger.exception("could not spill to %s", self.local_dir)
+        finally:
+            self._spill_pending = False
+
+    def _set_paused(self, paused):
+        """Pause (no task starts) or resume (on the event loop)."""
+        if paused == self.paused or self.status in ("closing", "closed"):
+            return
+        rss, limit = self.memory_rss or 0, self.memory_limit
+        self.paused = paused
+        if paused:
+            self._unpaused.clear()
+            logger.warning(
+                "worker %s paused: process memory %s is above %d%% of the memory "
+                "limit %s; no new task starts until it is lower", self.address,
+                _format_bytes(rss), self.memory_pause_fraction * 100,
+                _format_bytes(limit))
+            return
+        logger.warning("worker %s resumed: process memory %s is below %d%% of the "
+                       "memory limit %s", self.address, _format_bytes(rss),
+                       self.memory_pause_fraction * 100, _format_bytes(limit))
+        self._unpaused.set()
+        while self._paused_tasks and not self.paused:
+            key, (spec, go_on) = self._paused_tasks.popitem(last=False)
+            if self.tasks.get(key) is spec:
+                go_on()
+
+    def _memory_terminate(self, rss):
+        """Past the limit: log, remove the spilled files and exit the process
+        with :data:`MEMORY_EXIT_CODE` (in the monitor thread)."""
+        self._memory_stop.set()
+        logger.critical(
+            "worker %s exceeded its memory limit: process memory %s is above %d%% "
+            "of %s; exiting with status %d", self.address, _format_bytes(rss),
+            self.memory_terminate_fraction * 100, _format_bytes(self.memory_limit),
+            MEMORY_EXIT_CODE)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            shutil.rmtree(self.local_dir, ignore_errors=True)
+        finally:
+            os._exit(MEMORY_EXIT_CODE)
+
+    def memory_state(self):
+        """``{'memory_limit', 'memory_rss', 'memory_bytes', 'spilled_bytes',
+        'spilled_keys', 'paused', ...}``: what ``health`` and /info.json show."""
+        data = self.data
+        spilling = type(data) is not dict
+        return {
+            "memory_limit": self.memory_limit,
+            "memory_target_fraction": self.memory_target_fraction,
+            "memory_pause_fraction": self.memory_pause_fraction,
+            "memory_terminate_fraction": self.memory_terminate_fraction,
+            "memory_rss": self.memory_rss,
+            "memory_bytes": data.memory_bytes if spilling else sum(self.nbytes.values()),
+            "spilled_bytes": data.spilled_bytes if spilling else 0,
+            "spilled_keys": len(data.slow) if spilling else 0,
+            "paused": self.paused,
+            "paused_tasks": len(self._paused_tasks),
+        }
 
     # -- admin -------------------------------------------------------------------
 
@@ -638,6 +956,7 @@ class Worker(Server):
             "network_recv": net.bytes_recv,
             "num_fds": p.num_fds() if hasattr(p, "num_fds") else None,
             "threads": p.num_threads(),
+            **self.memory_state(),
         }
 
     def upload_file(self, stream=None, filename=None, data=None, load=True):
@@ -672,6 +991,13 @@ class Worker(Server):
             self.ncores,
             self.status,
         )
+
+
+def _format_bytes(n):
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return "%.1f %s" % (n / size, unit)
+    return "%d B" % n
 
 
 @functools.lru_cache(maxsize=512)

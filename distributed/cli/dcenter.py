@@ -12,8 +12,13 @@ import logging
 
 from ..center import Center
 from ..http import HTTPCenter
-from ..utils import is_loopback
-from .utils import run_until_signal, setup_logging
+from .utils import (
+    add_security_arguments,
+    run_until_signal,
+    security_from_args,
+    setup_logging,
+    warn_if_exposed,
+)
 
 logger = logging.getLogger("distributed.dcenter")
 
@@ -34,13 +39,16 @@ def make_parser():
                    help="also serve JSON status (/info.json, /who_has.json, ...) on this port")
     p.add_argument("--heartbeat-timeout", type=float, default=60,
                    help="seconds without a heartbeat before a worker counts as dead (default 60)")
+    add_security_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return p
 
 
 def main(argv=None):
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    security = security_from_args(args, parser)
     services = {"http": HTTPCenter} if args.http_port is not None else None
     ports = {"http": args.http_port} if args.http_port is not None else None
     center = None
@@ -48,12 +56,10 @@ def main(argv=None):
     async def start(stopping):
         nonlocal center
         center = Center(args.host, args.port, services=services, service_ports=ports,
-                        heartbeat_timeout=args.heartbeat_timeout)
+                        heartbeat_timeout=args.heartbeat_timeout, security=security)
         center.on_close = stopping.set
         center.listen(args.port)
-        if not is_loopback(args.host):
-            logger.warning("the center listens on %s: anyone who can reach this port "
-                           "can run code on the cluster", args.host)
+        warn_if_exposed(logger, "the center", args.host, security)
         print("Start center at %s" % center.address, flush=True)
         if "http" in center.service_ports:
             print("HTTP status at http://%s:%d/info.json"

@@ -18,9 +18,16 @@ from tornado.ioloop import PeriodicCallback
 
 from ..core import coerce_to_address
 from ..http import HTTPWorker
-from ..utils import get_ip, is_loopback, parse_address
+from ..utils import get_ip, parse_address
 from ..worker import Worker
-from .utils import parse_memory_limit, run_until_signal, setup_logging
+from .utils import (
+    add_security_arguments,
+    parse_memory_limit,
+    run_until_signal,
+    security_from_args,
+    setup_logging,
+    warn_if_exposed,
+)
 
 logger = logging.getLogger("distributed.dworker")
 
@@ -53,7 +60,10 @@ def make_parser():
                    "system temporary directory); each worker uses its own subdirectory")
     p.add_argument("--memory-limit", default=None,
                    help="memory the worker may use: bytes ('4GB', '512MiB'), a fraction "
-                   "of RAM ('0.5') or 'auto' (default: no limit)")
+                   "of RAM ('0.5') or 'auto' (default: no limit). Above 60%% of it "
+                   "the worker spills data to --local-dir, above 80%% it starts no "
+                   "new task, above 95%% it exits (status 75) and its nanny restarts "
+                   "it; DISTRIBUTED_MEMORY_TARGET/_PAUSE/_TERMINATE change these")
     p.add_argument("--connect-timeout", type=float, default=30,
                    help="seconds to keep trying to reach the center before giving up "
                    "(default 30)")
@@ -64,6 +74,7 @@ def make_parser():
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve JSON status (/info.json, /resources.json) on this "
                    "port (0: a free one)")
+    add_security_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return p
 
@@ -80,12 +91,13 @@ def main(argv=None):
         parser.error(str(e))
     if args.nprocs < 1:
         parser.error("--nprocs must be at least 1")
+    security = security_from_args(args, parser)
     if args.nprocs > 1:
-        return _run_many(args)
+        return _run_many(args, security)
 
     host = args.host or get_ip(center_ip)
     if not args.no_nanny:
-        return _run_nanny(args, center_ip, center_port, host)
+        return _run_nanny(args, center_ip, center_port, host, security)
     services = {"http": HTTPWorker} if args.http_port is not None else None
     ports = {"http": args.http_port} if args.http_port is not None else None
     worker = None
@@ -95,12 +107,11 @@ def main(argv=None):
         worker = Worker(center_ip, center_port, ip=host, ncores=args.ncores,
                         local_dir=args.local_dir, services=services,
                         service_ports=ports, name=args.name,
-                        memory_limit=memory_limit, nanny=args.nanny_address)
+                        memory_limit=memory_limit, nanny=args.nanny_address,
+                        security=security)
         worker.on_close = stopping.set
         worker.listen(args.port)
-        if not is_loopback(host):
-            logger.warning("the worker listens on %s: anyone who can reach this port "
-                           "can run code on it", host)
+        warn_if_exposed(logger, "the worker", host, security)
         print("Start worker at: %s" % worker.address, flush=True)
         await worker._start(timeout=args.connect_timeout)
         print("Registered with center at: %s" % worker.center.address, flush=True)
@@ -147,7 +158,7 @@ def _worker_args(args):
     return out
 
 
-def _run_nanny(args, center_ip, center_port, host):
+def _run_nanny(args, center_ip, center_port, host, security):
     from ..nanny import Nanny
 
     nanny = None
@@ -155,7 +166,8 @@ def _run_nanny(args, center_ip, center_port, host):
     async def start(stopping):
         nonlocal nanny
         nanny = Nanny(center_ip, center_port, ip=host, worker_args=_worker_args(args),
-                      echo=True, timeout=args.connect_timeout + 30)  # the worker's own lines: "Start worker at: ..."
+                      echo=True, timeout=args.connect_timeout + 30,  # the worker's own lines: "Start worker at: ..."
+                      security=security)
         nanny.on_close = stopping.set
         nanny.listen(0)
         print("Start nanny at: %s" % nanny.address, flush=True)
@@ -169,7 +181,7 @@ def _run_nanny(args, center_ip, center_port, host):
     return run_until_signal(start, stop, prog="dworker")
 
 
-def _run_many(args):
+def _run_many(args, security):
     """Start ``--nprocs`` single-process dworkers and forward signals to them."""
     ncores = args.ncores or max(1, (os.cpu_count() or 1) // args.nprocs)
     procs = []
@@ -193,7 +205,8 @@ def _run_many(args):
         cmd += ["--connect-timeout", str(args.connect_timeout)]
         if args.verbose:
             cmd += ["-v"]
-        procs.append(subprocess.Popen(cmd))
+        # the token and TLS files go through the environment, never on a command line
+        procs.append(subprocess.Popen(cmd, env=security.child_env()))
 
     def forward(signum, frame):
         for p in procs:

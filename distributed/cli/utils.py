@@ -1,4 +1,4 @@
-"""Shared pieces of the command lines: signals, logging, sizes."""
+"""Shared pieces of the command lines: signals, logging, sizes, security options."""
 
 import asyncio
 import logging
@@ -8,6 +8,9 @@ import signal
 import sys
 
 import psutil
+
+from ..security import ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY, ENV_TOKEN, Security
+from ..utils import is_loopback
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
           "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
@@ -38,6 +41,43 @@ def parse_memory_limit(text):
     if not m.group(2) and value <= 1:
         return int(value * total)
     return int(value * _UNITS[m.group(2)])
+
+
+def add_security_arguments(parser):
+    """``--auth-token``, ``--tls-cert``, ``--tls-key``, ``--tls-ca`` (each also
+    from its environment variable)."""
+    parser.add_argument(
+        "--auth-token", default=None, metavar="TOKEN",
+        help="shared secret that every center, worker and client of the cluster "
+        "must prove it knows when a connection opens (default: $%s; prefer the "
+        "variable: a command line is visible to every user of the machine)" % ENV_TOKEN)
+    parser.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="this node's TLS certificate (chain); turns TLS on for "
+                        "every connection (default: $%s)" % ENV_TLS_CERT)
+    parser.add_argument("--tls-key", default=None, metavar="PEM",
+                        help="the private key of --tls-cert, unless that file holds "
+                        "it (default: $%s)" % ENV_TLS_KEY)
+    parser.add_argument("--tls-ca", default=None, metavar="PEM",
+                        help="verify peers' certificates against this CA, and require "
+                        "one from every client (default: $%s)" % ENV_TLS_CA)
+
+
+def security_from_args(args, parser):
+    """The :class:`Security` of the options (environment variables fill the gaps)."""
+    try:
+        return Security.from_env(token=args.auth_token, tls_cert=args.tls_cert,
+                                 tls_key=args.tls_key, tls_ca=args.tls_ca)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def warn_if_exposed(logger, what, host, security):
+    """Warn that a node on a non-loopback address without a token runs anyone's code."""
+    if security.token is None and not is_loopback(host):
+        logger.warning("%s listens on %s without an auth token: anyone who can reach "
+                       "this port can run code on %s; set --auth-token or %s",
+                       what, host, "the cluster" if what == "the center" else "it",
+                       ENV_TOKEN)
 
 
 def setup_logging(verbose=False):

@@ -24,6 +24,7 @@ class Info(JSONHandler):
             "nbytes": sum(w.nbytes.values()),
             "center": w.center.address,
             "services": w.service_ports,
+            **w.memory_state(),
         }
 
 
