@@ -11,6 +11,7 @@ import time
 from contextlib import ExitStack, contextmanager
 
 import numpy as np
+import pytest
 
 from distributed import Executor
 from distributed.process import Process
@@ -147,3 +148,17 @@ def test_restart_replaces_workers_under_nannies():
             after = set(e.run(os.getpid).values())
             assert not before & after
             assert e.submit(inc, 2).result(timeout=10) == 3
+
+
+def test_poison_task_ends_as_killed_worker():
+    """A task that kills every worker running it is erred after a few deaths;
+    the local cluster replaces the dead workers and keeps computing."""
+    from distributed.scheduler import KilledWorker
+
+    with Executor(n_workers=2) as e:
+        f = e.submit(os._exit, 1)
+        with pytest.raises(KilledWorker, match="died"):
+            f.result(timeout=60)
+        # allowed_failures=3: erred at the 4th death
+        poll(lambda: len(e.cluster.deaths) == 4, timeout=30)
+        assert e.submit(inc, 1).result(timeout=20) == 2
