@@ -116,7 +116,7 @@ def w_rpc(repeat, meta, calls=2000):
     try:
         with cluster(meta) as (c, e, workers, pids):
             echo = rpc(echo_addr)
-            center = rpc(c.center_address)
+            center = rpc(c.center_address, security=c.security)
 
             loop = asyncio.new_event_loop()  # one loop for all calls: streams are reused
 
