@@ -31,7 +31,7 @@ from tornado.iostream import StreamClosedError
 from .batched import BatchedSend
 from .core import ConnectionPool, Server, coerce_to_address, read, rpc
 from .protocol import ProtocolError
-from .scheduler import Scheduler
+from .scheduler import ALLOWED_FAILURES, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class Center(Server):
     default_port = 8787
 
     def __init__(self, ip=None, port=8787, heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                 loop=None, services=None, service_ports=None, **kwargs):
+                 loop=None, services=None, service_ports=None,
+                 allowed_failures=ALLOWED_FAILURES, **kwargs):
         self.who_has = defaultdict(set)
         self.has_what = defaultdict(set)
         self.ncores = {}
@@ -67,7 +68,8 @@ class Center(Server):
         self.service_ports = dict(service_ports or {})
         self.services = {}
         self.status = "created"
-        self.scheduler = Scheduler(self.who_has, self.has_what, self.nbytes)
+        self.scheduler = Scheduler(self.who_has, self.has_what, self.nbytes,
+                                   allowed_failures=allowed_failures)
         self.worker_comms = {}  # address -> BatchedSend on its stream
         self.client_comms = {}  # client id -> BatchedSend
         handlers = {

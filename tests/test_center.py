@@ -409,3 +409,12 @@ def test_center_start_forms():
             c2.close()
 
     run(main())
+
+
+def test_allowed_failures_reaches_the_scheduler():
+    from distributed.center import Center
+    from distributed.cli.dcenter import make_parser
+
+    assert Center("127.0.0.1", allowed_failures=1).scheduler.allowed_failures == 1
+    assert Center("127.0.0.1").scheduler.allowed_failures == 3
+    assert make_parser().parse_args(["--allowed-failures", "5"]).allowed_failures == 5

@@ -37,6 +37,9 @@ def make_parser():
                    help="TCP port for workers and executors (default 8787; 0 picks a free one)")
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve JSON status (/info.json, /who_has.json, ...) on this port")
+    p.add_argument("--allowed-failures", type=int, default=3,
+                   help="worker deaths a task may cause before it is marked erred "
+                   "with KilledWorker (default 3)")
     p.add_argument("--heartbeat-timeout", type=float, default=60,
                    help="seconds without a heartbeat before a worker counts as dead (default 60)")
     add_security_arguments(p)
@@ -56,7 +59,8 @@ def main(argv=None):
     async def start(stopping):
         nonlocal center
         center = Center(args.host, args.port, services=services, service_ports=ports,
-                        heartbeat_timeout=args.heartbeat_timeout, security=security)
+                        heartbeat_timeout=args.heartbeat_timeout, security=security,
+                        allowed_failures=args.allowed_failures)
         center.on_close = stopping.set
         center.listen(args.port)
         warn_if_exposed(logger, "the center", args.host, security)
