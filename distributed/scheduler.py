@@ -238,6 +238,7 @@ class Scheduler:
         restrictions = restrictions or {}
         priority = priority or {}
         loose = set(loose_restrictions or ())
+        _check_graph(tasks, dependencies, keys, restrictions, priority)
         self.add_client(client)
         new = []
         for key, spec in tasks.items():
@@ -730,6 +731,21 @@ class Scheduler:
 
     def task_states(self):
         return {key: ts.state for key, ts in self.tasks.items()}
+
+
+def _check_graph(tasks, dependencies, keys, restrictions, priority):
+    """Refuse a malformed graph whole, before any state changes."""
+    for name, value in (("tasks", tasks), ("dependencies", dependencies),
+                        ("restrictions", restrictions), ("priority", priority)):
+        if not isinstance(value, dict):
+            raise TypeError("update-graph: %s must be a dict, got %s"
+                            % (name, type(value).__name__))
+    for key, deps in dependencies.items():
+        if not isinstance(deps, (list, tuple, set, frozenset)):
+            raise TypeError("update-graph: dependencies of %r must be a list, got %s"
+                            % (key, type(deps).__name__))
+    if not isinstance(keys, (list, tuple, set, frozenset)):
+        raise TypeError("update-graph: keys must be a list, got %s" % type(keys).__name__)
 
 
 def _priority(ts):

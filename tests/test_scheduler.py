@@ -1086,3 +1086,13 @@ def test_everything_forgotten_at_the_end(sim):
     assert not s.nbytes
     assert all(not d for d in sim.data.values())
     assert all(not ws.processing for ws in s.workers.values())
+
+
+def test_malformed_graph_changes_nothing():
+    s = Scheduler()
+    s.add_worker("w1:1", ncores=1)
+    with pytest.raises(TypeError, match="dependencies of 'k'"):
+        s.update_graph("c1", tasks={"j": "spec", "k": "spec"},
+                       dependencies={"k": 5}, keys=["k"])
+    assert not s.tasks
+    assert not s.to_workers.get("w1:1")
