@@ -235,6 +235,7 @@ class Center(Server):
             "task-erred": self.scheduler.task_erred,
             "missing-data": self.scheduler.missing_data,
             "add-keys": self.scheduler.add_keys,
+            "worker-status": self.scheduler.set_paused,
         }
         await self._read_stream(stream, address, handlers, self.last_seen)
 

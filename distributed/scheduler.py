@@ -102,11 +102,12 @@ class TaskState:
 
 
 class WorkerState:
-    __slots__ = ("address", "ncores", "processing", "queue", "nbytes", "executing")
+    __slots__ = ("address", "ncores", "processing", "queue", "nbytes", "paused")
 
     def __init__(self, address, ncores):
         self.address = address
         self.ncores = ncores
+        self.paused = False  # over its memory pause threshold: send it nothing
         self.processing = set()  # tasks sent to the worker
         self.queue = []  # heap of (priority, seq, TaskState) held back
         self.nbytes = 0
@@ -215,6 +216,18 @@ class Scheduler:
             ts.state = "released"
             recompute.append(ts)
         self._request(recompute)
+
+    def set_paused(self, address, paused=True):
+        """A worker over (or back under) its memory pause threshold.
+
+        A paused worker is sent no task; the others take its queued ones.
+        """
+        ws = self.workers.get(address)
+        if ws is None or ws.paused == bool(paused):
+            return
+        ws.paused = bool(paused)
+        for other in [ws] if not paused else self.workers.values():
+            self._fill(other)
 
     def add_client(self, client):
         self.clients.setdefault(client, set())
@@ -544,7 +557,10 @@ class Scheduler:
 
     def _limit(self, ws):
         """Tasks in flight on ``ws``: its cores plus enough to cover a round
-        trip (about ``LATENCY`` seconds of work), at least ``saturation``."""
+        trip (about ``LATENCY`` seconds of work), at least ``saturation``;
+        none while it is paused."""
+        if ws.paused:
+            return 0
         extra = int(LATENCY * ws.ncores / max(self._avg_duration, 1e-6))
         return ws.ncores + max(self.saturation, min(extra, MAX_EXTRA))
 
@@ -599,6 +615,8 @@ class Scheduler:
         duration = self.durations.get(ts.prefix, DEFAULT_TASK_DURATION)
 
         def cost(ws):
+            if ws.paused:
+                return float("inf")
             missing = 0
             for dep in ts.dependencies:
                 if ws.address not in self.who_has.get(dep.key, ()):
@@ -753,4 +771,6 @@ def _priority(ts):
 
 
 def _load(ws):
+    if ws.paused:
+        return float("inf")
     return (len(ws.processing) + len(ws.queue)) / ws.ncores

@@ -875,6 +875,7 @@ class Worker(Server):
             return
         rss, limit = self.memory_rss or 0, self.memory_limit
         self.paused = paused
+        self._send({"op": "worker-status", "paused": paused})  # the scheduler holds back
         if paused:
             self._unpaused.clear()
             logger.warning(

@@ -1096,3 +1096,22 @@ def test_malformed_graph_changes_nothing():
                        dependencies={"k": 5}, keys=["k"])
     assert not s.tasks
     assert not s.to_workers.get("w1:1")
+
+
+def test_paused_worker_gets_no_tasks():
+    s = Scheduler()
+    s.add_worker("a:1", ncores=1)
+    s.add_worker("b:1", ncores=1)
+    s.add_client("c")
+    s.set_paused("a:1", True)
+    s.update_graph("c", tasks={"k%d" % i: "spec" for i in range(20)},
+                   dependencies={}, keys=["k%d" % i for i in range(20)])
+    tw, _ = s.flush()
+    assert not tw.get("a:1")
+    assert len(tw["b:1"]) > 0
+    # resumed: it takes queued work again
+    s.set_paused("a:1", False)
+    for msg in tw["b:1"]:
+        s.task_finished("b:1", msg["key"], nbytes=1)
+    tw, _ = s.flush()
+    assert any(m["op"] == "compute-task" for m in tw.get("a:1", []))

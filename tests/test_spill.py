@@ -412,11 +412,16 @@ def test_pause_and_resume():
                 rss[0] = int(0.85 * 10**9)
                 await wait_for(lambda: w.paused)
                 assert (await r.health())["paused"] is True
+                # the worker tells the scheduler, which then holds tasks back
+                await wait_for(lambda: c.scheduler.workers[w.address].paused)
                 futures = [e.submit(inc, i) for i in range(1, 5)]
                 legacy = asyncio.ensure_future(
                     r.compute(function=inc, args=(10,), key="legacy"))
-                await wait_for(lambda: len(w._paused_tasks) == 4)
+                await wait_for(lambda: all(
+                    c.scheduler.tasks.get(f.key) is not None
+                    and c.scheduler.tasks[f.key].state == "queued" for f in futures))
                 await asyncio.sleep(0.1)  # nothing starts, however long we wait
+                assert not w.tasks  # nothing was even sent
                 assert not any(f.done() for f in futures)
                 assert not legacy.done() and "legacy" not in w.data
                 assert not w.active
@@ -428,8 +433,9 @@ def test_pause_and_resume():
                 # tasks forgotten while paused (a restart) never run
                 rss[0] = int(0.85 * 10**9)
                 await wait_for(lambda: w.paused)
+                await wait_for(lambda: c.scheduler.workers[w.address].paused)
                 f1 = e.submit(record, 100)
-                await wait_for(lambda: len(w._paused_tasks) == 1)
+                await wait_for(lambda: f1.key in c.scheduler.tasks)
                 await e._restart()
                 await wait_for(lambda: not w._paused_tasks and not w.tasks)
                 assert f1.cancelled()
