@@ -173,13 +173,7 @@ class Center(Server):
             return
         logger.info("removing worker %s", address)
         keys = self.has_what.pop(address, set())
-        for key in keys:
-            holders = self.who_has.get(key)
-            if holders is not None:
-                holders.discard(address)
-                if not holders:
-                    del self.who_has[key]
-                    self.nbytes.pop(key, None)
+        self._remove_keys(address, keys)
         del self.ncores[address]
         self.worker_services.pop(address, None)
         self.names.pop(address, None)

@@ -120,6 +120,19 @@ async def end_cluster(center, workers):
     center.close()
 
 
+def named_like(test, func):
+    """Give the plain ``test()`` wrapping ``func`` its name, for pytest.
+
+    Not ``functools.wraps``: pytest would read the wrapped signature's
+    arguments as fixtures.
+    """
+    test.__name__ = func.__name__
+    test.__qualname__ = func.__qualname__
+    test.__module__ = func.__module__
+    test.__doc__ = func.__doc__
+    return test
+
+
 def gen_cluster(ncores=(1, 2), timeout=20, **cluster_kwargs):
     """Run an ``async def test(center, *workers)`` on an in-process cluster.
 
@@ -138,12 +151,7 @@ def gen_cluster(ncores=(1, 2), timeout=20, **cluster_kwargs):
 
             return asyncio.run(run())
 
-        # not functools.wraps: pytest would see the wrapped signature as fixtures
-        test.__name__ = func.__name__
-        test.__qualname__ = func.__qualname__
-        test.__module__ = func.__module__
-        test.__doc__ = func.__doc__
-        return test
+        return named_like(test, func)
 
     return decorator
 

@@ -12,7 +12,7 @@ from tornado.httpclient import AsyncHTTPClient
 from distributed.center import Center
 from distributed.core import connect, rpc
 from distributed.http import HTTPCenter
-from distributed.utils_test import gen_cluster, wait_for
+from distributed.utils_test import gen_cluster, named_like, wait_for
 
 A = "127.0.0.1:50001"
 B = "127.0.0.1:50002"
@@ -38,10 +38,7 @@ def with_center(**center_kwargs):
 
             run(main())
 
-        test.__name__ = func.__name__
-        test.__qualname__ = func.__qualname__
-        test.__module__ = func.__module__
-        return test
+        return named_like(test, func)
 
     return decorator
 

@@ -27,7 +27,7 @@ from distributed.core import (
     write,
 )
 from distributed.protocol import Decoder, dumps, frames_to_bytes
-from distributed.utils_test import free_port, wait_for
+from distributed.utils_test import free_port, named_like, wait_for
 
 
 class MyError(Exception):
@@ -112,10 +112,7 @@ def with_server(handlers=HANDLERS, **kwargs):
 
             run(main())
 
-        test.__name__ = func.__name__
-        test.__qualname__ = func.__qualname__
-        test.__module__ = func.__module__
-        return test
+        return named_like(test, func)
 
     return decorator
 
