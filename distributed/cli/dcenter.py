@@ -12,6 +12,7 @@ import logging
 
 from ..center import Center
 from ..http import HTTPCenter
+from ..process import exit_with_parent
 from .utils import (
     add_security_arguments,
     run_until_signal,
@@ -48,6 +49,7 @@ def make_parser():
 
 
 def main(argv=None):
+    exit_with_parent()  # a center of a local cluster stops when its client dies
     parser = make_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

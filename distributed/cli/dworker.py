@@ -14,10 +14,9 @@ import signal
 import subprocess
 import sys
 
-from tornado.ioloop import PeriodicCallback
-
 from ..core import coerce_to_address
 from ..http import HTTPWorker
+from ..process import ENV_PARENT_PID, exit_with_parent
 from ..utils import get_ip, parse_address
 from ..worker import Worker
 from .utils import (
@@ -80,6 +79,7 @@ def make_parser():
 
 
 def main(argv=None):
+    exit_with_parent()  # a worker under a nanny stops when the nanny dies
     parser = make_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -115,8 +115,6 @@ def main(argv=None):
         print("Start worker at: %s" % worker.address, flush=True)
         await worker._start(timeout=args.connect_timeout)
         print("Registered with center at: %s" % worker.center.address, flush=True)
-        if args.nanny_address:
-            _stop_when_orphaned(stopping)
         if "http" in worker.service_ports:
             print("HTTP status at http://%s:%d/info.json"
                   % (worker.ip, worker.service_ports["http"]), flush=True)
@@ -127,18 +125,6 @@ def main(argv=None):
         print("Worker stopped", flush=True)
 
     return run_until_signal(start, stop, prog="dworker")
-
-
-def _stop_when_orphaned(stopping):
-    """A worker under a nanny stops when the nanny dies (even by SIGKILL)."""
-    parent = os.getppid()
-
-    def check():
-        if os.getppid() != parent:
-            logger.warning("the nanny (pid %d) is gone; stopping", parent)
-            stopping.set()
-
-    PeriodicCallback(check, 500).start()
 
 
 def _worker_args(args):
@@ -206,7 +192,9 @@ def _run_many(args, security):
         if args.verbose:
             cmd += ["-v"]
         # the token and TLS files go through the environment, never on a command line
-        procs.append(subprocess.Popen(cmd, env=security.child_env()))
+        env = security.child_env()
+        env[ENV_PARENT_PID] = str(os.getpid())  # they stop when we die
+        procs.append(subprocess.Popen(cmd, env=env))
 
     def forward(signum, frame):
         for p in procs:
