@@ -333,7 +333,23 @@ class _LoopThread:
         asyncio.set_event_loop(self.asyncio_loop)
         self.loop = IOLoop.current()
         self.asyncio_loop.call_soon(started.set)
-        self.asyncio_loop.run_forever()
+        try:
+            self.asyncio_loop.run_forever()
+        finally:
+            self._close()
+
+    def _close(self):
+        """Cancel what still runs and close the loop: its selector and self-pipe
+        are 3 file descriptors, leaked by every executor otherwise."""
+        loop = self.asyncio_loop
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        # only the executor's loop: sockets of its own are closed by then, and
+        # any other registered fd belongs to someone else
+        self.loop.close(all_fds=False)
 
     def stop(self):
         self.asyncio_loop.call_soon_threadsafe(self.asyncio_loop.stop)
