@@ -233,7 +233,10 @@ class Future(_DaskTaskRef or object):
         executor = self.executor
 
         def run():
-            executor._callback_pool.submit(_run_callback, fn, self)
+            try:
+                executor._callback_pool.submit(_run_callback, fn, self)
+            except RuntimeError:  # the executor was shut down: call it here
+                _run_callback(fn, self)
 
         executor._on_loop(self._add_callback, run)
 
@@ -366,11 +369,16 @@ class Executor:
     :class:`~distributed.security.Security`: auth token, TLS) defaults to
     that of a ``LocalCluster`` of this process at ``address``, else to the
     environment's (``DISTRIBUTED_AUTH_TOKEN``, ``DISTRIBUTED_TLS_*``); a local
-    cluster of its own gets a random token.
+    cluster of its own gets a random token.  Other keywords go to that local
+    cluster's center (``heartbeat_timeout=10``, ``allowed_failures=1``, see
+    :class:`~distributed.local.LocalCluster`).
     """
 
     def __init__(self, address=None, start=True, timeout=10, loop=None,
-                 n_workers=None, threads_per_worker=1, security=None):
+                 n_workers=None, threads_per_worker=1, security=None, **center_options):
+        if center_options and address is not None:
+            raise TypeError("%s: options of a local cluster's center, but this executor "
+                            "connects to %s" % (", ".join(center_options), address))
         self.id = "executor-" + uuid.uuid4().hex
         self.address = coerce_to_address(address) if address is not None else None
         self.timeout = timeout
@@ -379,7 +387,7 @@ class Executor:
         self.cluster = None
         self._cluster_kwargs = {"n_workers": n_workers,
                                 "threads_per_worker": threads_per_worker,
-                                "security": security}
+                                "security": security, **center_options}
         self._priority = itertools.count()
         self._lock = threading.Lock()
         self._callback_pool = concurrent.futures.ThreadPoolExecutor(
@@ -456,8 +464,10 @@ class Executor:
         return result
 
     def _on_loop(self, fn, *args):
-        """Call ``fn(*args)`` on the executor's loop (now, if already there)."""
-        if self._loop_thread is None or self._in_loop_thread():
+        """Call ``fn(*args)`` on the executor's loop (now, if already there or if
+        that loop is gone: closed, nothing else runs on it)."""
+        if (self._loop_thread is None or self._in_loop_thread()
+                or not self._loop_thread.thread.is_alive()):
             fn(*args)
         else:
             self.loop.add_callback(fn, *args)
