@@ -40,6 +40,13 @@ __all__ = ["Center"]
 #: seconds without a heartbeat after which a worker counts as dead
 HEARTBEAT_TIMEOUT = 60
 
+#: why a worker was removed, as its tasks' errors and the log say it
+CONNECTION_CLOSED = ("its connection closed: the process died (a segfault, os._exit, "
+                     "running out of memory, a kill) or the network dropped it")
+NO_HEARTBEAT = ("it stopped answering heartbeats for %.0f s (heartbeat timeout %g s): "
+                "a task holding the GIL, a stopped, frozen or overloaded process, "
+                "or a network cut")
+
 
 class Center(Server):
     """Central metadata node of a cluster (see the module docstring)."""
@@ -98,7 +105,9 @@ class Center(Server):
 
     def identity(self, stream=None):
         return {"type": type(self).__name__, "id": self.id,
-                "workers": list(self.ncores)}
+                "workers": list(self.ncores),
+                "heartbeat_timeout": self.heartbeat_timeout,
+                "allowed_failures": self.scheduler.allowed_failures}
 
     def listen(self, port=None, address=None):
         if port is None:
@@ -137,7 +146,8 @@ class Center(Server):
                         "worker a unique --name" % (name, other)
                     )
         if address in self.ncores:
-            self.remove_worker(address, close=self.worker_streams.get(address) is not stream)
+            self.remove_worker(address, close=self.worker_streams.get(address) is not stream,
+                               cause="it registered anew (it restarted or reconnected)")
         self.ncores[address] = ncores
         self.worker_services[address] = dict(services or {})
         self.names[address] = name if name is not None else address
@@ -157,7 +167,8 @@ class Center(Server):
         if address not in self.ncores:
             return b"unknown"
         # the reply may have to travel on the very stream the worker registered on
-        self.remove_worker(address, close=self.worker_streams.get(address) is not stream)
+        self.remove_worker(address, close=self.worker_streams.get(address) is not stream,
+                           cause="it left the cluster")
         return b"OK"
 
     def heartbeat(self, stream=None, address=None, now=None, **metrics):
@@ -167,11 +178,15 @@ class Center(Server):
         self.last_seen[address] = time.time()
         return b"OK"
 
-    def remove_worker(self, address, close=True):
-        """Forget a worker and everything it held; close its stream if ``close``."""
+    def remove_worker(self, address, close=True, cause=None):
+        """Forget a worker and everything it held; close its stream if ``close``.
+
+        ``cause`` (:data:`CONNECTION_CLOSED`, :data:`NO_HEARTBEAT`, ...) goes
+        into the errors of tasks that erred because of it.
+        """
         if address not in self.ncores:
             return
-        logger.info("removing worker %s", address)
+        logger.info("removing worker %s: %s", address, cause)
         keys = self.has_what.pop(address, set())
         self._remove_keys(address, keys)
         del self.ncores[address]
@@ -192,24 +207,22 @@ class Center(Server):
         comm = self.worker_comms.pop(address, None)
         if comm is not None and close:
             comm.abort()
-        self.scheduler.remove_worker(address, keys)
+        self.scheduler.remove_worker(address, keys, cause=cause)
         self.send_scheduler_messages()
 
     def stream_closed(self, stream):
         for address in self._stream_workers.pop(stream, ()):
             if self.worker_streams.get(address) is stream:
-                logger.info("connection to worker %s closed", address)
-                self.remove_worker(address)
+                logger.warning("removing worker %s: %s", address, CONNECTION_CLOSED)
+                self.remove_worker(address, cause=CONNECTION_CLOSED)
 
     def _check_heartbeats(self):
         deadline = time.time() - self.heartbeat_timeout
         for address, seen in list(self.last_seen.items()):
             if seen < deadline:
-                logger.warning(
-                    "worker %s sent no heartbeat for %.0f s; removing it",
-                    address, time.time() - seen,
-                )
-                self.remove_worker(address)
+                cause = NO_HEARTBEAT % (time.time() - seen, self.heartbeat_timeout)
+                logger.warning("removing worker %s: %s", address, cause)
+                self.remove_worker(address, cause=cause)
 
     # -- the scheduler's streams ------------------------------------------------
 

@@ -42,12 +42,17 @@ class LocalCluster:
     ``threads_per_worker`` threads (default 1).  ``timeout`` bounds the
     start-up, in seconds.  ``security`` (default: the environment's) may add
     TLS; the cluster's auth token is its token or, without one, a random one:
-    ``cluster.security`` is what clients need.
+    ``cluster.security`` is what clients need.  Other keywords are options of
+    the center (``dcenter --help``) by their Python names, e.g.
+    ``heartbeat_timeout=10, allowed_failures=1, http_port=0``.
     """
 
     def __init__(self, n_workers=None, threads_per_worker=1, ip="127.0.0.1",
                  timeout=30, worker_args=(), echo=False, restart_dead_workers=True,
-                 security=None):
+                 security=None, **center_options):
+        from .cli.dcenter import center_args
+
+        self.center_args = center_args(**center_options)
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.threads_per_worker = threads_per_worker
         self.ip = ip
@@ -87,7 +92,7 @@ class LocalCluster:
     def _start_center(self):
         self.center = Process(
             [sys.executable, "-m", "distributed.cli.dcenter", "--host", self.ip,
-             "--port", "0"], env=self._env, echo=self.echo)
+             "--port", "0"] + self.center_args, env=self._env, echo=self.echo)
         line = self.center.wait_for_line("Start center at", self.timeout)
         self._center_address = line.split()[-1]
 
@@ -135,8 +140,8 @@ class LocalCluster:
                     continue
                 self.workers.remove(p)
                 self.deaths.append((time.time(), p.address, code))
-                logger.warning("worker %s died (exit code %s); starting another",
-                               p.address, code)
+                logger.warning("worker %s died (exit code %s); starting another. "
+                               "It printed last:\n%s", p.address, code, p.tail())
                 try:
                     self.start_workers(1)
                 except Exception:

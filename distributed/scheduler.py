@@ -154,9 +154,10 @@ class Scheduler:
                 self._ready(ts)
         self._fill(ws)  # takes queued work from busy workers
 
-    def remove_worker(self, address, keys=()):
+    def remove_worker(self, address, keys=(), cause=None):
         """The worker left; ``keys`` are the keys it held (already removed
-        from ``who_has`` by the center)."""
+        from ``who_has`` by the center); ``cause`` says why, for the errors
+        of the tasks that erred for it ("its connection closed: ...")."""
         ws = self.workers.pop(address, None)
         self.to_workers.pop(address, None)
         # transfers already waiting on it (a cut link sends no FIN) are dropped
@@ -174,10 +175,9 @@ class Scheduler:
                 ts.suspicious += 1
                 if ts.suspicious > self.allowed_failures:
                     exc = KilledWorker(
-                        "task %r was running on %d workers that died (the last "
-                        "%s); not trying again. A task that crashes its worker "
-                        "(segfault, os._exit, running out of memory) does this."
-                        % (ts.key, ts.suspicious, address))
+                        "task %r was running on %d workers that were lost; not "
+                        "trying again. The last, %s: %s"
+                        % (ts.key, ts.suspicious, address, cause or "it was removed"))
                     self._erred(ts, exc, None, str(exc), blob=False)
                 else:
                     to_reschedule.append(ts)

@@ -48,6 +48,35 @@ def make_parser():
     return p
 
 
+#: options a LocalCluster sets itself: address, and security through the environment
+_SET_BY_CLUSTER = {"help", "host", "port", "auth_token", "tls_cert", "tls_key", "tls_ca"}
+
+
+def center_args(**options):
+    """The ``dcenter`` arguments for ``options``, by their Python names (what
+    ``LocalCluster(**options)`` passes on); ``TypeError`` for an unknown one.
+
+    >>> center_args(heartbeat_timeout=5, allowed_failures=0, http_port=None)
+    ['--heartbeat-timeout', '5', '--allowed-failures', '0']
+    """
+    actions = {a.dest: a for a in make_parser()._actions
+               if a.option_strings and a.dest not in _SET_BY_CLUSTER}
+    args = []
+    for name, value in options.items():
+        action = actions.get(name)
+        if action is None:
+            raise TypeError("unknown center option %r; the options are: %s"
+                            % (name, ", ".join(sorted(actions))))
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a switch such as --verbose
+            args += [flag] if value else []
+        elif value is not None:
+            if action.type is not None:
+                action.type(value)  # a bad value fails here, not in the child
+            args += [flag, str(value)]
+    return args
+
+
 def main(argv=None):
     exit_with_parent()  # a center of a local cluster stops when its client dies
     parser = make_parser()
