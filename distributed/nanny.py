@@ -164,7 +164,8 @@ class Nanny(Server):
             return
         cause = describe_exit(process.poll())
         self.deaths.append((time.time(), cause))
-        logger.warning("worker %s died (%s); restarting it", self.worker_address, cause)
+        logger.warning("worker %s died (%s); restarting it%s", self.worker_address, cause,
+                       "" if self.echo else ". It printed last:\n" + process.tail())
         print("Worker %s died (%s); restarting" % (self.worker_address, cause), flush=True)
         asyncio.ensure_future(self._report_death(self.worker_address, cause))
         self.process = None

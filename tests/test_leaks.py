@@ -115,6 +115,17 @@ def test_chatty_task_costs_the_nanny_little_memory(on_path):
         center.stop()
 
 
+def test_death_report_carries_the_tail_of_the_output(on_path, caplog):
+    with LocalCluster(n_workers=1) as cluster, Executor(cluster.center_address) as e:
+        (worker,) = cluster.workers
+        assert e.submit(print_lines, 2, "last words", pure=False).result(timeout=30)
+        worker.wait_for_line("last words")
+        os.kill(worker.pid, signal.SIGKILL)
+        poll(lambda: cluster.deaths, msg="the cluster notices the death")
+        poll(lambda: any("last words" in r.getMessage() and "died" in r.getMessage()
+                         for r in caplog.records), msg="the warning has the tail")
+
+
 # -- file descriptors -------------------------------------------------------------
 
 
