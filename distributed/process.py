@@ -29,6 +29,8 @@ import threading
 import time
 from collections import deque
 
+import psutil
+
 __all__ = ["Process", "Tail", "wait_for_line", "exit_with_parent"]
 
 #: lines of a child's output kept in memory (``Process.output``)
@@ -209,13 +211,15 @@ def wait_for_line(proc, pattern, timeout=20):
 def exit_with_parent(grace=5, interval=0.5):
     """In a child started by :class:`Process`: SIGTERM ourselves once orphaned.
 
-    A daemon thread compares ``os.getppid()`` with the pid the parent put in
-    ``$DISTRIBUTED_PARENT_PID`` (taken out of the environment, so that our
-    own children do not inherit it); a parent that dies, even by SIGKILL or
-    the OOM killer, leaves us to another parent.  The SIGTERM takes the
-    usual way out (a worker unregisters, a nanny stops its worker); if we
-    still run ``grace`` seconds later (a task holding the GIL), we exit.
-    Returns the thread, or None outside such a child.
+    A daemon thread watches ``os.getppid()``: a parent that dies, even by
+    SIGKILL or the OOM killer, leaves us to another parent.  The pid the
+    parent put in ``$DISTRIBUTED_PARENT_PID`` (taken out of the environment,
+    so that our own children do not inherit it) tells a parent that died
+    before we looked, and a wrapper between us (a shell, ``ip netns exec``)
+    whose parent died, from a live parent.  The SIGTERM takes the usual way
+    out (a worker unregisters, a nanny stops its worker); if we still run
+    ``grace`` seconds later, we exit.  Returns the thread, or None outside
+    such a child.
 
     Not ``prctl(PR_SET_PDEATHSIG)``: it fires when the parent *thread* that
     started us ends, and we are started from pool threads; not a pipe from
@@ -225,10 +229,13 @@ def exit_with_parent(grace=5, interval=0.5):
     parent = os.environ.pop(ENV_PARENT_PID, None)
     if not parent:
         return None
-    parent = int(parent)
+    parent, ppid = int(parent), os.getppid()
+
+    def orphaned():
+        return os.getppid() != ppid or (ppid != parent and not _alive(parent))
 
     def watch():
-        while os.getppid() == parent:
+        while not orphaned():
             time.sleep(interval)
         try:  # to a pipe nobody may read any more
             print("parent process %d is gone; stopping" % parent, file=sys.stderr,
@@ -242,3 +249,10 @@ def exit_with_parent(grace=5, interval=0.5):
     thread = threading.Thread(target=watch, daemon=True, name="distributed-parent-watch")
     thread.start()
     return thread
+
+
+def _alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -9,6 +9,7 @@ this directory on their PYTHONPATH (the ``on_path`` fixture).
 import os
 import signal
 import sys
+import time
 
 import psutil
 import pytest
@@ -188,6 +189,24 @@ def test_worker_exits_with_a_killed_nanny():
         center.stop()
         if worker is not None:
             kill_all([worker.pid])
+
+
+def test_child_behind_a_wrapper_keeps_running_while_its_parent_lives():
+    """A shell between us and the center (it forks: ``; true``) is not taken
+    for a dead parent; the center exits once the shell is killed."""
+    port = free_port()
+    wrapped = Process(["sh", "-c", "%s -m distributed.cli.dcenter --port %d; true"
+                       % (PY, port)])
+    try:
+        wrapped.wait_for_line("Start center at")
+        (center,) = psutil.Process(wrapped.pid).children()
+        with Executor("127.0.0.1:%d" % port, timeout=5) as e:
+            time.sleep(1.5)  # three rounds of the parent watch
+            assert e.ncores() == {} and center.is_running()
+        os.kill(wrapped.pid, signal.SIGKILL)
+        poll(lambda: gone(center.pid), timeout=10, msg="the center of a killed shell exits")
+    finally:
+        wrapped.kill()
 
 
 # -- missed heartbeats, center options --------------------------------------------
