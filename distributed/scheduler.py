@@ -206,9 +206,9 @@ class Scheduler:
                     dep.waiting_on.add(ts)
             if ts.run_spec is None:
                 exc = LostData(
-                    "the data of %r was lost: it was scattered to %s, which died; "
-                    "scattered data has no lineage to recompute it from"
-                    % (ts.key, address))
+                    "the data of %r was lost: it was scattered to %s, which was "
+                    "removed (%s); scattered data has no lineage to recompute it from"
+                    % (ts.key, address, cause or "it left"))
                 self._erred(ts, exc, None, str(exc), blob=False)
             elif ts.who_wants or ts.waiters:
                 recompute.append(ts)

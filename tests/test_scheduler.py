@@ -48,7 +48,7 @@ class Sim:
         self.data[address] = {}
         self.s.add_worker(address, ncores=ncores)
 
-    def kill(self, address):
+    def kill(self, address, cause=None):
         """What the center does when a worker dies: tables first, then tell the scheduler."""
         s = self.s
         keys = s.has_what.pop(address, set())
@@ -59,7 +59,7 @@ class Sim:
                 if not holders:
                     del s.who_has[key]
         self.data.pop(address, None)
-        s.remove_worker(address, keys)
+        s.remove_worker(address, keys, cause=cause)
 
     def scatter(self, client, address, key, value, nbytes=10):
         self.data[address][key] = value
@@ -1115,3 +1115,18 @@ def test_paused_worker_gets_no_tasks():
         s.task_finished("b:1", msg["key"], nbytes=1)
     tw, _ = s.flush()
     assert any(m["op"] == "compute-task" for m in tw.get("a:1", []))
+
+
+def test_errors_of_a_removed_worker_say_why_it_was_removed():
+    sim = Sim(allowed_failures=0)
+    s = sim.s
+    sim.add_worker("w1:1")
+    sim.scatter("c1", "w1:1", "data", 1)
+    submit(s, "c1", ["t"], t=(const(1), []))
+    assert s.tasks["t"].processing_on.address == "w1:1"
+    sim.kill("w1:1", cause="it stopped answering heartbeats for 9 s")
+    erred = {m["key"]: m["exception"] for m in sim.client_msgs("c1", "task-erred")}
+    assert isinstance(erred["t"], KilledWorker) and isinstance(erred["data"], LostData)
+    for e in erred.values():
+        assert "w1:1" in str(e) and "stopped answering heartbeats for 9 s" in str(e)
+        assert "segfault" not in str(e)
