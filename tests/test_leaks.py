@@ -95,6 +95,7 @@ def test_chatty_task_costs_the_client_little_memory(on_path):
         assert len(worker.output) <= 1000
 
 
+@pytest.mark.timeout(120)  # the nanny echoes each line: ~10 s on an idle machine
 def test_chatty_task_costs_the_nanny_little_memory(on_path):
     port = free_port()
     center = Process([PY, "-m", "distributed.cli.dcenter", "--port", str(port)])
