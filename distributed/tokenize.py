@@ -472,6 +472,11 @@ def _register_pandas():
         return ("ArrowEA", _type_name(type(a)), normalize(a.dtype), str(data.type), len(data),
                 data.null_count, content)
 
+    @_register(pd.arrays.SparseArray)
+    def _normalize_sparse(a):
+        return ("SparseArray", normalize(a.dtype), len(a), normalize(a.sp_values),
+                normalize(np.asarray(a.sp_index.indices)))
+
     @_register(type(pd.NA))
     def _normalize_na(na):
         return ("pd.NA",)

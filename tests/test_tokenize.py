@@ -563,6 +563,13 @@ PAIRS = {
     "MultiIndex names": (pd.MultiIndex.from_arrays([[1], [2]], names=["a", "b"]),
                          pd.MultiIndex.from_arrays([[1], [2]], names=["a", "c"])),
     "Index/RangeIndex": (pd.Index([0, 1]), pd.RangeIndex(2)),
+    "sparse fill_value": (pd.arrays.SparseArray([0, 1], fill_value=0),
+                          pd.arrays.SparseArray([0, 1], fill_value=1)),
+    "sparse values": (pd.arrays.SparseArray([0, 1]), pd.arrays.SparseArray([0, 2])),
+    "tz": (pd.Series(pd.date_range("2020", periods=1, tz="UTC")),
+           pd.Series(pd.date_range("2020", periods=1, tz="Europe/Paris"))),
+    "datetime unit": (pd.Series(np.array([1], dtype="M8[s]")),
+                      pd.Series(np.array([1000], dtype="M8[ms]"))),
 }
 
 
@@ -687,8 +694,12 @@ def test_submit_and_map_lookalikes(e):
         assert same(ra, a) and same(rb, b), name
         ma, mb = e.map(echo, [a, b])
         assert (ma.key, mb.key) == (fa.key, fb.key), name  # map and submit agree
-    # pure keys still share: the same call twice is one key
+    # pure keys still share: the same call twice is one key, futures included
     assert e.submit(echo, {1}).key == e.submit(echo, {1}).key
+    x = e.submit(echo, 1)
+    y = e.submit(echo, 2)
+    assert e.submit(echo, [x]).key == e.submit(echo, [x]).key != e.submit(echo, [y]).key
+    assert e.submit(echo, [x]).result() == [1]
 
 
 def test_scatter_lookalikes(e):
