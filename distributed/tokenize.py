@@ -370,7 +370,8 @@ def _register_numpy():
         if dt.fields is None and dt.subdtype is None and dt.metadata is None:
             return ("dtype", dt.str)  # '<f8', '<M8[ns]', '<U3', ...
         # structured ('|V8' alone would drop the field names), subarray, metadata
-        return ("dtype", dt.str, repr(dt.descr), dt.names, dt.itemsize, dt.isalignedstruct,
+        sub = dt.subdtype and (dtype_token(dt.subdtype[0]), dt.subdtype[1])
+        return ("dtype", dt.str, repr(dt.descr), dt.names, dt.itemsize, dt.isalignedstruct, sub,
                 _normalize_pickle(dt) if dt.metadata is not None else None)
 
     def content(x):
