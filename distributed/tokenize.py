@@ -20,6 +20,7 @@ pickled gets a random token, so it never collides with anything.
 """
 
 import hashlib
+import logging
 import marshal
 import pickle
 import sys
@@ -42,6 +43,8 @@ except ImportError:  # pragma: no cover
         """Hex digest of a buffer's bytes (128-bit xxh3, sha1 without xxhash)."""
         return hashlib.sha1(buf).hexdigest()
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["tokenize", "normalize_token", "hash_buffer", "Normalized", "by_reference"]
 
 #: bytes and str longer than this are hashed rather than kept in the token
@@ -53,7 +56,8 @@ _INT_BITS = 8192
 def tokenize(*args, **kwargs):
     try:
         data = normalize_token((args, kwargs) if kwargs else args)
-    except RecursionError:  # a cycle, or nesting deeper than the stack
+    except Exception:  # a cycle (RecursionError), a hostile object: never the same
+        logger.debug("random token for an argument that does not normalize", exc_info=True)
         data = _random()
     return hashlib.md5(repr(data).encode("utf-8", "surrogatepass")).hexdigest()
 

@@ -630,6 +630,16 @@ def test_unpicklable_gets_random_token():
 
 
 @pure
+def test_hostile_objects_get_random_tokens():
+    class Hostile:
+        def __dask_tokenize__(self):
+            raise ValueError("no")
+
+    h = Hostile()
+    assert tokenize(h) != tokenize(h)
+
+
+@pure
 def test_cycle_gets_random_token():
     a = [1]
     a.append(a)
