@@ -9,6 +9,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long tests, run with --runslow")
+    config.addinivalue_line("markers", "pure: no cluster, no network; the fast loop is -m pure")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -58,7 +58,7 @@ from .graph import TaskRef, get_dependencies, toposort
 from .protocol import from_blob, to_blob
 from .scheduler import LostData
 from .security import default_security
-from .tokenize import tokenize
+from .tokenize import Normalized, by_reference, tokenize
 from .utils import funcname, key_split
 from .worker import gather_from_workers
 
@@ -262,6 +262,9 @@ class Future(_DaskTaskRef or object):
             return _DaskTaskRef, (self.key,)  # inside a dask task: a key reference
         raise TypeError("a Future cannot be pickled; pass it as an argument to "
                         "submit/map (or put it in a graph) and the task gets its value")
+
+    def __dask_tokenize__(self):
+        return self.key  # its value, as an argument of a pure call
 
     def __repr__(self):
         state = self._state
@@ -753,6 +756,8 @@ class Executor:
         except (KeyError, TypeError):
             pass
         blob = _to_blob_or_raise(func, "the function %s" % funcname(func))
+        if not by_reference(func):
+            return blob  # pickled by value: its globals may differ next time
         try:
             if len(self._function_blobs) > 1000:
                 self._function_blobs.clear()
@@ -863,7 +868,8 @@ class Executor:
                 raise ValueError("map got %d keys for %d tasks" % (len(keys), len(seqs)))
         elif pure:
             prefix = key or name
-            keys = ["%s-%s" % (prefix, tokenize(func, args, kwargs)) for args in seqs]
+            ftoken = Normalized(func)  # once, not once per call
+            keys = ["%s-%s" % (prefix, tokenize(ftoken, args, kwargs)) for args in seqs]
         else:
             prefix = key or name
             keys = ["%s-%s" % (prefix, uuid.uuid4().hex) for _ in seqs]
