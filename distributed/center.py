@@ -32,6 +32,7 @@ from .batched import BatchedSend
 from .core import ConnectionPool, Server, coerce_to_address, read, rpc
 from .protocol import ProtocolError
 from .scheduler import ALLOWED_FAILURES, Scheduler
+from .utils import log_safe
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class Center(Server):
             self.worker_streams[address] = stream
             self._stream_workers[stream].add(address)
         self._add_keys(address, keys, nbytes)
-        logger.info("registered worker %s (%s cores)", address, ncores)
+        logger.info("registered worker %s (%s cores)", log_safe(address), log_safe(ncores))
         return b"OK"
 
     def unregister(self, stream=None, address=None):
@@ -171,7 +172,7 @@ class Center(Server):
         """Forget a worker and everything it held; close its stream if ``close``."""
         if address not in self.ncores:
             return
-        logger.info("removing worker %s", address)
+        logger.info("removing worker %s", log_safe(address))
         keys = self.has_what.pop(address, set())
         self._remove_keys(address, keys)
         del self.ncores[address]
@@ -198,7 +199,7 @@ class Center(Server):
     def stream_closed(self, stream):
         for address in self._stream_workers.pop(stream, ()):
             if self.worker_streams.get(address) is stream:
-                logger.info("connection to worker %s closed", address)
+                logger.info("connection to worker %s closed", log_safe(address))
                 self.remove_worker(address)
 
     def _check_heartbeats(self):
@@ -207,7 +208,7 @@ class Center(Server):
             if seen < deadline:
                 logger.warning(
                     "worker %s sent no heartbeat for %.0f s; removing it",
-                    address, time.time() - seen,
+                    log_safe(address), time.time() - seen,
                 )
                 self.remove_worker(address)
 
@@ -264,7 +265,7 @@ class Center(Server):
             except StreamClosedError:
                 return
             except ProtocolError as e:
-                logger.error("closing the stream of %s: %s", sender, e)
+                logger.error("closing the stream of %s: %s", log_safe(sender), log_safe(e))
                 stream.close()
                 return
             if last_seen is not None:
@@ -279,12 +280,12 @@ class Center(Server):
                     return
                 handler = handlers.get(op)
                 if handler is None:
-                    logger.warning("unknown message %r from %s", op, sender)
+                    logger.warning("unknown message %s from %s", log_safe(repr(op)), log_safe(sender))
                     continue
                 try:
                     handler(sender, **msg)
                 except Exception:
-                    logger.exception("error handling %r from %s", op, sender)
+                    logger.exception("error handling %s from %s", log_safe(repr(op)), log_safe(sender))
             self.send_scheduler_messages()
 
     def send_scheduler_messages(self):
@@ -311,7 +312,8 @@ class Center(Server):
             return_exceptions=True)
         for nanny, result in zip(nannies, results):
             if isinstance(result, Exception):
-                logger.warning("nanny %s could not restart its worker: %s", nanny, result)
+                logger.warning("nanny %s could not restart its worker: %s", log_safe(nanny),
+                               log_safe(result))
         return b"OK"
 
     def get_processing(self, stream=None):
@@ -320,7 +322,7 @@ class Center(Server):
     def worker_died(self, stream=None, address=None, cause=None):
         """A nanny tells why its worker died ("memory limit exceeded", ...)."""
         address = coerce_to_address(address) if address else address
-        logger.warning("worker %s died: %s", address, cause)
+        logger.warning("worker %s died: %s", log_safe(address), log_safe(cause))
         self.deaths.append((time.time(), address, cause))
         del self.deaths[:-1000]
         return b"OK"

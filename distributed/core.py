@@ -49,6 +49,7 @@ from .protocol import (
 from .security import AuthenticationError, Security, default_security
 from .utils import (
     format_exception_text,
+    log_safe,
     parse_address,
     unparse_address,
 )
@@ -508,14 +509,15 @@ class Server(TCPServer):
                 HANDSHAKE_TIMEOUT)
             return True
         except AuthenticationError as e:
-            logger.warning("refused connection from %s: %s", _format_peer(address), e)
+            logger.warning("refused connection from %s: %s", _format_peer(address),
+                           log_safe(e))
         except asyncio.TimeoutError:
             logger.warning("closing connection from %s: it did not authenticate within "
                            "%s s", _format_peer(address), HANDSHAKE_TIMEOUT)
             return False
         except (StreamClosedError, OSError) as e:
             logger.info("connection from %s closed during authentication: %s",
-                        _format_peer(address), e)
+                        _format_peer(address), log_safe(e))
             return False
         await _drain(stream)
         return False
@@ -528,12 +530,13 @@ class Server(TCPServer):
                 return
             except DeserializationError as e:
                 # well framed: answer with the error and keep the connection
-                logger.warning("bad request from %s: %s", address, e)
+                logger.warning("bad request from %s: %s", _format_peer(address), log_safe(e))
                 if e.header.get("reply", True) is not False:
                     await write(stream, error_message(e))
                 continue
             except HandshakeNotExpected as e:
-                logger.warning("refused connection from %s: %s", _format_peer(address), e)
+                logger.warning("refused connection from %s: %s", _format_peer(address),
+                               log_safe(e))
                 try:
                     await stream.write(_auth.refusal_message(
                         "%s has no auth token" % type(self).__name__))
@@ -542,7 +545,8 @@ class Server(TCPServer):
                     pass
                 return
             except ProtocolError as e:
-                logger.error("closing connection from %s: %s", address, e)
+                logger.error("closing connection from %s: %s", _format_peer(address),
+                             log_safe(e))
                 return
             if type(msg) is not dict or "op" not in msg:
                 result = error_message(
@@ -558,7 +562,7 @@ class Server(TCPServer):
                     try:
                         result = await result
                     except Exception as e:
-                        logger.debug("handler %r raised", op, exc_info=True)
+                        logger.debug("handler %s raised", log_safe(repr(op)), exc_info=True)
                         result = error_message(e)
             if reply:
                 try:
@@ -566,7 +570,8 @@ class Server(TCPServer):
                 except StreamClosedError:
                     return
                 except Exception as e:  # the reply itself would not serialize
-                    logger.error("could not send the reply to %r: %s", op, e)
+                    logger.error("could not send the reply to %s: %s", log_safe(repr(op)),
+                                 log_safe(e))
                     await write(stream, error_message(e))
             if close:
                 return
@@ -585,7 +590,7 @@ class Server(TCPServer):
         try:
             return handler(stream, **msg)
         except Exception as e:
-            logger.debug("handler %r raised", op, exc_info=True)
+            logger.debug("handler %s raised", log_safe(repr(op)), exc_info=True)
             return error_message(e)
 
     def stream_closed(self, stream):

@@ -11,9 +11,11 @@ import ipaddress
 import logging
 import os
 import pickle
+import queue
 import ssl
 import struct
 import sys
+import time
 
 import psutil
 import pytest
@@ -668,3 +670,175 @@ def test_warn_if_exposed(caplog):
         warn_if_exposed(log, "the worker", "192.0.2.2", Security())
     assert "the worker listens on 192.0.2.2 without an auth token: anyone who can " \
            "reach this port can run code on it" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Every connection a node opens uses that node's settings (flags, not only env)
+
+
+def output_so_far(proc, settle=0.5):
+    """The lines ``proc`` printed so far (waits ``settle`` s for stragglers)."""
+    from distributed.utils_test import _line_queue
+
+    q = _line_queue(proc)
+    lines = []
+    deadline = time.time() + settle
+    while True:
+        try:
+            line = q.get(timeout=max(0.01, deadline - time.time()))
+        except queue.Empty:
+            return lines
+        if line is None:
+            q.put(None)
+            return lines
+        lines.append(line)
+
+
+def hold_gil(seconds):
+    """Sleep in C without releasing the GIL: the worker's own heartbeats stop."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(int(seconds))
+    return seconds
+
+
+def env_without_security():
+    env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
+    # the worker imports this module's hold_gil by reference
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__),
+                                         env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("which", ["token", "tls"])
+def test_nanny_uses_its_own_flags(which, request):
+    """``dworker --auth-token`` / ``--tls-*`` with nothing in the environment:
+    the nanny's heartbeats are accepted, so a worker holding the GIL longer
+    than the heartbeat timeout is busy, not dead."""
+    if which == "token":
+        flags, security = ["--auth-token", TOKEN], Security(token=TOKEN)
+    else:
+        certs = request.getfixturevalue("certs")
+        flags = ["--tls-cert", certs["ca"]["tls_cert"], "--tls-key",
+                 certs["ca"]["tls_key"], "--tls-ca", certs["ca"]["tls_ca"]]
+        security = Security(**certs["ca"])
+    env = env_without_security()
+    with start_center(flags + ["--heartbeat-timeout", "2"], env=env) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+        with dworker(address, flags + ["--ncores", "1"], env=env) as worker:
+            wait_for_line(worker, "Registered with center", timeout=30)
+            with Executor(address, security=security) as e:
+                (worker_address,) = e.ncores()
+                f = e.submit(hold_gil, 5, pure=False)
+                t0 = time.time()
+                while not f.done():
+                    assert worker_address in e.ncores(), "busy worker removed as dead"
+                    assert time.time() - t0 < 30
+                    time.sleep(0.25)
+                assert f.result() == 5
+        lines = output_so_far(center)
+    assert not [line for line in lines if "refused" in line or "closing connection" in line
+                or "opened a TLS" in line or "no heartbeat" in line], lines
+
+
+# ---------------------------------------------------------------------------
+# What a peer sends cannot forge a log record
+
+
+async def send_raw(address, data, linger=1.0):
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    try:
+        await asyncio.wait_for(reader.read(), linger)
+    except asyncio.TimeoutError:
+        pass
+    writer.close()
+
+
+def test_peer_text_is_escaped_in_the_log():
+    forged = "\nFAKE RECORD 2026-01-01 distributed.center WARNING: all is well"
+    env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
+    with start_center(["--auth-token", TOKEN], env=env) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+        # a refusal as the first message, and one instead of the proof
+        run(send_raw(address, sec.refusal_message(forged)))
+        run(send_raw(address, sec.hello_message(sec.new_nonce())
+                     + sec.refusal_message(forged)))
+        lines = collect_until(center, "refused connection from")
+        lines += collect_until(center, "refused connection from")
+        lines += output_so_far(center)
+    # a cluster without a token trusts its peers, but its log is still one line
+    # per record
+    with start_center([], env=env) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+
+        async def died():
+            with rpc(address, security=Security()) as r:
+                await r.worker_died(address="127.0.0.1:1", cause=forged, timeout=10)
+
+        run(died())
+        lines += collect_until(center, "died")
+        lines += output_so_far(center)
+    assert not [line for line in lines if line.startswith("FAKE")], lines
+    assert sum("\\nFAKE RECORD" in line for line in lines) >= 1, lines
+
+
+def test_log_safe():
+    from distributed.utils import log_safe
+
+    assert log_safe("a\nb\r\x1b[31mc\u2028") == "a\\nb\\r\\x1b[31mc\\u2028"
+    assert log_safe("plain 127.0.0.1:80") == "plain 127.0.0.1:80"
+    assert len(log_safe("x" * 10_000)) < 250
+    assert log_safe(b"\n") == "b'\\\\n'"
+
+    class Hostile:
+        def __str__(self):
+            raise RuntimeError("no")
+
+    assert "Hostile" in log_safe(Hostile())
+
+
+# ---------------------------------------------------------------------------
+# A cluster without a token says once that local users can run code on it
+
+
+def test_tokenless_cluster_prints_one_hint():
+    env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
+    with start_center([], env=env) as center:
+        center_lines = collect_until(center, "Start center at")
+        address = center_lines[-1].split()[-1]
+        center_lines += output_so_far(center)
+        with dworker(address, [], env=env) as worker:  # under a nanny
+            worker_lines = collect_until(worker, "Registered with center")
+            worker_lines += output_so_far(worker)
+        with dworker(address, ["--no-nanny"], env=env) as worker:
+            plain_worker_lines = collect_until(worker, "Registered with center")
+            plain_worker_lines += output_so_far(worker)
+    for lines in (center_lines, worker_lines, plain_worker_lines):
+        hints = [line for line in lines if "without an auth token" in line]
+        assert len(hints) == 1, lines
+        assert "any user of this machine can run code" in hints[0]
+        assert "--auth-token" in hints[0] and "DISTRIBUTED_AUTH_TOKEN" in hints[0]
+    # with a token: no hint
+    with start_center(["--auth-token", TOKEN], env=env) as center:
+        lines = collect_until(center, "Start center at") + output_so_far(center)
+    assert not [line for line in lines if "without an auth token" in line], lines
+
+
+def test_local_cluster_prints_no_hint(capfd, monkeypatch):
+    """``Executor()``'s local cluster has a token: none of its processes hints."""
+    from distributed.local import LocalCluster
+
+    for name in sec._ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    cluster = LocalCluster(n_workers=1, echo=True)  # echo: children's output is ours
+    try:
+        with Executor(cluster.center_address) as e:
+            assert e.submit(inc, 1).result() == 2
+    finally:
+        cluster.close()
+    out, err = capfd.readouterr()
+    assert "Start center at" in out  # the children's output is seen here
+    assert "without an auth token" not in out + err
