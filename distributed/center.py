@@ -261,7 +261,7 @@ class Center(Server):
     async def _read_stream(self, stream, sender, handlers, last_seen=None):
         while True:
             try:
-                batch = await read(stream, self.limits)
+                batch = await read(stream, self.limits, self.stall_timeout)
             except StreamClosedError:
                 return
             except ProtocolError as e:

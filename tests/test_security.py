@@ -334,6 +334,86 @@ def test_connections_per_peer_limited(caplog):
     assert "2 connections from 127.0.0.1 are open, the limit is 2" in caplog.text
 
 
+def test_unauthenticated_connections_have_their_own_budget(caplog, monkeypatch):
+    """Connections that have not authenticated are few, short-lived and do not
+    count towards the per-peer limit: they cannot lock a client out."""
+    from distributed import core
+
+    monkeypatch.setattr(core, "HANDSHAKE_TIMEOUT", 1.0)
+
+    async def f():
+        s = await token_server(max_pending_connections=4, max_connections_per_peer=2)
+        try:
+            idle = [await connect(s.address, security=Security()) for _ in range(10)]
+            await wait_for(lambda: len(s._pending) == 4)
+            # the oldest were closed to make room
+            for stream in idle[:6]:
+                with pytest.raises(StreamClosedError):
+                    await asyncio.wait_for(stream.read_bytes(1), 5)
+            # a client with the token gets in at once (and so does a second)
+            a, b = (rpc(s.address, security=Security(token=TOKEN)) for _ in range(2))
+            assert await a.record(x=1, timeout=5) == 1
+            assert await b.record(x=2, timeout=5) == 2
+            assert s._peer_connections == {"127.0.0.1": 2}
+            # those that never authenticate are closed after HANDSHAKE_TIMEOUT
+            await wait_for(lambda: not s._pending, timeout=5)
+            for stream in idle[6:]:
+                with pytest.raises(StreamClosedError):
+                    await asyncio.wait_for(stream.read_bytes(1), 5)
+            assert await a.record(x=3, timeout=5) == 3  # authenticated ones stay
+            a.close_streams()
+            b.close_streams()
+        finally:
+            s.stop()
+
+    with caplog.at_level(logging.WARNING, logger="distributed.core"):
+        run(f())
+    evictions = [r for r in caplog.records if "have not authenticated yet" in r.message]
+    assert len(evictions) == 1, caplog.text  # six closed, one line: rate-limited
+    assert "did not authenticate within 1.0 s" in caplog.text
+
+
+@pytest.mark.parametrize("size", [100, 1_000_000])
+def test_stalled_message_closes_the_connection(caplog, size):
+    """A message that stops half-way is cut off after ``stall_timeout``; a
+    connection idle between messages is not."""
+    async def f():
+        s = Server({"record": record}, security=Security(), stall_timeout=0.5)
+        s.listen(0)
+        try:
+            stream = await connect(s.address, security=Security())
+            await asyncio.sleep(1.0)  # idle between messages: fine
+            await stream.write(frames_to_bytes(dumps({"op": "record", "x": 1})))
+            assert await asyncio.wait_for(read(stream), 5) == 1
+            data = frames_to_bytes(dumps({"op": "record", "x": b"x" * size}))
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await stream.write(data[: len(data) // 2])
+            with pytest.raises(StreamClosedError):
+                await asyncio.wait_for(stream.read_bytes(1), 5)
+            assert 0.4 < loop.time() - start < 3
+        finally:
+            s.stop()
+
+    with caplog.at_level(logging.WARNING, logger="distributed.core"):
+        run(f())
+    assert "did not arrive within 0.5 s" in caplog.text
+
+
+def test_rate_limited_log(caplog):
+    from distributed.core import RateLimitedLog
+
+    log = RateLimitedLog(logging.getLogger("test-rate"), 0.3)
+    with caplog.at_level(logging.WARNING, logger="test-rate"):
+        for i in range(100):
+            log(logging.WARNING, "a", "refused %d", i)
+        log(logging.WARNING, "b", "other kind")
+        time.sleep(0.35)
+        log(logging.WARNING, "a", "refused %d", 100)
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0", "other kind", "refused 100 (and 99 more like it in the last 0 s)"]
+
+
 # ---------------------------------------------------------------------------
 # A cluster with a token
 
@@ -760,6 +840,7 @@ async def send_raw(address, data, linger=1.0):
 def test_peer_text_is_escaped_in_the_log():
     forged = "\nFAKE RECORD 2026-01-01 distributed.center WARNING: all is well"
     env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
+    env["DISTRIBUTED_REFUSAL_LOG_INTERVAL"] = "0"  # log every refusal
     with start_center(["--auth-token", TOKEN], env=env) as center:
         address = wait_for_line(center, "Start center at").split()[-1]
         # a refusal as the first message, and one instead of the proof

@@ -87,6 +87,25 @@ def warn_if_exposed(logger, what, host, security):
               % (what, host, target, ENV_TOKEN), file=sys.stderr, flush=True)
 
 
+def raise_open_files_limit(cap=2**20):
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (at most ``cap``), where
+    allowed: a node holding many connections should not run out of file
+    descriptors at the usual soft limit of 1024.  Returns the soft limit now."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def setup_logging(verbose=False):
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
