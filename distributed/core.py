@@ -31,6 +31,7 @@ import inspect
 import logging
 import os
 import socket
+import ssl
 import time
 from collections import defaultdict
 
@@ -50,7 +51,7 @@ from .protocol import (
     ProtocolError,
     _env_int,
 )
-from .security import AuthenticationError, Security, default_security
+from .security import AuthenticationError, Security, TLSError, default_security, tls_error
 from .utils import (
     format_exception_text,
     log_safe,
@@ -77,6 +78,7 @@ __all__ = [
     "StreamClosedError",
     "CommClosedError",
     "AuthenticationError",
+    "TLSError",
     "Security",
 ]
 
@@ -109,7 +111,16 @@ _JOIN_LIMIT = 64 * 1024
 
 
 class CommClosedError(StreamClosedError):
-    """The connection closed before the reply arrived."""
+    """The connection closed before the reply arrived.
+
+    Unlike ``StreamClosedError`` (whose first argument is the underlying
+    error, and whose message is always ``'Stream is closed'``), the first
+    argument is the message.
+    """
+
+    def __init__(self, message="Stream is closed", real_error=None):
+        super().__init__(real_error)
+        self.args = (message,)
 
 
 class RemoteException(Exception):
@@ -164,8 +175,10 @@ async def connect(ip, port=None, timeout=CONNECT_TIMEOUT, security=None):
     from the environment) says whether to use TLS and which auth token to
     prove; with a token the handshake (:func:`handshake_client`) runs before
     this returns.  Raises ``OSError`` when nothing listens there,
-    :class:`AuthenticationError` when the handshake fails and
-    ``TimeoutError`` when it all does not finish within ``timeout`` seconds.
+    :class:`AuthenticationError` when the handshake fails,
+    :class:`~distributed.security.TLSError` (naming the peer and the reason)
+    when the TLS handshake does and ``TimeoutError`` when it all does not
+    finish within ``timeout`` seconds.
     """
     if port is None:
         ip, port = parse_address(coerce_to_address(ip))
@@ -182,9 +195,11 @@ async def connect(ip, port=None, timeout=CONNECT_TIMEOUT, security=None):
             "could not connect to %s within %s s" % (unparse_address(ip, port), timeout)
         ) from None
     except StreamClosedError as e:
-        raise OSError(
+        raise tls_error(e, unparse_address(ip, port)) or OSError(
             "could not connect to %s: %s" % (unparse_address(ip, port), e.real_error or e)
         ) from None
+    except ssl.SSLError as e:
+        raise tls_error(e, unparse_address(ip, port)) from None
     _set_nodelay(stream)
     if security.token is not None:
         try:
@@ -241,8 +256,8 @@ async def handshake_client(stream, token, peer="the server"):
         await stream.write(_auth.proof_message(token, nonce, server_nonce))
         _auth.check_accepted(*await _read_handshake(stream))
     except StreamClosedError as e:  # not a refusal (that would say so): may be retried
-        raise CommClosedError("%s closed the connection during the authentication "
-                              "handshake" % peer) from e
+        raise tls_error(e, peer) or CommClosedError(
+            "%s closed the connection during the authentication handshake" % peer) from e
     except AuthenticationError as e:
         raise AuthenticationError(
             "authentication failed with %s: %s" % (peer, _reason(e))) from None
@@ -650,8 +665,9 @@ class Server(TCPServer):
             stream.close()
             self.stream_closed(stream)
 
-    async def _authenticate_pending(self, stream, address):
-        """:meth:`_authenticate`, counted among the connections that wait to."""
+    def _admit_pending(self, conn, address):
+        """Count ``conn`` (anything with ``close()``) among the connections that
+        have not authenticated yet, closing the oldest if there are too many."""
         if len(self._pending) >= self.max_pending_connections > 0:
             oldest = self._close_oldest_pending()
             self._log_refusal(
@@ -660,11 +676,60 @@ class Server(TCPServer):
                 "yet, the limit is %d (DISTRIBUTED_MAX_PENDING_CONNECTIONS)",
                 _format_peer(oldest), self.max_pending_connections,
                 self.max_pending_connections)
-        self._pending[stream] = address
+        self._pending[conn] = address
+
+    async def _authenticate_pending(self, stream, address):
+        """:meth:`_authenticate`, counted among the connections that wait to."""
+        self._admit_pending(stream, address)
         try:
             return await self._authenticate(stream, address)
         finally:
             self._pending.pop(stream, None)
+
+    def _handle_connection(self, connection, address):
+        if self.ssl_options is None:
+            return super()._handle_connection(connection, address)
+        asyncio.ensure_future(self._start_tls(connection, address))
+
+    async def _start_tls(self, connection, address):
+        """Start TLS once the peer's first bytes show that it speaks TLS.
+
+        A peer that sent a plain message (no TLS) gets a plain reply saying
+        that this node requires TLS, instead of a closed connection.
+        """
+        waiting = _FirstBytes(connection)
+        self._admit_pending(waiting, address)
+        try:
+            first = await asyncio.wait_for(waiting.ready, HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            first = None
+        finally:
+            self._pending.pop(waiting, None)
+            waiting.stop()
+        if first is None:  # closed by then, evicted or silent
+            connection.close()
+        elif first[:1] == b"\x16":  # a TLS handshake record: the ClientHello
+            super()._handle_connection(connection, address)
+        else:
+            await self._refuse_plain(connection, address, first)
+
+    async def _refuse_plain(self, connection, address, first):
+        reason = ("%s at %s requires TLS and this client connected without it (set "
+                  "--tls-ca, or --tls-cert and --tls-key, or DISTRIBUTED_TLS_*)"
+                  % (type(self).__name__, self.address))
+        self._log_refusal(logging.WARNING, "plain", "closing connection from %s: it "
+                          "did not open TLS", _format_peer(address))
+        stream = IOStream(connection)
+        try:
+            if _auth.is_handshake(first):  # a client with a token, waiting for a challenge
+                await stream.write(_auth.refusal_message(reason))
+            else:  # a request, waiting for its reply
+                await write(stream, error_message(TLSError(reason)))
+            await _drain(stream)
+        except StreamClosedError:
+            pass
+        finally:
+            stream.close()
 
     async def _authenticate(self, stream, address):
         """The server side of the handshake; False (logged, peer told) on failure."""
@@ -766,8 +831,8 @@ class Server(TCPServer):
 
     def stop(self):
         super().stop()
-        for stream in list(self.streams):
-            stream.close()
+        for conn in list(self._pending) + list(self.streams):
+            conn.close()
         if self.on_close is not None:
             callback, self.on_close = self.on_close, None
             callback()
@@ -965,13 +1030,14 @@ class rpc:
         return reply
 
     async def _exchange(self, stream, msg):
-        await write(stream, msg)
-        if msg.get("reply", True) is False:
-            return None
         try:
+            await write(stream, msg)
+            if msg.get("reply", True) is False:
+                return None
             return await read(stream, self.limits)
         except StreamClosedError as e:
-            raise CommClosedError(
+            # with TLS 1.3 the server's verdict on our certificate comes now
+            raise tls_error(e, self.address) or CommClosedError(
                 "connection to %s closed before the reply to %r arrived"
                 % (self.address, msg.get("op"))
             ) from e
@@ -991,6 +1057,42 @@ class rpc:
 
     def __repr__(self):
         return "<rpc to %s>" % (self.address,)
+
+
+class _FirstBytes:
+    """Waits (``ready``) for the first bytes of an accepted socket, unread:
+    its result is what a peek sees, ``b''`` at end of stream, ``None`` once
+    ``close()``d."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.loop = asyncio.get_running_loop()
+        self.ready = self.loop.create_future()
+        self.fd = connection.fileno()
+        self.loop.add_reader(self.fd, self._readable)
+
+    def _readable(self):
+        try:
+            data = self.connection.recv(8, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._resolve(data)
+
+    def _resolve(self, value):
+        self.stop()
+        if not self.ready.done():
+            self.ready.set_result(value)
+
+    def stop(self):
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+            self.fd = None
+
+    def close(self):
+        self._resolve(None)
+        self.connection.close()
 
 
 class RateLimitedLog:

@@ -637,6 +637,65 @@ def test_rpc_over_tls(certs, recorded, caplog):
     assert "opened a TLS connection, but this node does not use TLS" in caplog.text
 
 
+@pytest.mark.parametrize("case", ["client without certificate", "wrong CA",
+                                  "plain TCP to TLS", "TLS to plain", "token, no cert",
+                                  "token, plain TCP to TLS"])
+def test_tls_failures_name_tls_and_the_peer(certs, case):
+    """Every failed TLS handshake raises a ConnectionError that says TLS, names
+    the peer and why, not 'Stream is closed'."""
+    tls = Security(**certs["ca"])
+    client, server_security, expected = {
+        "client without certificate": (Security(tls_ca=certs["ca"]["tls_ca"]), tls,
+                                       "requires a client certificate"),
+        "wrong CA": (Security(**certs["other-ca"]), tls, "certificate verify failed"),
+        "plain TCP to TLS": (Security(), tls, "requires TLS"),
+        "TLS to plain": (tls, Security(), "does it use TLS"),
+        "token, no cert": (Security(token=TOKEN, tls_ca=certs["ca"]["tls_ca"]),
+                           tls.with_token(TOKEN), "requires a client certificate"),
+        "token, plain TCP to TLS": (Security(token=TOKEN), tls.with_token(TOKEN),
+                                    "requires TLS"),
+    }[case]
+
+    async def f():
+        s = Server({"record": record}, security=server_security)
+        s.listen(0)
+        try:
+            with rpc(s.address, security=client) as r:
+                with pytest.raises(ConnectionError) as info:
+                    await r.record(x=1, timeout=5)
+            message = str(info.value)
+            assert "TLS" in message and s.address in message, message
+            assert expected in message, message
+            assert "Stream is closed" not in message
+        finally:
+            s.stop()
+
+    run(f())
+
+
+def test_cli_tls_failures_name_tls_and_the_center(certs):
+    flags = ["--tls-cert", certs["ca"]["tls_cert"], "--tls-key", certs["ca"]["tls_key"],
+             "--tls-ca", certs["ca"]["tls_ca"]]
+    env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
+    with start_center(flags, env=env) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+        other = certs["other-ca"]
+        for worker_flags, expected in [
+                ([], "requires TLS"),
+                (["--tls-cert", other["tls_cert"], "--tls-key", other["tls_key"],
+                  "--tls-ca", other["tls_ca"]], "certificate verify failed")]:
+            with dworker(address, ["--no-nanny"] + worker_flags, env=env) as worker:
+                line = wait_for_line(worker, "dworker: error", timeout=20)
+                assert "TLS" in line and address in line and expected in line, line
+                assert worker.wait(10) == 1
+        # an executor without a certificate: told at once, not after its timeout
+        start = time.time()
+        with pytest.raises(ConnectionError, match="TLS handshake with %s failed: .*"
+                           "requires a client certificate" % address):
+            Executor(address, security=Security(tls_ca=certs["ca"]["tls_ca"]), timeout=20)
+        assert time.time() - start < 10
+
+
 def test_center_worker_executor_over_tls_with_token(certs):
     security = Security(token=TOKEN, **certs["ca"])
 
