@@ -86,8 +86,8 @@ __all__ = [
 CONNECT_TIMEOUT = 10
 #: seconds a server gives a new connection to authenticate (TLS included)
 HANDSHAKE_TIMEOUT = 5
-#: connections a server with a token holds at once before they authenticated;
-#: past it the oldest is closed (0: no limit).  They do not count towards
+#: connections a server with a token (or TLS) holds at once before they
+#: authenticated (or began TLS); past it the oldest is closed (0: no limit).  They do not count towards
 #: MAX_CONNECTIONS_PER_PEER: a peer without the token cannot starve others.
 MAX_PENDING_CONNECTIONS = _env_int("DISTRIBUTED_MAX_PENDING_CONNECTIONS", 128)
 #: seconds a server waits for the rest of a message that has begun to arrive
@@ -358,7 +358,7 @@ async def _read_into(stream, view, stall=None):
         got += await _progress(stream.read_into(view[got:], partial=True), stall)
 
 
-async def read(stream, limits=DEFAULT_LIMITS, stall_timeout=None):
+async def read(stream, limits=DEFAULT_LIMITS, stall=None):
     """Read one message from ``stream``.
 
     Small frames come in with whatever else has arrived (one read for a
@@ -367,14 +367,13 @@ async def read(stream, limits=DEFAULT_LIMITS, stall_timeout=None):
     (``read_into``), which the loaded objects then use without a copy.
     Raises :class:`~distributed.protocol.ProtocolError` on invalid input and
     ``StreamClosedError`` when the stream closes first.  The wait for a
-    message to begin is unbounded; once it has, with ``stall_timeout``, a
-    read that brings nothing new within that many seconds raises
+    message to begin is unbounded; once it has, with ``stall`` (seconds), a
+    read that brings nothing new within that time raises
     :class:`MessageStalled`.
     """
     buf = stream.__dict__.pop("_distributed_pending", None) or bytearray()
     if not buf:  # the message begins: no time limit
         buf += await stream.read_bytes(_READ_CHUNK, partial=True)
-    stall = stall_timeout
     await _fill(stream, buf, 8, stall)
     n = protocol.parse_count(buf, limits)
     pos = 8 * (n + 1)
