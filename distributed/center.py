@@ -32,6 +32,7 @@ from .batched import BatchedSend
 from .core import ConnectionPool, Server, coerce_to_address, read, rpc
 from .protocol import ProtocolError
 from .scheduler import ALLOWED_FAILURES, Scheduler
+from .utils import log_safe
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class Center(Server):
             self.worker_streams[address] = stream
             self._stream_workers[stream].add(address)
         self._add_keys(address, keys, nbytes)
-        logger.info("registered worker %s (%s cores)", address, ncores)
+        logger.info("registered worker %s (%s cores)", log_safe(address), log_safe(ncores))
         return b"OK"
 
     def unregister(self, stream=None, address=None):
@@ -186,7 +187,7 @@ class Center(Server):
         """
         if address not in self.ncores:
             return
-        logger.info("removing worker %s: %s", address, cause)
+        logger.debug("removing worker %s: %s", log_safe(address), cause)
         keys = self.has_what.pop(address, set())
         self._remove_keys(address, keys)
         del self.ncores[address]
@@ -213,7 +214,7 @@ class Center(Server):
     def stream_closed(self, stream):
         for address in self._stream_workers.pop(stream, ()):
             if self.worker_streams.get(address) is stream:
-                logger.warning("removing worker %s: %s", address, CONNECTION_CLOSED)
+                logger.warning("removing worker %s: %s", log_safe(address), CONNECTION_CLOSED)
                 self.remove_worker(address, cause=CONNECTION_CLOSED)
 
     def _check_heartbeats(self):
@@ -221,7 +222,7 @@ class Center(Server):
         for address, seen in list(self.last_seen.items()):
             if seen < deadline:
                 cause = NO_HEARTBEAT % (time.time() - seen, self.heartbeat_timeout)
-                logger.warning("removing worker %s: %s", address, cause)
+                logger.warning("removing worker %s: %s", log_safe(address), cause)
                 self.remove_worker(address, cause=cause)
 
     # -- the scheduler's streams ------------------------------------------------
@@ -273,11 +274,11 @@ class Center(Server):
     async def _read_stream(self, stream, sender, handlers, last_seen=None):
         while True:
             try:
-                batch = await read(stream, self.limits)
+                batch = await read(stream, self.limits, self.stall_timeout)
             except StreamClosedError:
                 return
             except ProtocolError as e:
-                logger.error("closing the stream of %s: %s", sender, e)
+                logger.error("closing the stream of %s: %s", log_safe(sender), log_safe(e))
                 stream.close()
                 return
             if last_seen is not None:
@@ -292,12 +293,12 @@ class Center(Server):
                     return
                 handler = handlers.get(op)
                 if handler is None:
-                    logger.warning("unknown message %r from %s", op, sender)
+                    logger.warning("unknown message %s from %s", log_safe(repr(op)), log_safe(sender))
                     continue
                 try:
                     handler(sender, **msg)
                 except Exception:
-                    logger.exception("error handling %r from %s", op, sender)
+                    logger.exception("error handling %s from %s", log_safe(repr(op)), log_safe(sender))
             self.send_scheduler_messages()
 
     def send_scheduler_messages(self):
@@ -324,7 +325,8 @@ class Center(Server):
             return_exceptions=True)
         for nanny, result in zip(nannies, results):
             if isinstance(result, Exception):
-                logger.warning("nanny %s could not restart its worker: %s", nanny, result)
+                logger.warning("nanny %s could not restart its worker: %s", log_safe(nanny),
+                               log_safe(result))
         return b"OK"
 
     def get_processing(self, stream=None):
@@ -333,7 +335,7 @@ class Center(Server):
     def worker_died(self, stream=None, address=None, cause=None):
         """A nanny tells why its worker died ("memory limit exceeded", ...)."""
         address = coerce_to_address(address) if address else address
-        logger.warning("worker %s died: %s", address, cause)
+        logger.warning("worker %s died: %s", log_safe(address), log_safe(cause))
         self.deaths.append((time.time(), address, cause))
         del self.deaths[:-1000]
         return b"OK"

@@ -25,13 +25,18 @@ none no handshake byte is sent.
 """
 
 import asyncio
+import errno
 import functools
 import inspect
 import logging
+import os
 import socket
+import ssl
+import time
 from collections import defaultdict
 
 import numpy
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 from tornado.tcpserver import TCPServer
@@ -46,9 +51,10 @@ from .protocol import (
     ProtocolError,
     _env_int,
 )
-from .security import AuthenticationError, Security, default_security
+from .security import AuthenticationError, Security, TLSError, default_security, tls_error
 from .utils import (
     format_exception_text,
+    log_safe,
     parse_address,
     unparse_address,
 )
@@ -72,24 +78,49 @@ __all__ = [
     "StreamClosedError",
     "CommClosedError",
     "AuthenticationError",
+    "TLSError",
     "Security",
 ]
 
 #: seconds to wait for a TCP connection to open
 CONNECT_TIMEOUT = 10
-#: seconds a server gives a new connection to authenticate
-HANDSHAKE_TIMEOUT = 10
+#: seconds a server gives a new connection to authenticate (TLS included)
+HANDSHAKE_TIMEOUT = 5
+#: connections a server with a token (or TLS) holds at once before they
+#: authenticated (or began TLS); past it the oldest is closed (0: no limit).  They do not count towards
+#: MAX_CONNECTIONS_PER_PEER: a peer without the token cannot starve others.
+MAX_PENDING_CONNECTIONS = _env_int("DISTRIBUTED_MAX_PENDING_CONNECTIONS", 128)
+#: seconds a server waits for the rest of a message that has begun to arrive
+#: before it closes the connection (each read must make progress in time)
+STALL_TIMEOUT = float(os.environ.get("DISTRIBUTED_STALL_TIMEOUT") or 30)
 #: seconds a server waits for a refused peer to hang up before closing on it
 REFUSAL_LINGER = 1.0
-#: connections a server accepts at once from one IP address (0: no limit)
+#: (authenticated) connections a server accepts at once from one IP address
+#: (0: no limit)
 MAX_CONNECTIONS_PER_PEER = _env_int("DISTRIBUTED_MAX_CONNECTIONS_PER_PEER", 512)
+#: a server logs at most one line per this many seconds about each kind of
+#: refused or closed connection, with the count of those it did not log
+#: (0: every one)
+REFUSAL_LOG_INTERVAL = float(os.environ.get("DISTRIBUTED_REFUSAL_LOG_INTERVAL") or 5)
+#: seconds a server stops accepting when it runs out of file descriptors
+#: (doubled while it lasts, up to ACCEPT_BACKOFF_MAX)
+ACCEPT_BACKOFF, ACCEPT_BACKOFF_MAX = 0.05, 1.0
 
 #: frames at least this large are written as their own buffer (no join)
 _JOIN_LIMIT = 64 * 1024
 
 
 class CommClosedError(StreamClosedError):
-    """The connection closed before the reply arrived."""
+    """The connection closed before the reply arrived.
+
+    Unlike ``StreamClosedError`` (whose first argument is the underlying
+    error, and whose message is always ``'Stream is closed'``), the first
+    argument is the message.
+    """
+
+    def __init__(self, message="Stream is closed", real_error=None):
+        super().__init__(real_error)
+        self.args = (message,)
 
 
 class RemoteException(Exception):
@@ -144,8 +175,10 @@ async def connect(ip, port=None, timeout=CONNECT_TIMEOUT, security=None):
     from the environment) says whether to use TLS and which auth token to
     prove; with a token the handshake (:func:`handshake_client`) runs before
     this returns.  Raises ``OSError`` when nothing listens there,
-    :class:`AuthenticationError` when the handshake fails and
-    ``TimeoutError`` when it all does not finish within ``timeout`` seconds.
+    :class:`AuthenticationError` when the handshake fails,
+    :class:`~distributed.security.TLSError` (naming the peer and the reason)
+    when the TLS handshake does and ``TimeoutError`` when it all does not
+    finish within ``timeout`` seconds.
     """
     if port is None:
         ip, port = parse_address(coerce_to_address(ip))
@@ -162,9 +195,11 @@ async def connect(ip, port=None, timeout=CONNECT_TIMEOUT, security=None):
             "could not connect to %s within %s s" % (unparse_address(ip, port), timeout)
         ) from None
     except StreamClosedError as e:
-        raise OSError(
+        raise tls_error(e, unparse_address(ip, port)) or OSError(
             "could not connect to %s: %s" % (unparse_address(ip, port), e.real_error or e)
         ) from None
+    except ssl.SSLError as e:
+        raise tls_error(e, unparse_address(ip, port)) from None
     _set_nodelay(stream)
     if security.token is not None:
         try:
@@ -221,8 +256,8 @@ async def handshake_client(stream, token, peer="the server"):
         await stream.write(_auth.proof_message(token, nonce, server_nonce))
         _auth.check_accepted(*await _read_handshake(stream))
     except StreamClosedError as e:  # not a refusal (that would say so): may be retried
-        raise CommClosedError("%s closed the connection during the authentication "
-                              "handshake" % peer) from e
+        raise tls_error(e, peer) or CommClosedError(
+            "%s closed the connection during the authentication handshake" % peer) from e
     except AuthenticationError as e:
         raise AuthenticationError(
             "authentication failed with %s: %s" % (peer, _reason(e))) from None
@@ -292,13 +327,38 @@ def _receive_buffer(nbytes):
 _READ_CHUNK = 65536
 
 
-async def _fill(stream, buf, n):
+class MessageStalled(ProtocolError):
+    """A message began to arrive and then made no progress for too long."""
+
+
+async def _progress(read, stall):
+    """``await read``, or raise :class:`MessageStalled` after ``stall`` seconds."""
+    if stall is None:
+        return await read
+    try:
+        return await asyncio.wait_for(read, stall)
+    except asyncio.TimeoutError:
+        raise MessageStalled("the rest of a message did not arrive within %s s "
+                             "(DISTRIBUTED_STALL_TIMEOUT)" % stall) from None
+
+
+async def _fill(stream, buf, n, stall=None):
     """Append what the stream has to ``buf`` until it holds ``n`` bytes."""
     while len(buf) < n:
-        buf += await stream.read_bytes(_READ_CHUNK, partial=True)
+        buf += await _progress(stream.read_bytes(_READ_CHUNK, partial=True), stall)
 
 
-async def read(stream, limits=DEFAULT_LIMITS):
+async def _read_into(stream, view, stall=None):
+    """Fill ``view`` from the stream; with ``stall``, each read must make progress."""
+    if stall is None:
+        await stream.read_into(view)
+        return
+    got = 0
+    while got < len(view):
+        got += await _progress(stream.read_into(view[got:], partial=True), stall)
+
+
+async def read(stream, limits=DEFAULT_LIMITS, stall=None):
     """Read one message from ``stream``.
 
     Small frames come in with whatever else has arrived (one read for a
@@ -306,18 +366,23 @@ async def read(stream, limits=DEFAULT_LIMITS):
     the next call).  Large frames are read straight into their own buffers
     (``read_into``), which the loaded objects then use without a copy.
     Raises :class:`~distributed.protocol.ProtocolError` on invalid input and
-    ``StreamClosedError`` when the stream closes first.
+    ``StreamClosedError`` when the stream closes first.  The wait for a
+    message to begin is unbounded; once it has, with ``stall`` (seconds), a
+    read that brings nothing new within that time raises
+    :class:`MessageStalled`.
     """
     buf = stream.__dict__.pop("_distributed_pending", None) or bytearray()
-    await _fill(stream, buf, 8)
+    if not buf:  # the message begins: no time limit
+        buf += await stream.read_bytes(_READ_CHUNK, partial=True)
+    await _fill(stream, buf, 8, stall)
     n = protocol.parse_count(buf, limits)
     pos = 8 * (n + 1)
-    await _fill(stream, buf, pos)
+    await _fill(stream, buf, pos, stall)
     lengths = protocol.parse_lengths(bytes(buf[8:pos]), n, limits)
     frames = []
     for length in lengths:
         if length < _JOIN_LIMIT:
-            await _fill(stream, buf, pos + length)
+            await _fill(stream, buf, pos + length, stall)
             frames.append(bytes(buf[pos : pos + length]))
             pos += length
             continue
@@ -326,7 +391,7 @@ async def read(stream, limits=DEFAULT_LIMITS):
         if have:
             frame[:have] = numpy.frombuffer(buf, "u1", have, pos)
         if have < length:
-            await stream.read_into(memoryview(frame)[have:])
+            await _read_into(stream, memoryview(frame)[have:], stall)
         buf = buf[pos + have :]
         pos = 0
         frames.append(frame)
@@ -426,16 +491,32 @@ class Server(TCPServer):
     ``security`` (a :class:`~distributed.security.Security`; default from
     the environment) turns on TLS and the authentication handshake: with a
     token, a client that does not prove it knows the token is refused before
-    anything it sent is read as a message.  At most
-    ``max_connections_per_peer`` connections from one IP address are open at
-    once (default 512, ``DISTRIBUTED_MAX_CONNECTIONS_PER_PEER``; 0: no
-    limit); further ones are closed, with a logged reason.
+    anything it sent is read as a message.
+
+    Limits, so that no peer can lock others out (see ``docs/security.md``):
+
+    - with a token, a connection has ``HANDSHAKE_TIMEOUT`` seconds to
+      authenticate, and at most ``max_pending_connections`` (default 128,
+      ``DISTRIBUTED_MAX_PENDING_CONNECTIONS``) wait to; a new one closes the
+      oldest waiting one.  Authenticated connections never count there;
+    - at most ``max_connections_per_peer`` authenticated connections (all
+      connections, without a token) from one IP address are open at once
+      (default 512, ``DISTRIBUTED_MAX_CONNECTIONS_PER_PEER``; 0: no limit);
+      further ones are closed;
+    - a message that has begun to arrive must make progress every
+      ``stall_timeout`` seconds (default 30, ``DISTRIBUTED_STALL_TIMEOUT``);
+    - out of file descriptors, the server stops accepting for a moment
+      (and closes its oldest unauthenticated connection) instead of spinning.
+
+    Each kind of refusal is logged at most once per ``REFUSAL_LOG_INTERVAL``
+    seconds, with the count of those left out.
     """
 
     default_ip = "127.0.0.1"
 
     def __init__(self, handlers, ip=None, limits=None, security=None,
-                 max_connections_per_peer=None, **kwargs):
+                 max_connections_per_peer=None, max_pending_connections=None,
+                 stall_timeout=None, **kwargs):
         self.handlers = {"identity": self.identity, "ping": pingpong}
         self.handlers.update(handlers)
         self.ip = ip
@@ -445,7 +526,14 @@ class Server(TCPServer):
         self.max_connections_per_peer = (
             MAX_CONNECTIONS_PER_PEER if max_connections_per_peer is None
             else max_connections_per_peer)
-        self._peer_connections = {}  # peer ip -> open connections
+        self._peer_connections = {}  # peer ip -> open (authenticated) connections
+        self.max_pending_connections = (
+            MAX_PENDING_CONNECTIONS if max_pending_connections is None
+            else max_pending_connections)
+        self._pending = {}  # stream -> peer address, oldest first: not authenticated yet
+        self.stall_timeout = (STALL_TIMEOUT if stall_timeout is None
+                              else stall_timeout) or None  # 0: no limit
+        self._log_refusal = RateLimitedLog(logger, REFUSAL_LOG_INTERVAL)
         self.streams = set()
         #: called (no arguments) once the node has closed, e.g. to end its process
         self.on_close = None
@@ -477,27 +565,170 @@ class Server(TCPServer):
 
             self.ip = get_ip() if address in ("0.0.0.0", "") else address
 
+    def add_sockets(self, sockets):
+        """Accept on ``sockets`` (as TCPServer does, but see :meth:`_accept_handler`)."""
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = self._accept_handler(sock)
+
+    def _accept_handler(self, sock):
+        """Register accepting on ``sock``; return the function that stops it.
+
+        Unlike tornado's, an accept that fails for want of file descriptors
+        (or memory) does not leave the handler in place to fail again at
+        once, spinning: accepting pauses, with a growing delay, and the
+        oldest unauthenticated connection is closed to make room.
+        """
+        loop = IOLoop.current()
+        state = {"removed": False, "paused": None, "delay": ACCEPT_BACKOFF}
+
+        def accept(fd, events):
+            for _ in range(128):  # then let other work run (as tornado does)
+                if state["removed"] or state["paused"] is not None:
+                    return
+                try:
+                    connection, address = sock.accept()
+                except BlockingIOError:
+                    return
+                except ConnectionAbortedError:
+                    continue
+                except OSError as e:
+                    pause(e)
+                    return
+                state["delay"] = ACCEPT_BACKOFF
+                self._handle_connection(connection, address)
+
+        def pause(e):
+            loop.remove_handler(sock)
+            delay = state["delay"]
+            state["delay"] = min(2 * delay, ACCEPT_BACKOFF_MAX)
+            state["paused"] = loop.call_later(delay, resume)
+            freed = self._close_oldest_pending() if e.errno in (
+                errno.EMFILE, errno.ENFILE) else None
+            self._log_refusal(
+                logging.ERROR, "accept",
+                "%s at %s cannot accept connections: %s; pausing %.2f s%s (raise "
+                "the open files limit, ulimit -n)", type(self).__name__, self.address,
+                e, delay, ", closed an unauthenticated connection from %s"
+                % _format_peer(freed) if freed else "")
+
+        def resume():
+            state["paused"] = None
+            if not state["removed"]:
+                loop.add_handler(sock, accept, IOLoop.READ)
+
+        def remove():
+            if state["paused"] is not None:
+                loop.remove_timeout(state["paused"])
+            elif not state["removed"]:
+                loop.remove_handler(sock)
+            state["removed"] = True
+
+        loop.add_handler(sock, accept, IOLoop.READ)
+        return remove
+
+    def _close_oldest_pending(self):
+        """Close the connection that has waited longest to authenticate; its address."""
+        if not self._pending:
+            return None
+        stream = next(iter(self._pending))
+        address = self._pending.pop(stream)
+        stream.close()
+        return address
+
     async def handle_stream(self, stream, address):
         peer = address[0] if address else None
-        count = self._peer_connections[peer] = self._peer_connections.get(peer, 0) + 1
+        counted = False
         try:
+            _set_nodelay(stream)
+            self.streams.add(stream)
+            if self.security.token is not None:
+                if not await self._authenticate_pending(stream, address):
+                    return
+            count = self._peer_connections[peer] = self._peer_connections.get(peer, 0) + 1
+            counted = True
             if count > self.max_connections_per_peer > 0:
-                logger.warning(
+                self._log_refusal(
+                    logging.WARNING, "per-peer",
                     "closing connection from %s: %d connections from %s are open, the "
                     "limit is %d (DISTRIBUTED_MAX_CONNECTIONS_PER_PEER)",
                     _format_peer(address), count - 1, peer, self.max_connections_per_peer)
                 return
-            _set_nodelay(stream)
-            self.streams.add(stream)
-            if self.security.token is None or await self._authenticate(stream, address):
-                await self._serve(stream, address)
+            await self._serve(stream, address)
         finally:
-            count = self._peer_connections.pop(peer) - 1
-            if count:
-                self._peer_connections[peer] = count
+            if counted:
+                count = self._peer_connections.pop(peer) - 1
+                if count:
+                    self._peer_connections[peer] = count
             self.streams.discard(stream)
             stream.close()
             self.stream_closed(stream)
+
+    def _admit_pending(self, conn, address):
+        """Count ``conn`` (anything with ``close()``) among the connections that
+        have not authenticated yet, closing the oldest if there are too many."""
+        if len(self._pending) >= self.max_pending_connections > 0:
+            oldest = self._close_oldest_pending()
+            self._log_refusal(
+                logging.WARNING, "pending",
+                "closed connection from %s: %d connections have not authenticated "
+                "yet, the limit is %d (DISTRIBUTED_MAX_PENDING_CONNECTIONS)",
+                _format_peer(oldest), self.max_pending_connections,
+                self.max_pending_connections)
+        self._pending[conn] = address
+
+    async def _authenticate_pending(self, stream, address):
+        """:meth:`_authenticate`, counted among the connections that wait to."""
+        self._admit_pending(stream, address)
+        try:
+            return await self._authenticate(stream, address)
+        finally:
+            self._pending.pop(stream, None)
+
+    def _handle_connection(self, connection, address):
+        if self.ssl_options is None:
+            return super()._handle_connection(connection, address)
+        asyncio.ensure_future(self._start_tls(connection, address))
+
+    async def _start_tls(self, connection, address):
+        """Start TLS once the peer's first bytes show that it speaks TLS.
+
+        A peer that sent a plain message (no TLS) gets a plain reply saying
+        that this node requires TLS, instead of a closed connection.
+        """
+        waiting = _FirstBytes(connection)
+        self._admit_pending(waiting, address)
+        try:
+            first = await asyncio.wait_for(waiting.ready, HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            first = None
+        finally:
+            self._pending.pop(waiting, None)
+            waiting.stop()
+        if first is None:  # closed by then, evicted or silent
+            connection.close()
+        elif first[:1] == b"\x16":  # a TLS handshake record: the ClientHello
+            super()._handle_connection(connection, address)
+        else:
+            await self._refuse_plain(connection, address, first)
+
+    async def _refuse_plain(self, connection, address, first):
+        reason = ("%s at %s requires TLS and this client connected without it (set "
+                  "--tls-ca, or --tls-cert and --tls-key, or DISTRIBUTED_TLS_*)"
+                  % (type(self).__name__, self.address))
+        self._log_refusal(logging.WARNING, "plain", "closing connection from %s: it "
+                          "did not open TLS", _format_peer(address))
+        stream = IOStream(connection)
+        try:
+            if _auth.is_handshake(first):  # a client with a token, waiting for a challenge
+                await stream.write(_auth.refusal_message(reason))
+            else:  # a request, waiting for its reply
+                await write(stream, error_message(TLSError(reason)))
+            await _drain(stream)
+        except StreamClosedError:
+            pass
+        finally:
+            stream.close()
 
     async def _authenticate(self, stream, address):
         """The server side of the handshake; False (logged, peer told) on failure."""
@@ -508,14 +739,16 @@ class Server(TCPServer):
                 HANDSHAKE_TIMEOUT)
             return True
         except AuthenticationError as e:
-            logger.warning("refused connection from %s: %s", _format_peer(address), e)
+            self._log_refusal(logging.WARNING, "refused", "refused connection from %s: %s",
+                              _format_peer(address), log_safe(e))
         except asyncio.TimeoutError:
-            logger.warning("closing connection from %s: it did not authenticate within "
-                           "%s s", _format_peer(address), HANDSHAKE_TIMEOUT)
+            self._log_refusal(
+                logging.WARNING, "timeout", "closing connection from %s: it did not "
+                "authenticate within %s s", _format_peer(address), HANDSHAKE_TIMEOUT)
             return False
         except (StreamClosedError, OSError) as e:
-            logger.info("connection from %s closed during authentication: %s",
-                        _format_peer(address), e)
+            self._log_refusal(logging.INFO, "closed", "connection from %s closed during "
+                              "authentication: %s", _format_peer(address), log_safe(e))
             return False
         await _drain(stream)
         return False
@@ -523,17 +756,19 @@ class Server(TCPServer):
     async def _serve(self, stream, address):
         while not stream.closed():
             try:
-                msg = await read(stream, self.limits)
+                msg = await read(stream, self.limits, self.stall_timeout)
             except StreamClosedError:
                 return
             except DeserializationError as e:
                 # well framed: answer with the error and keep the connection
-                logger.warning("bad request from %s: %s", address, e)
+                self._log_refusal(logging.WARNING, "bad request", "bad request from %s: %s",
+                                  _format_peer(address), log_safe(e))
                 if e.header.get("reply", True) is not False:
                     await write(stream, error_message(e))
                 continue
             except HandshakeNotExpected as e:
-                logger.warning("refused connection from %s: %s", _format_peer(address), e)
+                self._log_refusal(logging.WARNING, "refused", "refused connection from "
+                                  "%s: %s", _format_peer(address), log_safe(e))
                 try:
                     await stream.write(_auth.refusal_message(
                         "%s has no auth token" % type(self).__name__))
@@ -542,7 +777,8 @@ class Server(TCPServer):
                     pass
                 return
             except ProtocolError as e:
-                logger.error("closing connection from %s: %s", address, e)
+                self._log_refusal(logging.ERROR, type(e).__name__, "closing connection "
+                                  "from %s: %s", _format_peer(address), log_safe(e))
                 return
             if type(msg) is not dict or "op" not in msg:
                 result = error_message(
@@ -558,7 +794,7 @@ class Server(TCPServer):
                     try:
                         result = await result
                     except Exception as e:
-                        logger.debug("handler %r raised", op, exc_info=True)
+                        logger.debug("handler %s raised", log_safe(repr(op)), exc_info=True)
                         result = error_message(e)
             if reply:
                 try:
@@ -566,7 +802,8 @@ class Server(TCPServer):
                 except StreamClosedError:
                     return
                 except Exception as e:  # the reply itself would not serialize
-                    logger.error("could not send the reply to %r: %s", op, e)
+                    logger.error("could not send the reply to %s: %s", log_safe(repr(op)),
+                                 log_safe(e))
                     await write(stream, error_message(e))
             if close:
                 return
@@ -585,7 +822,7 @@ class Server(TCPServer):
         try:
             return handler(stream, **msg)
         except Exception as e:
-            logger.debug("handler %r raised", op, exc_info=True)
+            logger.debug("handler %s raised", log_safe(repr(op)), exc_info=True)
             return error_message(e)
 
     def stream_closed(self, stream):
@@ -593,8 +830,8 @@ class Server(TCPServer):
 
     def stop(self):
         super().stop()
-        for stream in list(self.streams):
-            stream.close()
+        for conn in list(self._pending) + list(self.streams):
+            conn.close()
         if self.on_close is not None:
             callback, self.on_close = self.on_close, None
             callback()
@@ -792,13 +1029,14 @@ class rpc:
         return reply
 
     async def _exchange(self, stream, msg):
-        await write(stream, msg)
-        if msg.get("reply", True) is False:
-            return None
         try:
+            await write(stream, msg)
+            if msg.get("reply", True) is False:
+                return None
             return await read(stream, self.limits)
         except StreamClosedError as e:
-            raise CommClosedError(
+            # with TLS 1.3 the server's verdict on our certificate comes now
+            raise tls_error(e, self.address) or CommClosedError(
                 "connection to %s closed before the reply to %r arrived"
                 % (self.address, msg.get("op"))
             ) from e
@@ -818,6 +1056,67 @@ class rpc:
 
     def __repr__(self):
         return "<rpc to %s>" % (self.address,)
+
+
+class _FirstBytes:
+    """Waits (``ready``) for the first bytes of an accepted socket, unread:
+    its result is what a peek sees, ``b''`` at end of stream, ``None`` once
+    ``close()``d."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.loop = asyncio.get_running_loop()
+        self.ready = self.loop.create_future()
+        self.fd = connection.fileno()
+        self.loop.add_reader(self.fd, self._readable)
+
+    def _readable(self):
+        try:
+            data = self.connection.recv(8, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._resolve(data)
+
+    def _resolve(self, value):
+        self.stop()
+        if not self.ready.done():
+            self.ready.set_result(value)
+
+    def stop(self):
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+            self.fd = None
+
+    def close(self):
+        self._resolve(None)
+        self.connection.close()
+
+
+class RateLimitedLog:
+    """Log at most one record of each kind per ``interval`` seconds; the next
+    one logged says how many were left out meanwhile::
+
+        log = RateLimitedLog(logger, 5)
+        log(logging.WARNING, "refused", "refused connection from %s", peer)
+    """
+
+    def __init__(self, logger, interval):
+        self.logger = logger
+        self.interval = interval
+        self._kinds = {}  # kind -> [time logged, records left out since]
+
+    def __call__(self, level, kind, msg, *args):
+        now = time.monotonic()
+        state = self._kinds.get(kind)
+        if state is not None and now - state[0] < self.interval:
+            state[1] += 1
+            return
+        if state is not None and state[1]:
+            msg += " (and %d more like it in the last %.0f s)" % (state[1], now - state[0])
+        self._kinds[kind] = [now, 0]
+        self.logger.log(level, msg, *args)
 
 
 def _format_peer(address):

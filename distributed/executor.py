@@ -57,7 +57,7 @@ from . import local  # noqa: F401  (its exit hook must run after ours)
 from .graph import TaskRef, get_dependencies, toposort
 from .protocol import from_blob, to_blob
 from .scheduler import LostData
-from .security import default_security
+from .security import TLSError, default_security, tls_error
 from .tokenize import Normalized, by_reference, tokenize
 from .utils import funcname, key_split
 from .worker import gather_from_workers
@@ -500,8 +500,12 @@ class Executor:
     async def _open_stream(self):
         """Connect to the center and make the connection our batched stream."""
         stream = await self._connect_center()
-        await write(stream, {"op": "register-client", "client": self.id, "reply": False})
-        first = await asyncio.wait_for(read(stream), self.timeout)
+        try:
+            await write(stream, {"op": "register-client", "client": self.id,
+                                 "reply": False})
+            first = await asyncio.wait_for(read(stream), self.timeout)
+        except StreamClosedError as e:  # with TLS 1.3, a refused certificate shows now
+            raise tls_error(e, self.address) or e
         if is_error_message(first):  # refused: no or another auth token
             stream.close()
             raise_error_message(first)
@@ -518,7 +522,7 @@ class Executor:
             try:
                 return await connect(self.address, timeout=max(0.1, deadline - time.time()),
                                      security=self.security)
-            except AuthenticationError:
+            except (AuthenticationError, TLSError):
                 raise  # retrying cannot help
             except (OSError, TimeoutError) as e:
                 if time.time() + delay > deadline:

@@ -65,7 +65,9 @@ class Nanny(Server):
         self.worker_address = None
         self.status = "created"
         self.deaths = []  # (time, cause) of unexpected worker exits
-        self.pool = ConnectionPool()
+        # every connection the nanny opens (heartbeats, death reports) uses its own
+        # settings, also when they came from flags rather than the environment
+        self.pool = ConnectionPool(security=kwargs.get("security"))
         self.center = rpc(self.center_address, pool=self.pool)
         self._restarting = None
         self._watch = PeriodicCallback(self._check, 100)

@@ -64,6 +64,8 @@ import struct
 __all__ = [
     "Security",
     "AuthenticationError",
+    "TLSError",
+    "tls_error",
     "default_security",
     "new_nonce",
     "hello_message",
@@ -98,6 +100,46 @@ class AuthenticationError(ConnectionError):
         if not str(message).startswith("authentication failed"):
             message = "authentication failed: %s" % message
         super().__init__(message)
+
+
+class TLSError(ConnectionError):
+    """A TLS handshake failed; the message names the peer and says why::
+
+        TLS handshake with 127.0.0.1:8787 failed: certificate verify failed: ...
+    """
+
+
+#: OpenSSL reasons -> what they mean here
+_TLS_HINTS = {
+    "CERTIFICATE_VERIFY_FAILED": "the peer's certificate is not signed by the CA this "
+                                 "side trusts (--tls-ca)",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate "
+                                         "(--tls-cert, --tls-key)",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the peer sent no certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust this side's certificate: it is "
+                              "not signed by the peer's --tls-ca",
+    "UNEXPECTED_EOF_WHILE_READING": "the peer closed the connection; does it use TLS?",
+    "WRONG_VERSION_NUMBER": "the peer does not speak TLS",
+    "HTTP_REQUEST": "the peer does not speak TLS",
+}
+
+
+def tls_error(error, peer):
+    """The :class:`TLSError` to raise for ``error`` (an ``ssl.SSLError``, or an
+    error whose ``real_error`` is one) on a connection with ``peer``, else
+    ``None`` (TLS is not to blame)."""
+    real = getattr(error, "real_error", None) or error
+    if isinstance(real, TLSError):
+        return real
+    if not isinstance(real, ssl.SSLError):
+        return None
+    reason = getattr(real, "reason", None)
+    text = getattr(real, "verify_message", None)
+    text = "certificate verify failed: %s" % text if text else (
+        str(reason or real).lower().replace("_", " "))
+    hint = _TLS_HINTS.get(reason)
+    return TLSError("TLS handshake with %s failed: %s%s"
+                    % (peer, text, "; %s" % hint if hint else ""))
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ __all__ = [
     "key_split",
     "format_exception_text",
     "new_id",
+    "log_safe",
 ]
 
 
@@ -106,6 +107,32 @@ def key_split(key):
 def format_exception_text(exc, tb=None):
     tb = tb if tb is not None else exc.__traceback__
     return "".join(_traceback.format_exception(type(exc), exc, tb))
+
+
+#: characters of peer-supplied text that :func:`log_safe` keeps
+LOG_SAFE_LIMIT = 200
+
+
+def log_safe(value, limit=LOG_SAFE_LIMIT):
+    """``value`` (text or anything a peer sent) made fit for one log line.
+
+    Newlines and other control characters come out escaped as ``repr``
+    would (so a peer cannot forge a log record), and the text is cut to
+    ``limit`` characters.  Never raises, even for a hostile object::
+
+        >>> log_safe('no\\nFAKE RECORD')
+        'no\\\\nFAKE RECORD'
+        >>> log_safe('x' * 300).endswith('x... (100 more)')
+        True
+    """
+    try:
+        text = value if isinstance(value, str) else str(value)
+    except Exception:
+        text = "<%s whose str() raised>" % type(value).__name__
+    escaped = repr(text[: limit + 1])[1:-1]  # repr's escapes, without its quotes
+    if len(escaped) > limit or len(text) > limit:
+        return "%s... (%d more)" % (escaped[:limit], max(0, len(text) - limit))
+    return escaped
 
 
 def new_id():

@@ -61,6 +61,7 @@ from .core import (
     AuthenticationError,
     ConnectionPool,
     Server,
+    TLSError,
     coerce_to_address,
     connect,
     error_message,
@@ -347,8 +348,8 @@ class Worker(Server):
                     nanny=self.nanny,
                     timeout=max(1, deadline - time.time()),
                 )
-            except AuthenticationError:
-                raise  # retrying cannot help: the tokens differ
+            except (AuthenticationError, TLSError):
+                raise  # retrying cannot help: the tokens or certificates do not match
             except (OSError, TimeoutError, StreamClosedError) as e:
                 if time.time() + delay > deadline:
                     raise TimeoutError(

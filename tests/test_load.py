@@ -14,8 +14,13 @@ The center limits connections per peer IP (``DISTRIBUTED_MAX_CONNECTIONS_PER_PEE
 """
 
 import asyncio
+import errno
 import math
+import os
+import queue
 import resource
+import socket
+import sys
 import threading
 import time
 
@@ -24,7 +29,7 @@ import pytest
 
 from distributed import core
 from distributed.protocol import Decoder, dumps, frames_to_bytes
-from distributed.utils_test import inc
+from distributed.utils_test import inc, popen, wait_for_line
 
 N_CONNECTIONS = 1000
 OPENING_AT_ONCE = 100  # the listen backlog is 128
@@ -190,3 +195,151 @@ def test_thousand_connections_to_the_center():
             except Exception:
                 pass
         cluster.close()
+
+
+# ---------------------------------------------------------------------------
+# Connections that do not authenticate cannot lock anyone out
+
+
+def flood(address, n_by_source):
+    """Open idle raw TCP connections to ``address``: ``{source ip: count}``,
+    without waiting for each (a server that does not accept fills its backlog
+    and the rest wait in the kernel).
+
+    Returns the sockets (the caller closes them) and how many failed to start.
+    """
+    host, port = address.rsplit(":", 1)
+    socks, failed = [], 0
+    for source, n in n_by_source.items():
+        for _ in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.bind((source, 0))
+                code = s.connect_ex((host, int(port)))
+            except OSError:
+                code = -1
+            if code in (0, errno.EINPROGRESS):
+                socks.append(s)
+            else:
+                s.close()
+                failed += 1
+    time.sleep(1)  # the kernel completes them; the server accepts what it will
+    return socks, failed
+
+
+def center_output(proc, settle=1.0):
+    """The lines ``proc`` printed so far."""
+    from distributed.utils_test import _line_queue
+
+    q = _line_queue(proc)
+    lines = []
+    deadline = time.time() + settle
+    while True:
+        try:
+            line = q.get(timeout=max(0.01, deadline - time.time()))
+        except queue.Empty:
+            return lines
+        if line is None:
+            q.put(None)
+            return lines
+        lines.append(line)
+
+
+def can_bind(source):
+    with socket.socket() as s:
+        try:
+            s.bind((source, 0))
+            return True
+        except OSError:
+            return False
+
+
+def cluster_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTRIBUTED_")}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.timeout(120)
+def test_unauthenticated_flood_does_not_lock_out_the_cluster():
+    """720 idle connections without the token, 520 of them from 127.0.0.1
+    (where the cluster's own clients and workers come from): an Executor
+    with the token still connects and computes within seconds, the center
+    does not spin and its log stays short."""
+    from distributed import Executor
+    from distributed.security import Security
+
+    raise_fd_limit(4000)
+    token = "flood-test-token"
+    env = cluster_env(DISTRIBUTED_AUTH_TOKEN=token)
+    sources = {"127.0.0.1": 520}
+    for extra in ("127.0.0.2", "127.0.0.3"):
+        if can_bind(extra):
+            sources[extra] = 100
+    with popen([sys.executable, "-m", "distributed.cli.dcenter", "--port", "0"],
+               env=env) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+        with popen([sys.executable, "-m", "distributed.cli.dworker", address,
+                    "--no-nanny", "--ncores", "1"], env=env) as worker:
+            wait_for_line(worker, "Registered with center", timeout=30)
+            socks, failed = flood(address, sources)
+            try:
+                assert failed < 50, failed
+                t0 = time.time()
+                with Executor(address, security=Security(token=token), timeout=10) as e:
+                    assert e.submit(inc, 1).result(timeout=10) == 2
+                    assert len(e.ncores()) == 1
+                elapsed = time.time() - t0
+                assert elapsed < 8, elapsed
+                cpu = psutil.Process(center.pid).cpu_percent(interval=2)
+                assert cpu < 20, cpu
+            finally:
+                for s in socks:
+                    s.close()
+        lines = center_output(center)
+    # a handful of rate-limited lines, not one per connection
+    assert len(lines) < 30, "".join(lines)
+    assert any("have not authenticated yet" in line for line in lines), lines
+
+
+@pytest.mark.timeout(120)
+def test_center_out_of_file_descriptors_backs_off():
+    """A center (without a token: nothing else bounds its connections) at a
+    hard limit of 256 open files, sent 600 connections: it does not spin
+    logging accept errors, and serves again once they are closed."""
+    from distributed.core import rpc
+    from distributed.security import Security
+
+    raise_fd_limit(4000)
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    with popen([sys.executable, "-m", "distributed.cli.dcenter", "--port", "0"],
+               env=cluster_env(), preexec_fn=low_limit) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+        socks, failed = flood(address, {"127.0.0.1": 600})
+        try:
+            cpu = psutil.Process(center.pid).cpu_percent(interval=3)
+            assert cpu < 20, cpu
+        finally:
+            for s in socks:
+                s.close()
+
+        async def ping():
+            with rpc(address, security=Security()) as r:
+                return await r.ping(timeout=10)
+
+        deadline = time.time() + 20
+        while True:
+            try:
+                assert asyncio.run(ping()) == b"pong"
+                break
+            except (OSError, TimeoutError):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        lines = center_output(center)
+    assert len(lines) < 30, "".join(lines[:50])
+    assert any("cannot accept connections" in line for line in lines), lines

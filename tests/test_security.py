@@ -11,9 +11,11 @@ import ipaddress
 import logging
 import os
 import pickle
+import queue
 import ssl
 import struct
 import sys
+import time
 
 import psutil
 import pytest
@@ -332,6 +334,86 @@ def test_connections_per_peer_limited(caplog):
     assert "2 connections from 127.0.0.1 are open, the limit is 2" in caplog.text
 
 
+def test_unauthenticated_connections_have_their_own_budget(caplog, monkeypatch):
+    """Connections that have not authenticated are few, short-lived and do not
+    count towards the per-peer limit: they cannot lock a client out."""
+    from distributed import core
+
+    monkeypatch.setattr(core, "HANDSHAKE_TIMEOUT", 1.0)
+
+    async def f():
+        s = await token_server(max_pending_connections=4, max_connections_per_peer=2)
+        try:
+            idle = [await connect(s.address, security=Security()) for _ in range(10)]
+            await wait_for(lambda: len(s._pending) == 4)
+            # the oldest were closed to make room
+            for stream in idle[:6]:
+                with pytest.raises(StreamClosedError):
+                    await asyncio.wait_for(stream.read_bytes(1), 5)
+            # a client with the token gets in at once (and so does a second)
+            a, b = (rpc(s.address, security=Security(token=TOKEN)) for _ in range(2))
+            assert await a.record(x=1, timeout=5) == 1
+            assert await b.record(x=2, timeout=5) == 2
+            assert s._peer_connections == {"127.0.0.1": 2}
+            # those that never authenticate are closed after HANDSHAKE_TIMEOUT
+            await wait_for(lambda: not s._pending, timeout=5)
+            for stream in idle[6:]:
+                with pytest.raises(StreamClosedError):
+                    await asyncio.wait_for(stream.read_bytes(1), 5)
+            assert await a.record(x=3, timeout=5) == 3  # authenticated ones stay
+            a.close_streams()
+            b.close_streams()
+        finally:
+            s.stop()
+
+    with caplog.at_level(logging.WARNING, logger="distributed.core"):
+        run(f())
+    evictions = [r for r in caplog.records if "have not authenticated yet" in r.message]
+    assert len(evictions) == 1, caplog.text  # six closed, one line: rate-limited
+    assert "did not authenticate within 1.0 s" in caplog.text
+
+
+@pytest.mark.parametrize("size", [100, 1_000_000])
+def test_stalled_message_closes_the_connection(caplog, size):
+    """A message that stops half-way is cut off after ``stall_timeout``; a
+    connection idle between messages is not."""
+    async def f():
+        s = Server({"record": record}, security=Security(), stall_timeout=0.5)
+        s.listen(0)
+        try:
+            stream = await connect(s.address, security=Security())
+            await asyncio.sleep(1.0)  # idle between messages: fine
+            await stream.write(frames_to_bytes(dumps({"op": "record", "x": 1})))
+            assert await asyncio.wait_for(read(stream), 5) == 1
+            data = frames_to_bytes(dumps({"op": "record", "x": b"x" * size}))
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await stream.write(data[: len(data) // 2])
+            with pytest.raises(StreamClosedError):
+                await asyncio.wait_for(stream.read_bytes(1), 5)
+            assert 0.4 < loop.time() - start < 3
+        finally:
+            s.stop()
+
+    with caplog.at_level(logging.WARNING, logger="distributed.core"):
+        run(f())
+    assert "did not arrive within 0.5 s" in caplog.text
+
+
+def test_rate_limited_log(caplog):
+    from distributed.core import RateLimitedLog
+
+    log = RateLimitedLog(logging.getLogger("test-rate"), 0.3)
+    with caplog.at_level(logging.WARNING, logger="test-rate"):
+        for i in range(100):
+            log(logging.WARNING, "a", "refused %d", i)
+        log(logging.WARNING, "b", "other kind")
+        time.sleep(0.35)
+        log(logging.WARNING, "a", "refused %d", 100)
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0", "other kind", "refused 100 (and 99 more like it in the last 0 s)"]
+
+
 # ---------------------------------------------------------------------------
 # A cluster with a token
 
@@ -555,6 +637,65 @@ def test_rpc_over_tls(certs, recorded, caplog):
     assert "opened a TLS connection, but this node does not use TLS" in caplog.text
 
 
+@pytest.mark.parametrize("case", ["client without certificate", "wrong CA",
+                                  "plain TCP to TLS", "TLS to plain", "token, no cert",
+                                  "token, plain TCP to TLS"])
+def test_tls_failures_name_tls_and_the_peer(certs, case):
+    """Every failed TLS handshake raises a ConnectionError that says TLS, names
+    the peer and why, not 'Stream is closed'."""
+    tls = Security(**certs["ca"])
+    client, server_security, expected = {
+        "client without certificate": (Security(tls_ca=certs["ca"]["tls_ca"]), tls,
+                                       "requires a client certificate"),
+        "wrong CA": (Security(**certs["other-ca"]), tls, "certificate verify failed"),
+        "plain TCP to TLS": (Security(), tls, "requires TLS"),
+        "TLS to plain": (tls, Security(), "does it use TLS"),
+        "token, no cert": (Security(token=TOKEN, tls_ca=certs["ca"]["tls_ca"]),
+                           tls.with_token(TOKEN), "requires a client certificate"),
+        "token, plain TCP to TLS": (Security(token=TOKEN), tls.with_token(TOKEN),
+                                    "requires TLS"),
+    }[case]
+
+    async def f():
+        s = Server({"record": record}, security=server_security)
+        s.listen(0)
+        try:
+            with rpc(s.address, security=client) as r:
+                with pytest.raises(ConnectionError) as info:
+                    await r.record(x=1, timeout=5)
+            message = str(info.value)
+            assert "TLS" in message and s.address in message, message
+            assert expected in message, message
+            assert "Stream is closed" not in message
+        finally:
+            s.stop()
+
+    run(f())
+
+
+def test_cli_tls_failures_name_tls_and_the_center(certs):
+    flags = ["--tls-cert", certs["ca"]["tls_cert"], "--tls-key", certs["ca"]["tls_key"],
+             "--tls-ca", certs["ca"]["tls_ca"]]
+    env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
+    with start_center(flags, env=env) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+        other = certs["other-ca"]
+        for worker_flags, expected in [
+                ([], "requires TLS"),
+                (["--tls-cert", other["tls_cert"], "--tls-key", other["tls_key"],
+                  "--tls-ca", other["tls_ca"]], "certificate verify failed")]:
+            with dworker(address, ["--no-nanny"] + worker_flags, env=env) as worker:
+                line = wait_for_line(worker, "dworker: error", timeout=20)
+                assert "TLS" in line and address in line and expected in line, line
+                assert worker.wait(10) == 1
+        # an executor without a certificate: told at once, not after its timeout
+        start = time.time()
+        with pytest.raises(ConnectionError, match="TLS handshake with %s failed: .*"
+                           "requires a client certificate" % address):
+            Executor(address, security=Security(tls_ca=certs["ca"]["tls_ca"]), timeout=20)
+        assert time.time() - start < 10
+
+
 def test_center_worker_executor_over_tls_with_token(certs):
     security = Security(token=TOKEN, **certs["ca"])
 
@@ -668,3 +809,176 @@ def test_warn_if_exposed(caplog):
         warn_if_exposed(log, "the worker", "192.0.2.2", Security())
     assert "the worker listens on 192.0.2.2 without an auth token: anyone who can " \
            "reach this port can run code on it" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Every connection a node opens uses that node's settings (flags, not only env)
+
+
+def output_so_far(proc, settle=0.5):
+    """The lines ``proc`` printed so far (waits ``settle`` s for stragglers)."""
+    from distributed.utils_test import _line_queue
+
+    q = _line_queue(proc)
+    lines = []
+    deadline = time.time() + settle
+    while True:
+        try:
+            line = q.get(timeout=max(0.01, deadline - time.time()))
+        except queue.Empty:
+            return lines
+        if line is None:
+            q.put(None)
+            return lines
+        lines.append(line)
+
+
+def hold_gil(seconds):
+    """Sleep in C without releasing the GIL: the worker's own heartbeats stop."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(int(seconds))
+    return seconds
+
+
+def env_without_security():
+    env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
+    # the worker imports this module's hold_gil by reference
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__),
+                                         env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("which", ["token", "tls"])
+def test_nanny_uses_its_own_flags(which, request):
+    """``dworker --auth-token`` / ``--tls-*`` with nothing in the environment:
+    the nanny's heartbeats are accepted, so a worker holding the GIL longer
+    than the heartbeat timeout is busy, not dead."""
+    if which == "token":
+        flags, security = ["--auth-token", TOKEN], Security(token=TOKEN)
+    else:
+        certs = request.getfixturevalue("certs")
+        flags = ["--tls-cert", certs["ca"]["tls_cert"], "--tls-key",
+                 certs["ca"]["tls_key"], "--tls-ca", certs["ca"]["tls_ca"]]
+        security = Security(**certs["ca"])
+    env = env_without_security()
+    with start_center(flags + ["--heartbeat-timeout", "2"], env=env) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+        with dworker(address, flags + ["--ncores", "1"], env=env) as worker:
+            wait_for_line(worker, "Registered with center", timeout=30)
+            with Executor(address, security=security) as e:
+                (worker_address,) = e.ncores()
+                f = e.submit(hold_gil, 5, pure=False)
+                t0 = time.time()
+                while not f.done():
+                    assert worker_address in e.ncores(), "busy worker removed as dead"
+                    assert time.time() - t0 < 30
+                    time.sleep(0.25)
+                assert f.result() == 5
+        lines = output_so_far(center)
+    assert not [line for line in lines if "refused" in line or "closing connection" in line
+                or "opened a TLS" in line or "no heartbeat" in line], lines
+
+
+# ---------------------------------------------------------------------------
+# What a peer sends cannot forge a log record
+
+
+async def send_raw(address, data, linger=1.0):
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    try:
+        await asyncio.wait_for(reader.read(), linger)
+    except asyncio.TimeoutError:
+        pass
+    writer.close()
+
+
+def test_peer_text_is_escaped_in_the_log():
+    forged = "\nFAKE RECORD 2026-01-01 distributed.center WARNING: all is well"
+    env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
+    env["DISTRIBUTED_REFUSAL_LOG_INTERVAL"] = "0"  # log every refusal
+    with start_center(["--auth-token", TOKEN], env=env) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+        # a refusal as the first message, and one instead of the proof
+        run(send_raw(address, sec.refusal_message(forged)))
+        run(send_raw(address, sec.hello_message(sec.new_nonce())
+                     + sec.refusal_message(forged)))
+        lines = collect_until(center, "refused connection from")
+        lines += collect_until(center, "refused connection from")
+        lines += output_so_far(center)
+    # a cluster without a token trusts its peers, but its log is still one line
+    # per record
+    with start_center([], env=env) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+
+        async def died():
+            with rpc(address, security=Security()) as r:
+                await r.worker_died(address="127.0.0.1:1", cause=forged, timeout=10)
+
+        run(died())
+        lines += collect_until(center, "died")
+        lines += output_so_far(center)
+    assert not [line for line in lines if line.startswith("FAKE")], lines
+    assert sum("\\nFAKE RECORD" in line for line in lines) >= 1, lines
+
+
+def test_log_safe():
+    from distributed.utils import log_safe
+
+    assert log_safe("a\nb\r\x1b[31mc\u2028") == "a\\nb\\r\\x1b[31mc\\u2028"
+    assert log_safe("plain 127.0.0.1:80") == "plain 127.0.0.1:80"
+    assert len(log_safe("x" * 10_000)) < 250
+    assert log_safe(b"\n") == "b'\\\\n'"
+
+    class Hostile:
+        def __str__(self):
+            raise RuntimeError("no")
+
+    assert "Hostile" in log_safe(Hostile())
+
+
+# ---------------------------------------------------------------------------
+# A cluster without a token says once that local users can run code on it
+
+
+def test_tokenless_cluster_prints_one_hint():
+    env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
+    with start_center([], env=env) as center:
+        center_lines = collect_until(center, "Start center at")
+        address = center_lines[-1].split()[-1]
+        center_lines += output_so_far(center)
+        with dworker(address, [], env=env) as worker:  # under a nanny
+            worker_lines = collect_until(worker, "Registered with center")
+            worker_lines += output_so_far(worker)
+        with dworker(address, ["--no-nanny"], env=env) as worker:
+            plain_worker_lines = collect_until(worker, "Registered with center")
+            plain_worker_lines += output_so_far(worker)
+    for lines in (center_lines, worker_lines, plain_worker_lines):
+        hints = [line for line in lines if "without an auth token" in line]
+        assert len(hints) == 1, lines
+        assert "any user of this machine can run code" in hints[0]
+        assert "--auth-token" in hints[0] and "DISTRIBUTED_AUTH_TOKEN" in hints[0]
+    # with a token: no hint
+    with start_center(["--auth-token", TOKEN], env=env) as center:
+        lines = collect_until(center, "Start center at") + output_so_far(center)
+    assert not [line for line in lines if "without an auth token" in line], lines
+
+
+def test_local_cluster_prints_no_hint(capfd, monkeypatch):
+    """``Executor()``'s local cluster has a token: none of its processes hints."""
+    from distributed.local import LocalCluster
+
+    for name in sec._ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    cluster = LocalCluster(n_workers=1, echo=True)  # echo: children's output is ours
+    try:
+        with Executor(cluster.center_address) as e:
+            assert e.submit(inc, 1).result() == 2
+    finally:
+        cluster.close()
+    out, err = capfd.readouterr()
+    assert "Start center at" in out  # the children's output is seen here
+    assert "without an auth token" not in out + err

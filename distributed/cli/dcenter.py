@@ -15,6 +15,7 @@ from ..http import HTTPCenter
 from ..process import exit_with_parent
 from .utils import (
     add_security_arguments,
+    raise_open_files_limit,
     run_until_signal,
     security_from_args,
     setup_logging,
@@ -82,6 +83,7 @@ def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    raise_open_files_limit()
     security = security_from_args(args, parser)
     services = {"http": HTTPCenter} if args.http_port is not None else None
     ports = {"http": args.http_port} if args.http_port is not None else None

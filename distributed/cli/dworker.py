@@ -21,6 +21,7 @@ from ..utils import get_ip, parse_address
 from ..worker import Worker
 from .utils import (
     add_security_arguments,
+    raise_open_files_limit,
     parse_memory_limit,
     run_until_signal,
     security_from_args,
@@ -83,6 +84,7 @@ def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    raise_open_files_limit()
     try:
         center = coerce_to_address(args.center)
         center_ip, center_port = parse_address(center)

@@ -72,12 +72,38 @@ def security_from_args(args, parser):
 
 
 def warn_if_exposed(logger, what, host, security):
-    """Warn that a node on a non-loopback address without a token runs anyone's code."""
-    if security.token is None and not is_loopback(host):
+    """Say that a node without a token runs anyone's code: a warning on a
+    non-loopback address, a one-line hint (on stderr) on loopback."""
+    if security.token is not None:
+        return
+    target = "the cluster" if what == "the center" else "it"
+    if not is_loopback(host):
         logger.warning("%s listens on %s without an auth token: anyone who can reach "
                        "this port can run code on %s; set --auth-token or %s",
-                       what, host, "the cluster" if what == "the center" else "it",
-                       ENV_TOKEN)
+                       what, host, target, ENV_TOKEN)
+    else:
+        print("Hint: %s listens on %s without an auth token: any user of this machine "
+              "can run code on %s; set --auth-token or %s to a shared secret"
+              % (what, host, target, ENV_TOKEN), file=sys.stderr, flush=True)
+
+
+def raise_open_files_limit(cap=2**20):
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (at most ``cap``), where
+    allowed: a node holding many connections should not run out of file
+    descriptors at the usual soft limit of 1024.  Returns the soft limit now."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def setup_logging(verbose=False):
