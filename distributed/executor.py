@@ -598,6 +598,8 @@ class Executor:
                 await asyncio.sleep(0.1)
         for state in lost_pending:
             if state.status == "pending":
+                if self.futures.get(state.key) is state:
+                    del self.futures[state.key]  # submitted again: a new task
                 state.set_error(LostData(
                     "the center at %s restarted while %r was pending; submit it "
                     "again" % (self.address, state.key)))

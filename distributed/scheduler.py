@@ -290,12 +290,7 @@ class Scheduler:
         for key in keys:
             ts = self.tasks.get(key)
             if ts is None:
-                self.to_clients[client].append({
-                    "op": "task-erred", "key": key,
-                    "exception": LostData("key %r is not known to the scheduler; "
-                                          "it was released or never existed" % (key,)),
-                    "traceback": None, "blob": False,
-                })
+                self.to_clients[client].append(self._unknown_key_msg(key))
                 continue
             ts.who_wants.add(client)
             self.clients[client].add(key)
@@ -330,9 +325,25 @@ class Scheduler:
         self.client_releases_keys(client, keys)
 
     def retry(self, client, keys):
-        """Run the erred ``keys`` again, and the erred tasks they depend on."""
+        """Run the erred ``keys`` again, and the erred tasks they depend on.
+
+        The client hears of every key again: a key not erred (any more)
+        reports its state, an unknown one (a new center) errs.
+        """
+        self.add_client(client)
+        stack = []
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                self.to_clients[client].append(self._unknown_key_msg(key))
+                continue
+            ts.who_wants.add(client)
+            self.clients[client].add(key)
+            if ts.state == "erred":
+                stack.append(ts)
+            else:
+                self._report_state(ts, client)  # in memory: says so; else it will
         roots, seen = [], set()
-        stack = [self.tasks[k] for k in keys if k in self.tasks]
         while stack:
             ts = stack.pop()
             if ts in seen or ts.state != "erred":
@@ -499,6 +510,12 @@ class Scheduler:
                 "workers": list(self.who_has.get(ts.key, ()))})
         elif ts.state == "erred":
             self.to_clients[client].append(self._erred_msg(ts))
+
+    def _unknown_key_msg(self, key):
+        return {"op": "task-erred", "key": key,
+                "exception": LostData("key %r is not known to the scheduler; it "
+                                      "was released or never existed" % (key,)),
+                "traceback": None, "blob": False}
 
     def _erred_msg(self, ts):
         return {"op": "task-erred", "key": ts.key, "exception": ts.exception,

@@ -15,9 +15,10 @@ import pytest
 
 from distributed import Executor, LocalCluster
 from distributed.graph import CycleError, get_dependencies, toposort
-from distributed.utils_test import inc, poll, slowinc
+from distributed.utils_test import free_port, inc, poll, slowinc
 
 from test_executor import _cluster_env, _record_sends, cluster, e  # noqa: F401 (fixtures)
+from test_resilience import processes, start_center, start_worker
 
 
 # ---------------------------------------------------------------------------
@@ -83,6 +84,13 @@ def fails_first_time(path):
         open(path, "w").close()
         raise ValueError("first call")
     return 42
+
+
+def wait_for_file(path, value):
+    """Return ``value`` once ``path`` exists."""
+    while not os.path.exists(path):
+        time.sleep(0.02)
+    return value
 
 
 def uid():
@@ -242,6 +250,26 @@ def test_retry_reruns_erred_dependencies(e, tmp_path):
     assert x.result(timeout=10) == 42
 
 
+def test_scheduler_retry():
+    """Retry reruns the erred chain; a key the scheduler does not know (a new
+    center) errs instead of leaving the future pending."""
+    from distributed.scheduler import Scheduler
+
+    s = Scheduler()
+    s.add_worker("w:1", ncores=1)
+    s.update_graph("c", tasks={"x": {}, "y": {}},
+                   dependencies={"x": [], "y": ["x"]}, keys=["y"])
+    s.task_erred("w:1", "x", exception=b"boom", text="boom")
+    assert s.task_states() == {"x": "erred", "y": "erred"}
+    s.flush()
+    s.retry("c", ["y", "gone"])
+    assert s.task_states() == {"x": "processing", "y": "waiting"}
+    assert s.tasks["y"].exception is None
+    tw, tc = s.flush()
+    assert [m["key"] for m in tw["w:1"] if m["op"] == "compute-task"] == ["x"]
+    assert [(m["op"], m["key"]) for m in tc["c"]] == [("task-erred", "gone")]
+
+
 def _fail_once_then_drop(e, path):
     f = e.submit(fails_first_time, path)
     try:
@@ -276,6 +304,33 @@ def test_erred_dependency_released_with_its_dependent(e, tmp_path):
     poll(lambda: key not in e.futures, timeout=5, msg="erred keys released")
     x = e.submit(fails_first_time, path)
     assert e.submit(inc, x).result(timeout=10) == 43
+
+
+def test_lost_in_center_restart_can_be_submitted_again(tmp_path):
+    """A future failed by a center restart says "submit it again": doing so
+    (same pure call, old future still held) runs it on the new center."""
+    port = free_port()
+    with processes() as start:
+        center = start_center(start, port)
+        start_worker(start, port, "--no-nanny")
+        with Executor("127.0.0.1:%d" % port) as e:
+            path = str(tmp_path / uid())
+            gate = tmp_path / uid()
+            x = e.submit(wait_for_file, str(gate), 10)
+            poll(lambda: any(e.sync(e.center.processing).values()), timeout=10)
+            center.kill()
+            start_center(start, port)
+            gate.touch()
+            with pytest.raises(Exception, match="submit it again"):
+                x.result(timeout=20)
+            y = e.submit(wait_for_file, str(gate), 10)
+            assert y.result(timeout=20) == 10
+            assert x.status == "error"
+            f = e.submit(fails_first_time, path)
+            with pytest.raises(ValueError):
+                f.result(timeout=10)
+            f.retry()
+            assert f.result(timeout=10) == 42
 
 
 # ---------------------------------------------------------------------------
