@@ -798,7 +798,7 @@ class Executor:
         spec, deps = self._task_spec(func, args, kwargs, key)
         self._check_size(key, spec)
         future = Future(key, self, self._new_state(key))
-        self._send({
+        self._send_graph({
             "op": "update-graph",
             "tasks": {key: spec},
             "dependencies": {key: deps},
@@ -822,6 +822,51 @@ class Executor:
                 "DISTRIBUTED_MAX_FRAME_SIZE): scatter large data first "
                 "(e.scatter) and pass its future"
                 % (key, _format_bytes(nbytes), _format_bytes(min(limit, self.max_frame_size))))
+
+    def _send_graph(self, msg):
+        """Send an update-graph; in parts if its tasks are more than the center
+        reads in one message.  ``msg['tasks']`` lists dependencies first; a
+        wanted key goes with its task.  The tasks of a part are wanted until
+        the last part has arrived (else one finished meanwhile would be
+        forgotten before its dependents arrive)."""
+        limit = self.max_message_size // 2
+        tasks = msg["tasks"]
+        sizes = {k: sum(len(b) for b in spec.values()) for k, spec in tasks.items()}
+        if sum(sizes.values()) <= limit:
+            self._send(msg)
+            return
+        parts, part, total = [], [], 0
+        for k in tasks:
+            if part and total + sizes[k] > limit:
+                parts.append(part)
+                part, total = [], 0
+            part.append(k)
+            total += sizes[k]
+        parts.append(part)
+        restrictions = msg.get("restrictions") or {}
+        loose = set(msg.get("loose_restrictions") or ())
+        wanted = set(msg["keys"])
+        held = [k for part in parts[:-1] for k in part
+                if k not in wanted and k not in self.futures]
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            here = set(part)
+
+            def mine(k):
+                return k in here or (last and k not in tasks)
+
+            self._send({
+                "op": "update-graph",
+                "tasks": {k: tasks[k] for k in part},
+                "dependencies": {k: v for k, v in msg["dependencies"].items() if mine(k)},
+                "keys": [k for k in msg["keys"] if mine(k)]
+                + ([] if last else [k for k in part if k not in wanted]),
+                "restrictions": {k: v for k, v in restrictions.items() if mine(k)} or None,
+                "loose_restrictions": [k for k in loose if mine(k)],
+                "priority": {k: v for k, v in msg["priority"].items() if mine(k)},
+            })
+        if held:
+            self._send({"op": "client-releases-keys", "keys": held})
 
     def _new_state(self, key):
         with self._lock:
@@ -930,7 +975,7 @@ class Executor:
             states[k] = self._new_state(k)
         futures = [Future(k, self, states[k]) for k in keys]
         if tasks:
-            self._send({
+            self._send_graph({
                 "op": "update-graph", "tasks": tasks, "dependencies": deps,
                 "keys": new_keys, "restrictions": restrictions,
                 "loose_restrictions": new_keys if restrictions and allow_other_workers
@@ -1134,8 +1179,9 @@ class Executor:
         order = toposort(dsk, deps)  # a cycle raises here, before anything is sent
         rank = {k: i for i, k in enumerate(order)}
         base = next(self._priority)
-        tasks = {}
-        for k, v in dsk.items():
+        tasks = {}  # dependencies first: _send_graph may cut it in parts
+        for k in order:
+            v = dsk[k]
             if k in replaced:
                 tasks[k] = {"task": _to_blob_or_raise(replaced[k], "task %r" % (k,))}
                 self._check_size(k, tasks[k])
@@ -1156,7 +1202,7 @@ class Executor:
             restrict = {}
             for k, ws in restrictions.items():
                 restrict.update(self._restrictions([k], ws))
-        self._send({
+        self._send_graph({
             "op": "update-graph", "tasks": tasks, "dependencies": deps,
             "keys": wanted, "restrictions": restrict,
             "loose_restrictions": list(loose_restrictions or ()),

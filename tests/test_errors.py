@@ -388,4 +388,11 @@ def test_task_over_message_limit_fails_alone(small_cluster):
         # several batches instead of closing the stream
         fs = [e.submit(len, bytes([i]) * 300000) for i in range(8)]
         assert e.gather(fs) == [300000] * 8
+        # and so do one map and one graph over it: sent in several parts
+        fs = e.map(len, [bytes([i]) * 200000 for i in range(10, 20)])
+        assert e.gather(fs) == [200000] * 10
+        name = "big-" + uid()
+        dsk = {(name, i): (len, bytes([i]) * 200000) for i in range(10)}
+        dsk[name] = (sum, list(dsk))
+        assert e.get(dsk, name) == 2000000
         assert e.status == "running"
