@@ -325,7 +325,8 @@ def _unpack_error(state):
             raise TypeError("not an exception: %s" % type(exc).__name__)
     except Exception as e:
         exc = RemoteException(
-            _type_name(exc), "the task raised an exception that could not be "
+            "Exception" if type(exc) is bytes else type(exc).__name__,
+            "the task raised an exception that could not be "
             "rebuilt here (%s: %s)" % (type(e).__name__, safe_str(e)), state.text or "")
     if type(tb) is bytes:
         try:
@@ -335,12 +336,6 @@ def _unpack_error(state):
     if not isinstance(tb, types.TracebackType):
         tb = None
     return exc, tb
-
-
-def _type_name(exc):
-    if type(exc) is bytes:  # the pickle names its class: module ... name
-        return "Exception"
-    return type(exc).__name__
 
 
 # ---------------------------------------------------------------------------
