@@ -153,6 +153,20 @@ def test_large_cyclic_graph_raises_quickly(e):
     assert sent == []
 
 
+def test_large_chain_graph_passes_the_check_quickly(e):
+    """The client side of get() on a 200,000-key chain (checked, pickled,
+    the update-graph made; not run: the cluster has 2 cores)."""
+    sent = []
+    e._send = sent.append  # keep it off the cluster
+    start = time.time()
+    futures = e._graph_to_futures(_chain(200000), [("x", 199999)])
+    assert time.time() - start < 30
+    (msg,) = sent
+    assert msg["op"] == "update-graph" and len(msg["tasks"]) == 200000
+    assert list(msg["tasks"])[:2] == [("x", 0), ("x", 1)]  # dependencies first
+    del futures
+
+
 def test_scheduler_refuses_a_cyclic_graph():
     """A client that sends a cycle anyway gets an error, not a hang."""
     from distributed.scheduler import Scheduler
