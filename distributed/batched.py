@@ -24,15 +24,17 @@ from .protocol import DEFAULT_LIMITS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchedSend", "read_batches"]
+__all__ = ["BatchedSend", "read_batches", "payload_nbytes"]
 
 
 class BatchedSend:
     """Batch messages to ``stream``; see the module docstring."""
 
-    def __init__(self, stream, loop=None):
+    def __init__(self, stream, loop=None, max_bytes=None):
         self.stream = stream
         self.loop = loop or IOLoop.current()
+        #: write batches of at most this many payload bytes (the reader's limit)
+        self.max_bytes = max_bytes
         self.buffer = []
         self.closed = False
         self._busy = False  # a flush is scheduled or writing
@@ -55,7 +57,7 @@ class BatchedSend:
     async def _flush(self):
         try:
             while self.buffer and not self.closed:
-                batch, self.buffer = self.buffer, []
+                batch, self.buffer = self._take_batch()
                 self.batches_sent += 1
                 self.messages_sent += len(batch)
                 await write(self.stream, batch)
@@ -66,6 +68,16 @@ class BatchedSend:
             self.abort()
         finally:
             self._busy = False
+
+    def _take_batch(self):
+        if self.max_bytes is None or len(self.buffer) == 1:
+            return self.buffer, []
+        total = 0
+        for i, msg in enumerate(self.buffer):
+            total += payload_nbytes(msg)
+            if total > self.max_bytes and i > 0:
+                return self.buffer[:i], self.buffer[i:]
+        return self.buffer, []
 
     def abort(self):
         """Close the stream and drop what was not sent."""
@@ -90,3 +102,22 @@ async def read_batches(stream, handle, limits=DEFAULT_LIMITS):
             batch = [batch]
         for msg in batch:
             handle(msg)
+
+
+def payload_nbytes(msg):
+    """The bytes of the buffers in ``msg`` (dicts, lists, tuples): what
+    dominates its size on the wire."""
+    total = 0
+    stack = [msg]
+    while stack:
+        o = stack.pop()
+        t = type(o)
+        if t is bytes or t is bytearray:
+            total += len(o)
+        elif t is memoryview:
+            total += o.nbytes
+        elif t is dict:
+            stack.extend(o.values())
+        elif t is list or t is tuple:
+            stack.extend(o)
+    return total

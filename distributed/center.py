@@ -235,7 +235,8 @@ class Center(Server):
         address = coerce_to_address(address)
         if self.worker_streams.get(address) is not stream:
             raise ValueError("worker %s must register on this stream first" % address)
-        self.worker_comms[address] = BatchedSend(stream, self.loop)
+        self.worker_comms[address] = BatchedSend(stream, self.loop,
+                                                 max_bytes=self.limits.max_message_size // 2)
         self.scheduler.add_worker(address, self.ncores.get(address))
         self.send_scheduler_messages()
         handlers = {
@@ -251,16 +252,21 @@ class Center(Server):
         """An executor's batched stream: graphs and releases in, results out."""
         if client is None:
             raise ValueError("register-client needs client=<a unique id>")
-        comm = BatchedSend(stream, self.loop)
+        comm = BatchedSend(stream, self.loop, max_bytes=self.limits.max_message_size // 2)
         self.client_comms[client] = comm
         self.scheduler.add_client(client)
-        comm.send({"op": "stream-start"})
+        # the executor checks what it sends against these (a message over
+        # them would close the whole stream)
+        comm.send({"op": "stream-start",
+                   "max_message_size": self.limits.max_message_size,
+                   "max_frame_size": self.limits.max_frame_size})
         s = self.scheduler
         handlers = {
             "update-graph": s.update_graph,
             "client-releases-keys": s.client_releases_keys,
             "client-desires-keys": s.client_desires_keys,
             "cancel": s.cancel,
+            "retry": s.retry,
             "update-data": s.update_data,
         }
         try:

@@ -427,15 +427,17 @@ async def write(stream, msg):
 def error_message(e, tb=None):
     """The reply a server sends when a handler raised ``e``.
 
-    The exception travels as itself when it pickles, otherwise as a
-    :class:`RemoteException` naming its type and message.
+    The exception travels as itself when it pickles and unpickles, otherwise
+    as a :class:`RemoteException` naming its type and message.  Nothing here
+    trusts ``e``: its ``__str__``, ``__repr__`` or pickling may raise.
     """
-    tb = tb if tb is not None else e.__traceback__
+    tb = tb if tb is not None else getattr(e, "__traceback__", None)
+    text = safe_exception_text(e, tb)
     try:
-        protocol.serialize(e)
+        protocol.deserialize(*protocol.serialize(e))  # it must also unpickle there
         exc = e
     except Exception:
-        exc = RemoteException(type(e).__name__, str(e))
+        exc = RemoteException(_type_name(e), safe_str(e), text)
     try:
         protocol.serialize(tb)
     except Exception:
@@ -444,8 +446,36 @@ def error_message(e, tb=None):
         "status": "uncaught-error",
         "exception": exc,
         "traceback": tb,
-        "text": format_exception_text(e, tb),
+        "text": text,
     }
+
+
+def _type_name(e):
+    try:
+        return type(e).__name__
+    except Exception:
+        return "Exception"
+
+
+def safe_str(e):
+    """``str(e)``, else ``repr(e)``, else ``'<Type: str() failed>'``: never raises."""
+    for f in (str, repr):
+        try:
+            s = f(e)
+            if type(s) is str:
+                return s
+        except Exception:
+            pass
+    return "<%s: str() failed>" % _type_name(e)
+
+
+def safe_exception_text(e, tb=None):
+    """The formatted traceback of ``e``; never raises (a hostile exception
+    gives at least its type name and what :func:`safe_str` finds)."""
+    try:
+        return format_exception_text(e, tb)
+    except Exception:
+        return "%s: %s\n" % (_type_name(e), safe_str(e))
 
 
 def is_error_message(msg):

@@ -33,9 +33,10 @@ import logging
 import os
 import threading
 import time
+import types
 import uuid
 import weakref
-from collections import defaultdict, namedtuple
+from collections import Counter, defaultdict, namedtuple
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
@@ -45,22 +46,24 @@ from .core import (
     AuthenticationError,
     CommClosedError,
     ConnectionPool,
+    RemoteException,
     coerce_to_address,
     connect,
     is_error_message,
     raise_error_message,
     read,
     rpc,
+    safe_str,
     write,
 )
 from . import local  # noqa: F401  (its exit hook must run after ours)
 from .graph import TaskRef, get_dependencies, toposort
-from .protocol import from_blob, to_blob
+from .protocol import DEFAULT_LIMITS, from_blob, to_blob
 from .scheduler import LostData
 from .security import TLSError, default_security, tls_error
 from .tokenize import Normalized, by_reference, tokenize
 from .utils import funcname, key_split
-from .worker import gather_from_workers
+from .worker import _format_bytes, gather_from_workers
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +138,11 @@ class FutureState:
     def cancel(self):
         self.status = "cancelled"
         self._done()
+
+    def retry(self):
+        self.status = "pending"
+        self.exception = self.traceback = self.text = None
+        self.event.clear()
 
     def lose(self):
         self.status = "pending"
@@ -228,6 +236,10 @@ class Future(_DaskTaskRef or object):
         """Cancel the task (other executors wanting the same key are unaffected)."""
         self.executor.cancel([self])
 
+    def retry(self):
+        """Run the task again if it erred (and the erred tasks it depends on)."""
+        self.executor.retry([self])
+
     def add_done_callback(self, fn):
         """Call ``fn(future)`` when the future is done (in a separate thread)."""
         executor = self.executor
@@ -304,19 +316,31 @@ def _run_callback(fn, future):
 
 
 def _unpack_error(state):
+    """A fresh ``(exception, traceback)`` of the task's error.
+
+    Each call makes new objects: a raised exception's traceback holds the
+    frames it passed through, and with them the futures; kept in ``state``,
+    it would keep them alive forever (a key that could never be released).
+    An exception that does not unpickle here comes as a ``RemoteException``
+    with its type name and traceback text.
+    """
     exc, tb = state.exception, state.traceback
-    if type(exc) is bytes:
-        try:
-            exc = from_blob(exc)
-        except Exception as e:
-            exc = RuntimeError("the task raised an exception that could not be "
-                               "unpickled here (%s):\n%s" % (e, state.text or ""))
+    try:
+        exc = from_blob(exc if type(exc) is bytes else to_blob(exc))
+        if not isinstance(exc, BaseException):
+            raise TypeError("not an exception: %s" % type(exc).__name__)
+    except Exception as e:
+        exc = RemoteException(
+            "Exception" if type(exc) is bytes else type(exc).__name__,
+            "the task raised an exception that could not be "
+            "rebuilt here (%s: %s)" % (type(e).__name__, safe_str(e)), state.text or "")
     if type(tb) is bytes:
         try:
             tb = from_blob(tb)
         except Exception:
             tb = None
-    state.exception, state.traceback = exc, tb
+    if not isinstance(tb, types.TracebackType):
+        tb = None
     return exc, tb
 
 
@@ -403,6 +427,9 @@ class Executor:
         self.pool = ConnectionPool(security=self.security)
         self.batched = None
         self._held = []  # messages to the center held while reconnecting
+        #: the center's limits on one message and one frame (it tells them)
+        self.max_message_size = DEFAULT_LIMITS.max_message_size
+        self.max_frame_size = DEFAULT_LIMITS.max_frame_size
         self.center = None
         self._loop_thread = None
         self._asyncio_loop = None
@@ -453,7 +480,7 @@ class Executor:
             # below timing out
             try:
                 return await func(*args, **kwargs), None
-            except Exception as e:
+            except BaseException as e:  # a task's CancelledError, SystemExit, ...
                 return None, e
 
         fut = asyncio.run_coroutine_threadsafe(run(), self._asyncio_loop)
@@ -512,7 +539,11 @@ class Executor:
         if not (type(first) is list and first and first[0].get("op") == "stream-start"):
             stream.close()
             raise ValueError("%s did not answer as a center: %r" % (self.address, first))
-        self.batched = BatchedSend(stream, self.loop)
+        start = first[0]
+        self.max_message_size = start.get("max_message_size") or self.max_message_size
+        self.max_frame_size = start.get("max_frame_size") or self.max_frame_size
+        self.batched = BatchedSend(stream, self.loop,
+                                   max_bytes=self.max_message_size // 2)
         self.loop.add_callback(self._handle_report, stream)
 
     async def _connect_center(self):
@@ -595,6 +626,8 @@ class Executor:
                 await asyncio.sleep(0.1)
         for state in lost_pending:
             if state.status == "pending":
+                if self.futures.get(state.key) is state:
+                    del self.futures[state.key]  # submitted again: a new task
                 state.set_error(LostData(
                     "the center at %s restarted while %r was pending; submit it "
                     "again" % (self.address, state.key)))
@@ -793,8 +826,9 @@ class Executor:
             return Future(key, self, state)
         restrictions = self._restrictions([key], workers)
         spec, deps = self._task_spec(func, args, kwargs, key)
+        self._check_size(key, spec)
         future = Future(key, self, self._new_state(key))
-        self._send({
+        self._send_graph({
             "op": "update-graph",
             "tasks": {key: spec},
             "dependencies": {key: deps},
@@ -804,6 +838,65 @@ class Executor:
             "priority": {key: (next(self._priority),)},
         })
         return future
+
+    def _check_size(self, key, spec):
+        """Refuse a task the center could not read: a message over its limit
+        would close this executor's stream (and fail all its futures)."""
+        nbytes = sum(len(b) for b in spec.values())
+        biggest = max(len(b) for b in spec.values())
+        limit = self.max_message_size // 2  # the rest of the message, batching
+        if nbytes > limit or biggest > self.max_frame_size:
+            raise ValueError(
+                "task %r is %s pickled (function and arguments), more than the "
+                "center accepts in one message (%s; DISTRIBUTED_MAX_MESSAGE_SIZE, "
+                "DISTRIBUTED_MAX_FRAME_SIZE): scatter large data first "
+                "(e.scatter) and pass its future"
+                % (key, _format_bytes(nbytes), _format_bytes(min(limit, self.max_frame_size))))
+
+    def _send_graph(self, msg):
+        """Send an update-graph; in parts if its tasks are more than the center
+        reads in one message.  ``msg['tasks']`` lists dependencies first; a
+        wanted key goes with its task.  The tasks of a part are wanted until
+        the last part has arrived (else one finished meanwhile would be
+        forgotten before its dependents arrive)."""
+        limit = self.max_message_size // 2
+        tasks = msg["tasks"]
+        sizes = {k: sum(len(b) for b in spec.values()) for k, spec in tasks.items()}
+        if sum(sizes.values()) <= limit:
+            self._send(msg)
+            return
+        parts, part, total = [], [], 0
+        for k in tasks:
+            if part and total + sizes[k] > limit:
+                parts.append(part)
+                part, total = [], 0
+            part.append(k)
+            total += sizes[k]
+        parts.append(part)
+        restrictions = msg.get("restrictions") or {}
+        loose = set(msg.get("loose_restrictions") or ())
+        wanted = set(msg["keys"])
+        held = [k for part in parts[:-1] for k in part
+                if k not in wanted and k not in self.futures]
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            here = set(part)
+
+            def mine(k):
+                return k in here or (last and k not in tasks)
+
+            self._send({
+                "op": "update-graph",
+                "tasks": {k: tasks[k] for k in part},
+                "dependencies": {k: v for k, v in msg["dependencies"].items() if mine(k)},
+                "keys": [k for k in msg["keys"] if mine(k)]
+                + ([] if last else [k for k in part if k not in wanted]),
+                "restrictions": {k: v for k, v in restrictions.items() if mine(k)} or None,
+                "loose_restrictions": [k for k in loose if mine(k)],
+                "priority": {k: v for k, v in msg["priority"].items() if mine(k)},
+            })
+        if held:
+            self._send({"op": "client-releases-keys", "keys": held})
 
     def _new_state(self, key):
         with self._lock:
@@ -816,9 +909,9 @@ class Executor:
         deps |= kdeps
         spec = {"function": self._dumps_function(func)}
         if args:
-            spec["args"] = _to_blob_or_raise(args, "the arguments of %s" % key)
+            spec["args"] = _to_blob_or_raise(args, "the arguments of %r" % (key,))
         if kwargs:
-            spec["kwargs"] = _to_blob_or_raise(kwargs, "the keyword arguments of %s" % key)
+            spec["kwargs"] = _to_blob_or_raise(kwargs, "the keyword arguments of %r" % (key,))
         return spec, list(deps)
 
     def _replace_futures(self, obj):
@@ -828,9 +921,9 @@ class Executor:
             t = type(o)
             if isinstance(o, Future):
                 if o.executor is not self:
-                    raise ValueError("future %s belongs to another executor" % o.key)
+                    raise ValueError("future %r belongs to another executor" % (o.key,))
                 if o.cancelled():
-                    raise CancelledError("future %s was cancelled" % o.key)
+                    raise CancelledError("future %r was cancelled" % (o.key,))
                 deps.add(o.key)
                 return TaskRef(o.key)
             if t is list or t is tuple or t is set or t is frozenset:
@@ -870,6 +963,10 @@ class Executor:
             keys = list(key)
             if len(keys) != len(seqs):
                 raise ValueError("map got %d keys for %d tasks" % (len(keys), len(seqs)))
+            counts = Counter(keys)
+            if len(counts) != len(keys):
+                raise ValueError("map got duplicate keys (each task needs its own): %s"
+                                 % [k for k, n in counts.items() if n > 1][:10])
         elif pure:
             prefix = key or name
             ftoken = Normalized(func)  # once, not once per call
@@ -894,9 +991,10 @@ class Executor:
                 continue
             a, d = self._replace_futures(args)
             spec = {"function": fblob,
-                    "args": _to_blob_or_raise(a, "the arguments of %s" % k)}
+                    "args": _to_blob_or_raise(a, "the arguments of %r" % (k,))}
             if kwblob is not None:
                 spec["kwargs"] = kwblob
+            self._check_size(k, spec)
             tasks[k] = spec
             deps[k] = list(d | kdeps)
             priority[k] = (base, i)
@@ -908,7 +1006,7 @@ class Executor:
             states[k] = self._new_state(k)
         futures = [Future(k, self, states[k]) for k in keys]
         if tasks:
-            self._send({
+            self._send_graph({
                 "op": "update-graph", "tasks": tasks, "dependencies": deps,
                 "keys": new_keys, "restrictions": restrictions,
                 "loose_restrictions": new_keys if restrictions and allow_other_workers
@@ -930,7 +1028,7 @@ class Executor:
         states = {}
         for f in flat:
             if f.executor is not self:
-                raise ValueError("future %s belongs to another executor" % f.key)
+                raise ValueError("future %r belongs to another executor" % (f.key,))
             states[f.key] = f._state
         data = {}
         while True:
@@ -940,9 +1038,9 @@ class Executor:
                     exc, tb = _unpack_error(state)
                     raise exc.with_traceback(tb)
                 if state.status == "cancelled":
-                    raise CancelledError("future %s was cancelled" % key)
+                    raise CancelledError("future %r was cancelled" % (key,))
                 if state.status == "released":
-                    raise CancelledError("future %s was released" % key)
+                    raise CancelledError("future %r was released" % (key,))
             for k, s in states.items():
                 if k not in data and s.value is not None:
                     data[k] = from_blob(s.value)
@@ -1068,6 +1166,31 @@ class Executor:
     async def _cancel(self, futures):
         self.cancel(futures)
 
+    def retry(self, futures):
+        """Run the erred tasks of ``futures`` again, with the erred tasks they
+        depend on; their futures are pending until the new outcome is known."""
+        flat = _collect_futures(futures)
+
+        def _retry():
+            keys = []
+            for f in flat:
+                state = f._state
+                if self.futures.get(f.key) is state and state.status == "error":
+                    state.retry()
+                    keys.append(f.key)
+            if keys:
+                self._send({"op": "retry", "keys": keys})
+
+        if self._loop_thread is None or self._in_loop_thread():
+            _retry()
+        else:
+            async def run():
+                _retry()
+            self.sync(run)
+
+    async def _retry(self, futures):
+        self.retry(futures)
+
     # -- task graphs --------------------------------------------------------------------
 
     def _graph_to_futures(self, dsk, keys, restrictions=None, loose_restrictions=None):
@@ -1075,23 +1198,28 @@ class Executor:
         for k, v in dsk.items():  # dask wraps persisted futures in DataNodes
             if _is_graph_node(v) and isinstance(getattr(v, "value", None), Future):
                 dsk[k] = v.value
-        order = toposort(dsk) if len(dsk) < 100000 else list(dsk)
-        rank = {k: i for i, k in enumerate(order)}
-        base = next(self._priority)
-        tasks, deps = {}, {}
         held = []  # futures found in the graph: keep them alive until sent
+        replaced, deps = {}, {}
         for k, v in dsk.items():
             if isinstance(v, Future):
                 held.append(v)
-                if v.key == k:
-                    continue
-                tasks[k] = {"task": to_blob(v.key)}
-                deps[k] = [v.key]
+                deps[k] = [] if v.key == k else [v.key]
                 continue
-            v2, fdeps = self._replace_futures_in_task(v, held)
-            d = get_dependencies(dsk, task=v2) | fdeps
-            tasks[k] = {"task": _to_blob_or_raise(v2, "task %r" % (k,))}
-            deps[k] = list(d)
+            replaced[k], fdeps = self._replace_futures_in_task(v, held)
+            deps[k] = list(get_dependencies(dsk, task=replaced[k]) | fdeps)
+        order = toposort(dsk, deps)  # a cycle raises here, before anything is sent
+        rank = {k: i for i, k in enumerate(order)}
+        base = next(self._priority)
+        tasks = {}  # dependencies first: _send_graph may cut it in parts
+        for k in order:
+            v = dsk[k]
+            if k in replaced:
+                tasks[k] = {"task": _to_blob_or_raise(replaced[k], "task %r" % (k,))}
+                self._check_size(k, tasks[k])
+            elif v.key != k:
+                tasks[k] = {"task": to_blob(v.key)}
+            else:
+                del deps[k]
         wanted = [k for k in keys]
         futures = {}
         for k in wanted:
@@ -1105,7 +1233,7 @@ class Executor:
             restrict = {}
             for k, ws in restrictions.items():
                 restrict.update(self._restrictions([k], ws))
-        self._send({
+        self._send_graph({
             "op": "update-graph", "tasks": tasks, "dependencies": deps,
             "keys": wanted, "restrictions": restrict,
             "loose_restrictions": list(loose_restrictions or ()),

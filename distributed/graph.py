@@ -20,7 +20,11 @@ __all__ = [
     "execute_task",
     "substitute",
     "toposort",
+    "find_cycle",
+    "CycleError",
 ]
+
+_NO_KEY = object()  # get_dependencies' default: ``None`` is a valid key
 
 
 class TaskRef:
@@ -81,9 +85,9 @@ def _is_key(x, keys):
         return False
 
 
-def get_dependencies(dsk, key=None, task=None):
+def get_dependencies(dsk, key=_NO_KEY, task=None):
     """The keys of ``dsk`` that ``dsk[key]`` (or ``task``) refers to."""
-    if key is not None:
+    if key is not _NO_KEY:
         task = dsk[key]
     if _is_node(task):
         return set(task.dependencies)
@@ -146,25 +150,72 @@ def substitute(obj, data, keys):
     return obj
 
 
-def toposort(dsk):
-    """Keys of ``dsk`` in an order where dependencies come first."""
-    deps = {k: get_dependencies(dsk, k) for k in dsk}
-    order, seen = [], set()
+class CycleError(ValueError):
+    """The graph has a cycle: no order can compute it.  ``cycle`` is
+    ``[a, b, ..., a]``."""
+
+    def __init__(self, cycle):
+        super().__init__("the graph has a cycle: %s" % _format_cycle(cycle))
+        self.cycle = cycle
+
+
+def toposort(dsk, dependencies=None):
+    """Keys of ``dsk`` in an order where dependencies come first.
+
+    ``dependencies`` (``{key: keys}``) saves computing them again; keys
+    outside ``dsk`` are ignored.  Iterative, O(V + E); raises
+    :class:`CycleError` naming a cycle::
+
+        >>> toposort({'a': 1, 'b': (str, 'a')})
+        ['a', 'b']
+    """
+    if dependencies is None:
+        dependencies = {k: get_dependencies(dsk, k) for k in dsk}
+    order = []
+    done = set()
     for root in dsk:
-        if root in seen:
+        if root in done:
             continue
-        stack = [(root, False)]
-        while stack:
-            k, expanded = stack.pop()
-            if expanded:
-                if k not in seen:
-                    seen.add(k)
-                    order.append(k)
-                continue
-            if k in seen:
-                continue
-            stack.append((k, True))
-            for d in deps[k]:
-                if d not in seen and d in deps:
-                    stack.append((d, False))
+        first = dependencies.get(root)
+        if not first:  # the common leaf: no walk needed
+            done.add(root)
+            order.append(root)
+            continue
+        # depth first; ``path`` is the chain of keys being expanded
+        path, on_path = [root], {root}
+        iters = [iter(first)]
+        while iters:
+            for d in iters[-1]:
+                if d in done or d not in dsk:
+                    continue
+                if d in on_path:
+                    cycle = path[path.index(d):] + [d]
+                    raise CycleError(cycle)
+                path.append(d)
+                on_path.add(d)
+                iters.append(iter(dependencies.get(d, ())))
+                break
+            else:
+                k = path.pop()
+                on_path.discard(k)
+                iters.pop()
+                done.add(k)
+                order.append(k)
     return order
+
+
+def find_cycle(dependencies):
+    """A cycle of ``{key: keys}`` as ``[a, b, a]``, or ``None`` if there is none."""
+    try:
+        toposort(dependencies, dependencies)
+    except CycleError as e:
+        return e.cycle
+    return None
+
+
+def _format_cycle(cycle, limit=10):
+    names = [k if type(k) is str else repr(k) for k in cycle]
+    if len(names) > limit:
+        names = names[:limit // 2] + ["... (%d keys) ..." % (len(names) - limit)] \
+            + names[-(limit // 2):]
+    return " -> ".join(names)

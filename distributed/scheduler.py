@@ -36,6 +36,7 @@ import itertools
 import logging
 from collections import defaultdict
 
+from .graph import CycleError, find_cycle
 from .utils import key_split
 
 logger = logging.getLogger(__name__)
@@ -253,6 +254,14 @@ class Scheduler:
         loose = set(loose_restrictions or ())
         _check_graph(tasks, dependencies, keys, restrictions, priority)
         self.add_client(client)
+        cycle = find_cycle(dependencies)
+        if cycle is not None:  # its tasks would wait on each other forever
+            exc = CycleError(cycle)
+            for key in keys:
+                self.to_clients[client].append({
+                    "op": "task-erred", "key": key, "exception": exc,
+                    "traceback": None, "text": str(exc), "blob": False})
+            return
         new = []
         for key, spec in tasks.items():
             ts = self.tasks.get(key)
@@ -281,12 +290,7 @@ class Scheduler:
         for key in keys:
             ts = self.tasks.get(key)
             if ts is None:
-                self.to_clients[client].append({
-                    "op": "task-erred", "key": key,
-                    "exception": LostData("key %r is not known to the scheduler; "
-                                          "it was released or never existed" % (key,)),
-                    "traceback": None, "blob": False,
-                })
+                self.to_clients[client].append(self._unknown_key_msg(key))
                 continue
             ts.who_wants.add(client)
             self.clients[client].add(key)
@@ -319,6 +323,43 @@ class Scheduler:
 
     def cancel(self, client, keys):
         self.client_releases_keys(client, keys)
+
+    def retry(self, client, keys):
+        """Run the erred ``keys`` again, and the erred tasks they depend on.
+
+        The client hears of every key again: a key not erred (any more)
+        reports its state, an unknown one (a new center) errs.
+        """
+        self.add_client(client)
+        stack = []
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                self.to_clients[client].append(self._unknown_key_msg(key))
+                continue
+            ts.who_wants.add(client)
+            self.clients[client].add(key)
+            if ts.state == "erred":
+                stack.append(ts)
+            else:
+                self._report_state(ts, client)  # in memory: says so; else it will
+        roots, seen = [], set()
+        while stack:
+            ts = stack.pop()
+            if ts in seen or ts.state != "erred":
+                continue
+            seen.add(ts)
+            roots.append(ts)
+            stack.extend(ts.dependencies)
+        for ts in roots:
+            self._forget_error(ts)
+        self._request(roots)
+        self._flush_releases()
+
+    def _forget_error(self, ts):
+        ts.state = "released"
+        ts.exception = ts.traceback = ts.text = None
+        ts.retries = ts.suspicious = 0
 
     def update_data(self, client, who_has, nbytes=None):
         """Data the client scattered: ``who_has`` is ``{key: [address]}``.
@@ -469,6 +510,12 @@ class Scheduler:
                 "workers": list(self.who_has.get(ts.key, ()))})
         elif ts.state == "erred":
             self.to_clients[client].append(self._erred_msg(ts))
+
+    def _unknown_key_msg(self, key):
+        return {"op": "task-erred", "key": key,
+                "exception": LostData("key %r is not known to the scheduler; it "
+                                      "was released or never existed" % (key,)),
+                "traceback": None, "blob": False}
 
     def _erred_msg(self, ts):
         return {"op": "task-erred", "key": ts.key, "exception": ts.exception,

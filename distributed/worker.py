@@ -60,6 +60,7 @@ from .batched import BatchedSend
 from .core import (
     AuthenticationError,
     ConnectionPool,
+    RemoteException,
     Server,
     TLSError,
     coerce_to_address,
@@ -67,6 +68,7 @@ from .core import (
     error_message,
     read,
     rpc,
+    safe_str,
     write,
 )
 from .graph import execute_task, substitute, substitute_refs
@@ -774,8 +776,12 @@ class Worker(Server):
     def _send_erred(self, key, exc, tb):
         self.tasks.pop(key, None)
         msg = error_message(exc, tb)
+        try:
+            blob = to_blob(msg["exception"])
+        except Exception:  # checked by error_message; a stand-in if it still fails
+            blob = to_blob(RemoteException(type(exc).__name__, safe_str(exc), msg["text"]))
         self._send({"op": "task-erred", "key": key,
-                    "exception": to_blob(msg["exception"]),
+                    "exception": blob,
                     "traceback": _traceback_blob(msg["traceback"]),
                     "text": msg["text"]})
 
@@ -1021,7 +1027,7 @@ def _run_function(function, args, kwargs):
     try:
         result = function(*args, **kwargs)
         ok = True
-    except Exception as e:
+    except BaseException as e:  # SystemExit, CancelledError, ...: the task's error too
         result = (e, e.__traceback__.tb_next or e.__traceback__)
         ok = False
     stop = time.time()
