@@ -246,6 +246,7 @@ class Worker(Server):
             os.makedirs(local_dir, exist_ok=True)
         self.local_dir = tempfile.mkdtemp(prefix="worker-", dir=local_dir)
         if self.memory_limit and self.memory_target_fraction:
+            _return_freed_memory()
             # spilling (and file removal) in one thread, reading back in another:
             # a long eviction does not hold up a peer waiting for a spilled key
             self._spill_executor = concurrent.futures.ThreadPoolExecutor(
@@ -586,7 +587,7 @@ class Worker(Server):
         self.active.add(key)
         try:
             ok, result, timings = yield self.executor.submit(
-                _run_function, function, args2, kwargs2
+                self._run_within_memory, function, args2, kwargs2
             )
         finally:
             self.active.discard(key)
@@ -719,7 +720,7 @@ class Worker(Server):
             self._send_erred(key, e, e.__traceback__)
             return
         self.active.add(key)
-        future = self.executor.submit(_run_function, function, args, kwargs)
+        future = self.executor.submit(self._run_within_memory, function, args, kwargs)
         future.add_done_callback(
             lambda f: self.loop.add_callback(self._task_done, key, f))
 
@@ -812,7 +813,55 @@ class Worker(Server):
 
     def _rss(self):
         """Memory of this process in bytes (psutil's RSS); tests replace it."""
-        return psutil.Process().memory_info().rss
+        return _this_process().memory_info().rss
+
+    def _run_within_memory(self, function, args, kwargs):
+        """In a task thread: :func:`_run_function`, with memory made before it
+        and room made for its result after it (see :meth:`_make_room`), so
+        that a fast producer is slowed down to the speed of the disk instead
+        of outrunning the spill thread.  A result that can be neither kept
+        nor spilled (disk full, memory above the pause threshold) fails the
+        task with ``MemoryError``."""
+        if type(self.data) is not dict:
+            try:
+                self._make_room(0, before=True)
+            except Exception:
+                logger.exception("could not make room for a task")
+        ok, result, timings = _run_function(function, args, kwargs)
+        if ok and type(self.data) is not dict:
+            try:
+                self._make_room(sizeof(result))
+            except MemoryError as e:
+                ok, result = False, (e, e.__traceback__)
+            except Exception:
+                logger.exception("could not make room for a result")
+        return ok, result, timings
+
+    def _make_room(self, nbytes, before=False):
+        """Spill least recently used values, in this thread and now, until
+        the values held plus ``nbytes`` more fit in the target and the
+        process memory is back at the target.  ``before`` a task this only
+        acts above the pause threshold.  Raises ``MemoryError`` when the
+        spill directory fails (full disk) and the process is above the pause
+        threshold: the value cannot be kept."""
+        data, limit = self.data, self.memory_limit
+        rss = self._rss()
+        pause = limit * (self.memory_pause_fraction or self.memory_terminate_fraction or 1)
+        if before and rss <= pause:
+            return
+        excess = max(rss - limit * self.memory_target_fraction,
+                     data.memory_bytes + nbytes - data.target)
+        if excess > 0 and data.fast:
+            data.evict_until(max(0, data.memory_bytes - excess))
+            rss = self._rss()
+        error = data.write_error
+        if error is not None and not before and rss > pause:
+            raise MemoryError(
+                "worker %s cannot keep a result of %s: its process memory %s is "
+                "above %d%% of its memory limit %s and spilling to %s fails (%s: %s)"
+                % (self.address, _format_bytes(nbytes), _format_bytes(rss),
+                   pause * 100 / limit, _format_bytes(limit), data.directory,
+                   type(error).__name__, error))
 
     def _memory_monitor(self):
         """Body of the monitor thread: sample, then spill, pause or exit."""
@@ -832,7 +881,10 @@ class Worker(Server):
             self._memory_terminate(rss)
             return
         if self.memory_pause_fraction:
-            paused = rss > limit * self.memory_pause_fraction
+            # pausing waits for spilling: not while the disk fails (full), or
+            # the worker would wait for ever; results that do not fit fail
+            # instead (see _make_room)
+            paused = rss > limit * self.memory_pause_fraction and not self._disk_fails()
             if paused != self.paused:
                 try:
                     self.loop.add_callback(self._set_paused, paused)
@@ -869,6 +921,10 @@ class Worker(Server):
         finally:
             self._spill_pending = False
 
+    def _disk_fails(self):
+        data = self.data
+        return type(data) is not dict and data.write_error is not None
+
     def _set_paused(self, paused):
         """Pause (no task starts) or resume (on the event loop)."""
         if paused == self.paused or self.status in ("closing", "closed"):
@@ -884,9 +940,17 @@ class Worker(Server):
                 _format_bytes(rss), self.memory_pause_fraction * 100,
                 _format_bytes(limit))
             return
-        logger.warning("worker %s resumed: process memory %s is below %d%% of the "
-                       "memory limit %s", self.address, _format_bytes(rss),
-                       self.memory_pause_fraction * 100, _format_bytes(limit))
+        if self._disk_fails():
+            logger.warning("worker %s resumed although its process memory %s is "
+                           "above %d%% of the memory limit %s: spilling to %s fails "
+                           "(%s); results that do not fit fail with MemoryError",
+                           self.address, _format_bytes(rss),
+                           self.memory_pause_fraction * 100, _format_bytes(limit),
+                           self.data.directory, self.data.write_error)
+        else:
+            logger.warning("worker %s resumed: process memory %s is below %d%% of "
+                           "the memory limit %s", self.address, _format_bytes(rss),
+                           self.memory_pause_fraction * 100, _format_bytes(limit))
         self._unpaused.set()
         while self._paused_tasks and not self.paused:
             key, (spec, go_on) = self._paused_tasks.popitem(last=False)
@@ -992,6 +1056,36 @@ class Worker(Server):
             self.ncores,
             self.status,
         )
+
+
+_process = None
+def _this_process():
+    """``psutil.Process()`` of this process (made once per pid)."""
+    global _process
+    if _process is None or _process.pid != os.getpid():
+        _process = psutil.Process()
+    return _process
+
+
+#: glibc's ``mallopt`` parameter and the value a worker with a memory limit sets
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 2**20
+
+
+def _return_freed_memory():
+    """Make large blocks (``MMAP_THRESHOLD`` and up: arrays) come from
+    ``mmap`` of their own, so that freeing one (spilling it) gives its memory
+    back to the system (glibc, Linux).  Otherwise glibc raises that threshold
+    by itself up to 32 MiB and keeps such arrays in heaps whose freed memory
+    stays in the process's RSS: the worker would spill everything and
+    still be above its target."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
 
 
 def _format_bytes(n):

@@ -26,7 +26,8 @@ from distributed.http import HTTPWorker
 from distributed.nanny import describe_exit
 from distributed.scheduler import KilledWorker
 from distributed.spill import SpillBuffer, read_value, write_value
-from distributed.utils_test import free_port, inc, popen, wait_for, wait_for_line
+from distributed.utils_test import (_line_queue, free_port, inc, popen, wait_for,
+                                   wait_for_line)
 from distributed.worker import MEMORY_EXIT_CODE
 
 PY = sys.executable
@@ -586,3 +587,53 @@ def test_dworker_spills_to_local_dir(tmp_path):
                 for k, v in data.items():
                     assert (got[k] == v).all()
                 assert e.submit(np.sum, futures["x4"]).result() == 4 * MB
+
+
+
+def fresh_array(i):
+    """20-50 MiB of incompressible, freshly allocated floats, a function of ``i``."""
+    n = (20 + (i * 7) % 31) * MB // 8
+    return np.random.default_rng(i).random(n)
+
+
+def output_of(proc):
+    """Every line ``proc`` (ended, from ``popen``) printed that was not read yet."""
+    q = _line_queue(proc)
+    lines = []
+    while True:
+        line = q.get(timeout=10)
+        if line is None:
+            q.put(None)
+            return "".join(lines)
+        lines.append(line)
+
+
+def test_dworker_fast_producer_fits_on_disk(tmp_path):
+    """A worker limited to 400 MB and tasks producing ~2x that in 20-50 MiB
+    arrays, all held by futures: storing a result above the target spills
+    in that step and the worker pauses while spilling can catch up, so it
+    never dies, nothing is lost and no task ends as KilledWorker."""
+    port = free_port()
+    n_tasks = 24  # about 830 MiB
+    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port)],
+               env=env()) as center:
+        wait_for_line(center, "Start center at")
+        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
+                    "--memory-limit", "400MB", "--ncores", "2",
+                    "--local-dir", str(tmp_path)], env=env()) as worker:
+            wait_for_line(worker, "Registered with center")
+            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
+                (address,) = e.ncores()
+                futures = e.map(fresh_array, range(n_tasks))
+                sizes = e.gather(e.map(len, futures))  # all of them computed
+                assert sizes == [len(fresh_array(i)) for i in range(n_tasks)]
+                h = asyncio.run(rpc(address).health())
+                assert h["spilled_bytes"] > 300 * MB  # most of it is on disk
+                for i in range(0, n_tasks, 3):  # a few at a time: 400 MB is tight
+                    got = e.gather(futures[i:i + 3])
+                    for j, x in enumerate(got, i):
+                        assert (x == fresh_array(j)).all()
+                    del got
+                assert list(e.ncores()) == [address]  # never restarted
+    output = output_of(worker)
+    assert "died" not in output and "exceeded its memory limit" not in output, output
