@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -637,3 +638,68 @@ def test_dworker_fast_producer_fits_on_disk(tmp_path):
                 assert list(e.ncores()) == [address]  # never restarted
     output = output_of(worker)
     assert "died" not in output and "exceeded its memory limit" not in output, output
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 20 MB tmpfs (root on Linux only): a spill directory that fills up."""
+    path = tmp_path / "tiny"
+    path.mkdir()
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip("mount -t tmpfs is not permitted here: %s" % done.stderr.strip())
+    try:
+        yield str(path)
+    finally:
+        if subprocess.run(["umount", str(path)]).returncode:
+            subprocess.run(["umount", "-l", str(path)])
+
+
+def sized_array(i):
+    """8-16 MiB of fresh floats, a function of ``i``."""
+    return np.random.default_rng(i).random((8 + i % 9) * MB // 8)
+
+
+def test_dworker_full_spill_directory_gives_up_cleanly(tiny_disk):
+    """Spilling into a 20 MB tmpfs soon fails with ENOSPC.  The worker does
+    not pause for ever waiting for a disk that stays full: the results that
+    no longer fit fail with MemoryError naming the spill directory, the
+    others are correct, the failure is logged once (not ten times a second),
+    and once the data is released the worker computes again."""
+    port = free_port()
+    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port)],
+               env=env()) as center:
+        wait_for_line(center, "Start center at")
+        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
+                    "--memory-limit", "300MB", "--ncores", "1",
+                    "--local-dir", tiny_disk], env=env()) as worker:
+            wait_for_line(worker, "Registered with center")
+            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
+                (address,) = e.ncores()
+                futures = e.map(sized_array, range(20))  # ~240 MiB
+                deadline = time.time() + 30
+                for f in futures:
+                    while not f.done():
+                        assert time.time() < deadline, "stalled: %s" % e.ncores()
+                        time.sleep(0.05)
+                errors = [f.exception() for f in futures if f.exception() is not None]
+                assert errors, "the full disk was not noticed"
+                for exc in errors:
+                    assert isinstance(exc, MemoryError), repr(exc)
+                    assert "spilling to %s" % tiny_disk in str(exc)
+                    assert "No space left on device" in str(exc)
+                for i, f in enumerate(futures):
+                    if f.exception() is None:
+                        assert (f.result() == sized_array(i)).all()
+                time.sleep(1)  # ten log lines a second would show now
+                del futures, f
+                assert e.submit(inc, 1, pure=False).result(timeout=10) == 2
+                assert list(e.ncores()) == [address]  # it never died
+    output = output_of(worker)
+    assert "exceeded its memory limit" not in output, output
+    assert output.count("could not spill") == 1, output
+    assert len([line for line in output.splitlines()
+                if "WARNING" in line or "ERROR" in line]) <= 4, output
