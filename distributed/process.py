@@ -40,6 +40,7 @@ class Process:
         self.pid = self.proc.pid
         self.lines = queue.Queue()
         self.output = []
+        self.drained = threading.Event()  # all the output is in ``output``
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self):
@@ -49,6 +50,7 @@ class Process:
                 print(line, end="", flush=True)
             self.lines.put(line)
         self.lines.put(None)
+        self.drained.set()
 
     def wait_for_line(self, pattern, timeout=20):
         """Wait for an output line matching ``pattern``; return it stripped."""

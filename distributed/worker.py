@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -76,7 +77,7 @@ from .utils import funcname, get_ip, new_id, parse_address
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Worker", "gather_from_workers", "MEMORY_EXIT_CODE"]
+__all__ = ["Worker", "gather_from_workers", "MEMORY_EXIT_CODE", "MEMORY_BLAME"]
 
 #: seconds between heartbeats to the center
 HEARTBEAT_INTERVAL = 1.0
@@ -90,6 +91,11 @@ SMALL_RESULT = 1024
 #: exit status of a worker process that went past its memory limit
 #: (``EX_TEMPFAIL`` of sysexits.h; the nanny reports "memory limit exceeded")
 MEMORY_EXIT_CODE = 75
+#: what a worker exiting past its memory limit says about the cause (``blame``)
+MEMORY_BLAME = {
+    "data": "the data it held was to blame, not its running tasks",
+    "tasks": "its running tasks were to blame",
+}
 #: fractions of ``memory_limit``: spill above, pause above, exit above
 MEMORY_TARGET_FRACTION = 0.6
 MEMORY_PAUSE_FRACTION = 0.8
@@ -958,20 +964,65 @@ class Worker(Server):
                 go_on()
 
     def _memory_terminate(self, rss):
-        """Past the limit: log, remove the spilled files and exit the process
-        with :data:`MEMORY_EXIT_CODE` (in the monitor thread)."""
+        """Past the limit: log, tell the center who is to blame, remove the
+        spilled files and exit the process with :data:`MEMORY_EXIT_CODE` (in
+        the monitor thread)."""
         self._memory_stop.set()
+        blame = self._memory_blame(rss)
         logger.critical(
             "worker %s exceeded its memory limit: process memory %s is above %d%% "
-            "of %s; exiting with status %d", self.address, _format_bytes(rss),
+            "of %s; %s; exiting with status %d", self.address, _format_bytes(rss),
             self.memory_terminate_fraction * 100, _format_bytes(self.memory_limit),
-            MEMORY_EXIT_CODE)
+            MEMORY_BLAME[blame], MEMORY_EXIT_CODE)
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+            self._announce_memory_exit(blame)
             shutil.rmtree(self.local_dir, ignore_errors=True)
         finally:
             os._exit(MEMORY_EXIT_CODE)
+
+    def _memory_blame(self, rss):
+        """``'data'`` when the values held in memory make up what the process
+        is above its pause threshold (spilling did not keep up: its running
+        tasks are not to blame), ``'tasks'`` otherwise."""
+        try:
+            held = self.memory_state()["memory_bytes"]
+        except Exception:  # a table changed under this thread
+            return "tasks"
+        fraction = min(self.memory_pause_fraction or MEMORY_PAUSE_FRACTION,
+                       self.memory_terminate_fraction or 1)
+        return "data" if rss - held <= self.memory_limit * fraction else "tasks"
+
+    def _announce_memory_exit(self, blame, timeout=1):
+        """Tell the center on the worker stream, ahead of its closing, that
+        this worker exits for memory and who is to blame; then close the
+        stream, so that nothing more gets out (errors of tasks whose files
+        are being removed).  Waits ``timeout`` seconds at most for the loop
+        (a task may hold the GIL), then shuts the socket from here."""
+        batched = self.batched
+        if batched is None or batched.closed:
+            return
+        done = threading.Event()
+
+        async def announce():
+            try:
+                batched.send({"op": "memory-exit", "blame": blame})
+                while batched._busy and not batched.closed:
+                    await gen.sleep(0.001)
+            finally:
+                batched.abort()
+                done.set()
+
+        try:
+            self.loop.add_callback(announce)
+        except RuntimeError:  # the loop is closed
+            return
+        if not done.wait(timeout):
+            try:
+                batched.stream.socket.shutdown(socket.SHUT_RDWR)
+            except (OSError, AttributeError):
+                pass
 
     def memory_state(self):
         """``{'memory_limit', 'memory_rss', 'memory_bytes', 'spilled_bytes',

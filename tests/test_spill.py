@@ -703,3 +703,34 @@ def test_dworker_full_spill_directory_gives_up_cleanly(tiny_disk):
     assert output.count("could not spill") == 1, output
     assert len([line for line in output.splitlines()
                 if "WARNING" in line or "ERROR" in line]) <= 4, output
+
+
+def allocate(nbytes, seed):
+    return np.random.default_rng(seed).random(nbytes // 8)
+
+
+def test_memory_death_caused_by_data_held_does_not_count_against_tasks(tmp_path):
+    """A worker without spilling holds scattered data; a task then takes it
+    past its memory limit.  Most of the memory was the data held, so the
+    worker says so before it exits ("the data it held was to blame") and the
+    task is rescheduled without counting toward KilledWorker: with
+    ``--allowed-failures 0`` it still completes (on the restarted worker)."""
+    port = free_port()
+    e_ = dict(env(), DISTRIBUTED_MEMORY_TARGET="off", DISTRIBUTED_MEMORY_PAUSE="off")
+    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port),
+                "--allowed-failures", "0"], env=env()) as center:
+        wait_for_line(center, "Start center at")
+        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
+                    "--memory-limit", "300MB", "--ncores", "1",
+                    "--local-dir", str(tmp_path)], env=e_) as worker:
+            wait_for_line(worker, "Registered with center")
+            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
+                held = e.scatter([allocate(30 * MB, i) for i in range(3)])
+                f = e.submit(allocate, 80 * MB, 7)
+                assert (f.result(timeout=30) == allocate(80 * MB, 7)).all()
+                line = wait_for_line(worker, "died", timeout=10)
+                assert "memory limit exceeded (exit code 75): the data it held " \
+                       "was to blame" in line
+                wait_for_line(center, "died: memory limit exceeded .*data it held",
+                              timeout=10)
+                del held
