@@ -21,13 +21,17 @@ process's RSS every ``memory_monitor_interval`` seconds:
 
 * above ``memory_target_fraction`` (0.6) of the limit, least recently used
   values are spilled to ``local_dir`` (by a thread of their own; so too
-  when the values held, by ``sizeof``, exceed that fraction);
+  when the values held, by ``sizeof``, exceed that fraction); a task's
+  result first makes room, in its task thread, before it is stored, so
+  that producers wait for the disk;
 * above ``memory_pause_fraction`` (0.8) the worker is ``paused``: it starts
   no new task (they wait, in order, and start once memory is below that
-  fraction again);
+  fraction again), unless the disk fails (full): then results that do not
+  fit fail with ``MemoryError``;
 * above ``memory_terminate_fraction`` (0.95) the process exits with status
   :data:`MEMORY_EXIT_CODE` (75), which its nanny reports as "memory limit
-  exceeded" before starting a fresh worker.
+  exceeded" before starting a fresh worker; first it tells the center
+  whether its data or its running tasks were to blame (:data:`MEMORY_BLAME`).
 
 The fractions default to the environment variables
 ``DISTRIBUTED_MEMORY_TARGET``, ``DISTRIBUTED_MEMORY_PAUSE`` and

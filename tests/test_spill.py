@@ -543,6 +543,7 @@ def test_dworker_past_memory_limit_is_restarted(tmp_path):
                     f.result(timeout=40)
                 line = wait_for_line(worker, "died", timeout=10)
                 assert "memory limit exceeded (exit code 75)" in line
+                assert "its running tasks were to blame" in line  # not its data
                 wait_for_line(center, "died: memory limit exceeded", timeout=10)
                 # restarted: it works on, and the dead ones left no files behind
                 deadline = time.time() + 20
