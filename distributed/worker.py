@@ -492,8 +492,33 @@ class Worker(Server):
         return values
 
     async def _get_spilled_data(self, values, spilled):
-        values.update(await self._unspill(spilled))
+        values.update(await self.loop.run_in_executor(
+            self._unspill_executor, self._read_for_peer, spilled))
         return values
+
+    def _read_for_peer(self, keys):
+        """In the unspill thread: the values of the spilled ``keys``, after
+        making room for them, read but left on disk (they are sent and
+        freed, not kept in memory: gathering spilled results does not fill
+        the worker again)."""
+        data = self.data
+        need = 0
+        for key in keys:
+            try:
+                need += data.slow.nbytes(key)
+            except KeyError:
+                pass
+        try:
+            self._make_room(need)
+        except MemoryError:  # the disk fails: read them all the same
+            pass
+        out = {}
+        for key in keys:
+            try:
+                out[key] = data.slow[key]
+            except (KeyError, FileNotFoundError):  # read back or deleted meanwhile
+                out.update(data.get_many([key]))
+        return out
 
     def get_keys(self, stream=None):
         return list(self.data)

@@ -343,6 +343,26 @@ def test_worker_spills_and_reads_back():
     asyncio.run(asyncio.wait_for(f(), 20))
 
 
+def test_get_data_leaves_spilled_keys_on_disk():
+    """Keys read for a peer are sent, not kept in memory again, and room is
+    made for them first."""
+    async def f():
+        async with cluster(memory_limit=10 * MB) as (c, w):
+            data = arrays(4)  # 4 MiB, below the 6 MiB target
+            r = rpc(w.address)
+            await r.update_data(data=data)
+            w.data.evict_until(0)
+            w.data["y"] = np.ones(5 * MB // 8)  # 5 MiB in memory
+            got = await r.get_data(keys=["x0", "x1"])
+            for k in ("x0", "x1"):
+                assert (got[k] == data[k]).all()
+            assert set(w.data.slow) == set(data) | {"y"}  # still on disk, y spilled
+            assert w.data.memory_bytes == 0 and w.data.n_unspilled == 0
+            r.close_streams()
+
+    asyncio.run(asyncio.wait_for(f(), 10))
+
+
 def sum_after(a, _):
     return float(a.sum())
 
