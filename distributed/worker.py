@@ -1139,6 +1139,8 @@ class Worker(Server):
 
 
 _process = None
+
+
 def _this_process():
     """``psutil.Process()`` of this process (made once per pid)."""
     global _process
