@@ -180,7 +180,9 @@ class SpillBuffer(MutableMapping):
     first), ``slow`` (a read-only view of the spilled keys),
     ``memory_bytes`` and ``spilled_bytes`` (``sizeof`` totals of each side),
     ``disk_bytes`` (size of the files), ``lock``.  Counters ``n_spilled``
-    and ``n_unspilled`` count the moves.
+    and ``n_unspilled`` count the moves.  ``write_error``: the ``OSError``
+    of the last failed write (disk full), ``None`` once one succeeds; for
+    ``retry_interval`` seconds after it the disk is left alone.
     """
 
     def __init__(self, directory, target=None, executor=None):
