@@ -121,6 +121,41 @@ def test_round_trip(tmp_path, name):
     assert buf.spilled_bytes == 0 and buf.disk_bytes == 0
 
 
+def test_disk_error_is_logged_once_and_retried_later(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import distributed.spill as spill
+
+    buf = SpillBuffer(str(tmp_path))
+    buf.retry_interval = 0.2
+    for k in "abc":
+        buf[k] = np.full(1000, ord(k))
+    calls = []
+
+    def full(path, value):
+        calls.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spill, "write_value", full)
+    with caplog.at_level("DEBUG", logger="distributed.spill"):
+        assert buf.evict_until(0) == 0  # stops at the first failure
+        for _ in range(20):
+            with pytest.raises(OSError, match="No space"):
+                buf.evict()
+        assert len(calls) == 1  # within retry_interval the disk is left alone
+        time.sleep(0.25)
+        assert buf.evict_until(0) == 0
+        assert len(calls) == 2  # tried again
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
+    assert isinstance(buf.write_error, OSError) and len(buf.fast) == 3
+    assert files(buf) == []  # no partial file left
+    monkeypatch.undo()
+    time.sleep(0.25)
+    assert buf.evict_until(0) == 3 * 8000 and buf.write_error is None
+    assert "works again" in caplog.records[-1].getMessage()
+
+
 def test_arrays_read_back_are_writable(tmp_path):
     path = str(tmp_path / "f")
     write_value(path, np.zeros(100_000))
