@@ -245,6 +245,7 @@ class Center(Server):
             "missing-data": self.scheduler.missing_data,
             "add-keys": self.scheduler.add_keys,
             "worker-status": self.scheduler.set_paused,
+            "memory-exit": self.scheduler.memory_exit,
         }
         await self._read_stream(stream, address, handlers, self.last_seen)
 
@@ -338,12 +339,19 @@ class Center(Server):
     def get_processing(self, stream=None):
         return self.scheduler.processing()
 
-    def worker_died(self, stream=None, address=None, cause=None):
-        """A nanny tells why its worker died ("memory limit exceeded", ...)."""
+    def worker_died(self, stream=None, address=None, cause=None, blame=None):
+        """A nanny tells why its worker died ("memory limit exceeded", ...).
+
+        ``blame='data'``: it ran out of memory because of the data it held,
+        not its tasks, which then do not have this death counted toward
+        ``KilledWorker``.
+        """
         address = coerce_to_address(address) if address else address
         logger.warning("worker %s died: %s", log_safe(address), log_safe(cause))
         self.deaths.append((time.time(), address, cause))
         del self.deaths[:-1000]
+        if blame == "data" and address:
+            self.scheduler.forgive_death(address)
         return b"OK"
 
     def get_task_states(self, stream=None, keys=None):

@@ -17,6 +17,7 @@ registered), ``kill``, ``instantiate``, ``terminate``, ``identity``, ``ping``.
 """
 
 import asyncio
+import itertools
 import logging
 import signal
 import sys
@@ -28,7 +29,7 @@ from tornado.ioloop import PeriodicCallback
 from .core import ConnectionPool, Server, rpc
 from .process import Process
 from .utils import get_ip, unparse_address
-from .worker import MEMORY_EXIT_CODE
+from .worker import MEMORY_BLAME, MEMORY_EXIT_CODE
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,18 @@ def describe_exit(code):
             name = str(-code)
         return "killed by signal %s" % name
     return "exit code %d" % code
+
+
+def memory_blame(process, lines=50):
+    """``'data'`` or ``'tasks'``: what the worker ``process`` (a
+    :class:`~distributed.process.Process` that exited past its memory limit)
+    said was to blame in its last ``lines`` lines of output; None if unsaid."""
+    for line in itertools.islice(reversed(process.output), lines):
+        if "exceeded its memory limit" in line:
+            for blame, text in MEMORY_BLAME.items():
+                if text in line:
+                    return blame
+    return None
 
 
 class Nanny(Server):
@@ -164,19 +177,33 @@ class Nanny(Server):
         process = self.process
         if process is None or process.poll() is None:
             return
-        cause = describe_exit(process.poll())
-        self.deaths.append((time.time(), cause))
-        logger.warning("worker %s died (%s); restarting it%s", self.worker_address, cause,
-                       "" if self.echo else ". It printed last:\n" + process.tail())
-        print("Worker %s died (%s); restarting" % (self.worker_address, cause), flush=True)
-        asyncio.ensure_future(self._report_death(self.worker_address, cause))
         self.process = None
         self._restarting = asyncio.ensure_future(self._restart_after_death())
+        asyncio.ensure_future(self._death(process, self.worker_address))
 
-    async def _report_death(self, address, cause):
-        """Tell the center why the worker died (it logs it, in ``deaths``)."""
+    async def _death(self, process, address):
+        """Log, print and report (to the center) why the worker died."""
+        code = process.poll()
+        cause, blame = describe_exit(code), None
+        if code == MEMORY_EXIT_CODE:
+            # its last words say who was to blame: wait (a little) for them
+            await asyncio.get_running_loop().run_in_executor(
+                None, process.drained.wait, 1)
+            blame = memory_blame(process)
+            if blame is not None:
+                cause = "%s: %s" % (cause, MEMORY_BLAME[blame])
+        self.deaths.append((time.time(), cause))
+        logger.warning("worker %s died (%s); restarting it%s", address, cause,
+                       "" if self.echo else ". It printed last:\n" + process.tail())
+        print("Worker %s died (%s); restarting" % (address, cause), flush=True)
+        await self._report_death(address, cause, blame)
+
+    async def _report_death(self, address, cause, blame=None):
+        """Tell the center why the worker died (it logs it, in ``deaths``);
+        ``blame='data'``: of memory its data held, not its tasks' fault."""
         try:
-            await self.center.worker_died(address=address, cause=cause, timeout=5)
+            await self.center.worker_died(address=address, cause=cause, blame=blame,
+                                          timeout=5)
         except Exception as e:
             logger.info("could not tell the center that %s died: %s", address, e)
 

@@ -81,6 +81,9 @@ class Tail:
     def __iter__(self):
         return iter(list(self._lines))
 
+    def __reversed__(self):
+        return reversed(list(self._lines))
+
     def __len__(self):
         return len(self._lines)
 
@@ -130,6 +133,7 @@ class Process:
         self.pid = self.proc.pid
         self.lines = _Lines()
         self.output = Tail()
+        self.drained = threading.Event()  # all the output is in ``output``
         threading.Thread(target=self._pump, daemon=True,
                          name="distributed-process-output").start()
 
@@ -146,6 +150,7 @@ class Process:
         finally:
             self.lines.put(None)
             stdout.close()
+            self.drained.set()
 
     def tail(self, n=20):
         """The last ``n`` lines the process printed, as one string."""

@@ -34,7 +34,7 @@ long its queue is.
 import heapq
 import itertools
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 from .graph import CycleError, find_cycle
 from .utils import key_split
@@ -103,12 +103,16 @@ class TaskState:
 
 
 class WorkerState:
-    __slots__ = ("address", "ncores", "processing", "queue", "nbytes", "paused")
+    __slots__ = ("address", "ncores", "processing", "queue", "nbytes", "paused",
+                 "memory_exit")
 
     def __init__(self, address, ncores):
         self.address = address
         self.ncores = ncores
         self.paused = False  # over its memory pause threshold: send it nothing
+        # exiting past its memory limit: 'data' (what it held is to blame, not
+        # its tasks) or 'tasks'; None: not exiting for memory
+        self.memory_exit = None
         self.processing = set()  # tasks sent to the worker
         self.queue = []  # heap of (priority, seq, TaskState) held back
         self.nbytes = 0
@@ -142,6 +146,10 @@ class Scheduler:
         self.to_clients = defaultdict(list)
         self._seq = itertools.count()
         self._release_batch = defaultdict(list)
+        # address -> tasks whose suspicious count its removal raised (the last
+        # few removals): a death reported afterwards as caused by the data
+        # held, not the tasks, takes that back (forgive_death)
+        self._counted_deaths = OrderedDict()
 
     # -- workers and clients ------------------------------------------------------
 
@@ -169,11 +177,20 @@ class Scheduler:
             self.to_clients[client].append(news)
         to_reschedule = []
         if ws is not None:
+            # a worker that ran out of memory because of the data it held
+            # (results stored faster than spilled) says so before it exits:
+            # its tasks are rescheduled without counting against them
+            innocent = ws.memory_exit == "data"
+            counted = []
             for ts in list(ws.processing):
                 if ts.state != "processing" or ts.processing_on is not ws:
                     continue
                 ts.processing_on = None
+                if innocent:
+                    to_reschedule.append(ts)
+                    continue
                 ts.suspicious += 1
+                counted.append(ts)
                 if ts.suspicious > self.allowed_failures:
                     exc = KilledWorker(
                         "task %r was running on %d workers that were lost; not "
@@ -186,6 +203,10 @@ class Scheduler:
                 if ts.state == "queued" and ts.processing_on is ws:
                     ts.processing_on = None
                     to_reschedule.append(ts)
+            if counted:
+                self._counted_deaths[address] = counted
+                while len(self._counted_deaths) > 100:
+                    self._counted_deaths.popitem(last=False)
         lost = []
         for key in keys:
             ts = self.tasks.get(key)
@@ -217,6 +238,22 @@ class Scheduler:
             ts.state = "released"
             recompute.append(ts)
         self._request(recompute)
+
+    def memory_exit(self, address, blame=None):
+        """The worker is exiting past its memory limit; ``blame``: ``'data'``
+        (what it held: its running tasks are not counted toward
+        KilledWorker when it is removed) or ``'tasks'``."""
+        ws = self.workers.get(address)
+        if ws is not None:
+            ws.memory_exit = blame if blame in ("data", "tasks") else "tasks"
+
+    def forgive_death(self, address):
+        """A worker removed earlier died of memory its data held (its nanny
+        says so): the tasks that were running on it have that death taken
+        off their count (those it already made fail stay failed)."""
+        for ts in self._counted_deaths.pop(address, ()):
+            if ts.state != "erred" and ts.suspicious > 0:
+                ts.suspicious -= 1
 
     def set_paused(self, address, paused=True):
         """A worker over (or back under) its memory pause threshold.

@@ -49,6 +49,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, MutableMapping
 
@@ -58,6 +59,9 @@ from .sizeof import sizeof
 logger = logging.getLogger(__name__)
 
 __all__ = ["SpillBuffer"]
+
+#: seconds after a failed write (disk full) before spilling tries the disk again
+DISK_RETRY_INTERVAL = 5.0
 
 _MAGIC = b"DSPILL01"
 _U64 = struct.Struct("<Q")
@@ -176,7 +180,9 @@ class SpillBuffer(MutableMapping):
     first), ``slow`` (a read-only view of the spilled keys),
     ``memory_bytes`` and ``spilled_bytes`` (``sizeof`` totals of each side),
     ``disk_bytes`` (size of the files), ``lock``.  Counters ``n_spilled``
-    and ``n_unspilled`` count the moves.
+    and ``n_unspilled`` count the moves.  ``write_error``: the ``OSError``
+    of the last failed write (disk full), ``None`` once one succeeds; for
+    ``retry_interval`` seconds after it the disk is left alone.
     """
 
     def __init__(self, directory, target=None, executor=None):
@@ -197,6 +203,12 @@ class SpillBuffer(MutableMapping):
         self._evict_lock = threading.Lock()  # one eviction at a time
         self._counter = itertools.count()
         self._unspillable = set()  # keys whose value failed to pickle
+        # the disk: the OSError of the last failed write (disk full, say),
+        # None once a write succeeds; until ``retry_interval`` seconds after
+        # it, evict() raises it again without trying (nor logging)
+        self.write_error = None
+        self.retry_interval = DISK_RETRY_INTERVAL
+        self._write_error_time = 0.0
 
     # -- the mapping ---------------------------------------------------------
 
@@ -363,8 +375,17 @@ class SpillBuffer(MutableMapping):
         return [k for k in keys if k in slow and k not in fast]
 
     def evict(self):
-        """Spill the least recently used value; its ``sizeof`` (0: nothing left)."""
+        """Spill the least recently used value; its ``sizeof`` (0: nothing left).
+
+        Raises the ``OSError`` of a failed write (the disk is full, say); for
+        ``retry_interval`` seconds after one, raises it again at once without
+        touching the disk.
+        """
         with self._evict_lock:
+            error = self.write_error
+            if error is not None and \
+                    time.monotonic() - self._write_error_time < self.retry_interval:
+                raise error.with_traceback(None)  # no traceback growing per raise
             with self.lock:
                 key = next((k for k in self.fast if k not in self._unspillable), _missing)
                 if key is _missing:
@@ -375,6 +396,10 @@ class SpillBuffer(MutableMapping):
             path = os.path.join(self.directory, _file_name(key, n))
             try:
                 disk_bytes = write_value(path, value)  # no lock: I/O
+            except OSError as e:  # the disk (full, say), not the value
+                _remove(path)
+                self._disk_failed(e, key, nbytes)
+                raise
             except Exception as e:
                 _remove(path)
                 with self.lock:
@@ -382,9 +407,10 @@ class SpillBuffer(MutableMapping):
                         self._unspillable.add(key)
                 logger.warning("could not spill %r (%s bytes) to %s: %s: %s",
                                key, nbytes, self.directory, type(e).__name__, e)
-                if isinstance(e, OSError):
-                    raise  # disk full, say: stop evicting
                 return -1
+            if self.write_error is not None:
+                logger.warning("spilling to %s works again", self.directory)
+                self.write_error = None
             with self.lock:
                 if self.fast.get(key, _missing) is value:
                     nbytes = self._sizes[key]
@@ -401,13 +427,23 @@ class SpillBuffer(MutableMapping):
             _remove(path)  # deleted or replaced while it was written
             return -1
 
+    def _disk_failed(self, error, key, nbytes):
+        """Remember a failed write; log only the first of a streak."""
+        first = self.write_error is None
+        self.write_error = error
+        self._write_error_time = time.monotonic()
+        log = logger.warning if first else logger.debug
+        log("could not spill %r (%s bytes) to %s: %s: %s; no more spilling for %g s "
+            "(then retried; repeats are not logged)", key, nbytes, self.directory,
+            type(error).__name__, error, self.retry_interval)
+
     def evict_until(self, target_bytes=None):
         """Spill least recently used values until at most ``target_bytes``
         (default: ``target``) remain in memory; return the bytes spilled.
 
         Values that cannot be pickled stay in memory (logged once).  An
-        ``OSError`` while writing (disk full) stops the eviction and is
-        logged.
+        ``OSError`` while writing (disk full) stops the eviction: see
+        ``write_error``.
         """
         if target_bytes is None:
             target_bytes = self.target

@@ -21,13 +21,17 @@ process's RSS every ``memory_monitor_interval`` seconds:
 
 * above ``memory_target_fraction`` (0.6) of the limit, least recently used
   values are spilled to ``local_dir`` (by a thread of their own; so too
-  when the values held, by ``sizeof``, exceed that fraction);
+  when the values held, by ``sizeof``, exceed that fraction); a task's
+  result first makes room, in its task thread, before it is stored, so
+  that producers wait for the disk;
 * above ``memory_pause_fraction`` (0.8) the worker is ``paused``: it starts
   no new task (they wait, in order, and start once memory is below that
-  fraction again);
+  fraction again), unless the disk fails (full): then results that do not
+  fit fail with ``MemoryError``;
 * above ``memory_terminate_fraction`` (0.95) the process exits with status
   :data:`MEMORY_EXIT_CODE` (75), which its nanny reports as "memory limit
-  exceeded" before starting a fresh worker.
+  exceeded" before starting a fresh worker; first it tells the center
+  whether its data or its running tasks were to blame (:data:`MEMORY_BLAME`).
 
 The fractions default to the environment variables
 ``DISTRIBUTED_MEMORY_TARGET``, ``DISTRIBUTED_MEMORY_PAUSE`` and
@@ -44,6 +48,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -79,7 +84,7 @@ from .utils import funcname, get_ip, new_id, parse_address
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Worker", "gather_from_workers", "MEMORY_EXIT_CODE"]
+__all__ = ["Worker", "gather_from_workers", "MEMORY_EXIT_CODE", "MEMORY_BLAME"]
 
 #: seconds between heartbeats to the center
 HEARTBEAT_INTERVAL = 1.0
@@ -93,6 +98,11 @@ SMALL_RESULT = 1024
 #: exit status of a worker process that went past its memory limit
 #: (``EX_TEMPFAIL`` of sysexits.h; the nanny reports "memory limit exceeded")
 MEMORY_EXIT_CODE = 75
+#: what a worker exiting past its memory limit says about the cause (``blame``)
+MEMORY_BLAME = {
+    "data": "the data it held was to blame, not its running tasks",
+    "tasks": "its running tasks were to blame",
+}
 #: fractions of ``memory_limit``: spill above, pause above, exit above
 MEMORY_TARGET_FRACTION = 0.6
 MEMORY_PAUSE_FRACTION = 0.8
@@ -249,6 +259,7 @@ class Worker(Server):
             os.makedirs(local_dir, exist_ok=True)
         self.local_dir = tempfile.mkdtemp(prefix="worker-", dir=local_dir)
         if self.memory_limit and self.memory_target_fraction:
+            _return_freed_memory()
             # spilling (and file removal) in one thread, reading back in another:
             # a long eviction does not hold up a peer waiting for a spilled key
             self._spill_executor = concurrent.futures.ThreadPoolExecutor(
@@ -484,8 +495,33 @@ class Worker(Server):
         return values
 
     async def _get_spilled_data(self, values, spilled):
-        values.update(await self._unspill(spilled))
+        values.update(await self.loop.run_in_executor(
+            self._unspill_executor, self._read_for_peer, spilled))
         return values
+
+    def _read_for_peer(self, keys):
+        """In the unspill thread: the values of the spilled ``keys``, after
+        making room for them, read but left on disk (they are sent and
+        freed, not kept in memory: gathering spilled results does not fill
+        the worker again)."""
+        data = self.data
+        need = 0
+        for key in keys:
+            try:
+                need += data.slow.nbytes(key)
+            except KeyError:
+                pass
+        try:
+            self._make_room(need)
+        except MemoryError:  # the disk fails: read them all the same
+            pass
+        out = {}
+        for key in keys:
+            try:
+                out[key] = data.slow[key]
+            except (KeyError, FileNotFoundError):  # read back or deleted meanwhile
+                out.update(data.get_many([key]))
+        return out
 
     def get_keys(self, stream=None):
         return list(self.data)
@@ -589,7 +625,7 @@ class Worker(Server):
         self.active.add(key)
         try:
             ok, result, timings = yield self.executor.submit(
-                _run_function, function, args2, kwargs2
+                self._run_within_memory, function, args2, kwargs2
             )
         finally:
             self.active.discard(key)
@@ -722,7 +758,7 @@ class Worker(Server):
             self._send_erred(key, e, e.__traceback__)
             return
         self.active.add(key)
-        future = self.executor.submit(_run_function, function, args, kwargs)
+        future = self.executor.submit(self._run_within_memory, function, args, kwargs)
         future.add_done_callback(
             lambda f: self.loop.add_callback(self._task_done, key, f))
 
@@ -819,7 +855,55 @@ class Worker(Server):
 
     def _rss(self):
         """Memory of this process in bytes (psutil's RSS); tests replace it."""
-        return psutil.Process().memory_info().rss
+        return _this_process().memory_info().rss
+
+    def _run_within_memory(self, function, args, kwargs):
+        """In a task thread: :func:`_run_function`, with memory made before it
+        and room made for its result after it (see :meth:`_make_room`), so
+        that a fast producer is slowed down to the speed of the disk instead
+        of outrunning the spill thread.  A result that can be neither kept
+        nor spilled (disk full, memory above the pause threshold) fails the
+        task with ``MemoryError``."""
+        if type(self.data) is not dict:
+            try:
+                self._make_room(0, before=True)
+            except Exception:
+                logger.exception("could not make room for a task")
+        ok, result, timings = _run_function(function, args, kwargs)
+        if ok and type(self.data) is not dict:
+            try:
+                self._make_room(sizeof(result))
+            except MemoryError as e:
+                ok, result = False, (e, e.__traceback__)
+            except Exception:
+                logger.exception("could not make room for a result")
+        return ok, result, timings
+
+    def _make_room(self, nbytes, before=False):
+        """Spill least recently used values, in this thread and now, until
+        the values held plus ``nbytes`` more fit in the target and the
+        process memory is back at the target.  ``before`` a task this only
+        acts above the pause threshold.  Raises ``MemoryError`` when the
+        spill directory fails (full disk) and the process is above the pause
+        threshold: the value cannot be kept."""
+        data, limit = self.data, self.memory_limit
+        rss = self._rss()
+        pause = limit * (self.memory_pause_fraction or self.memory_terminate_fraction or 1)
+        if before and rss <= pause:
+            return
+        excess = max(rss - limit * self.memory_target_fraction,
+                     data.memory_bytes + nbytes - data.target)
+        if excess > 0 and data.fast:
+            data.evict_until(max(0, data.memory_bytes - excess))
+            rss = self._rss()
+        error = data.write_error
+        if error is not None and not before and rss > pause:
+            raise MemoryError(
+                "worker %s cannot keep a result of %s: its process memory %s is "
+                "above %d%% of its memory limit %s and spilling to %s fails (%s: %s)"
+                % (self.address, _format_bytes(nbytes), _format_bytes(rss),
+                   pause * 100 / limit, _format_bytes(limit), data.directory,
+                   type(error).__name__, error))
 
     def _memory_monitor(self):
         """Body of the monitor thread: sample, then spill, pause or exit."""
@@ -839,7 +923,10 @@ class Worker(Server):
             self._memory_terminate(rss)
             return
         if self.memory_pause_fraction:
-            paused = rss > limit * self.memory_pause_fraction
+            # pausing waits for spilling: not while the disk fails (full), or
+            # the worker would wait for ever; results that do not fit fail
+            # instead (see _make_room)
+            paused = rss > limit * self.memory_pause_fraction and not self._disk_fails()
             if paused != self.paused:
                 try:
                     self.loop.add_callback(self._set_paused, paused)
@@ -876,6 +963,10 @@ class Worker(Server):
         finally:
             self._spill_pending = False
 
+    def _disk_fails(self):
+        data = self.data
+        return type(data) is not dict and data.write_error is not None
+
     def _set_paused(self, paused):
         """Pause (no task starts) or resume (on the event loop)."""
         if paused == self.paused or self.status in ("closing", "closed"):
@@ -891,9 +982,17 @@ class Worker(Server):
                 _format_bytes(rss), self.memory_pause_fraction * 100,
                 _format_bytes(limit))
             return
-        logger.warning("worker %s resumed: process memory %s is below %d%% of the "
-                       "memory limit %s", self.address, _format_bytes(rss),
-                       self.memory_pause_fraction * 100, _format_bytes(limit))
+        if self._disk_fails():
+            logger.warning("worker %s resumed although its process memory %s is "
+                           "above %d%% of the memory limit %s: spilling to %s fails "
+                           "(%s); results that do not fit fail with MemoryError",
+                           self.address, _format_bytes(rss),
+                           self.memory_pause_fraction * 100, _format_bytes(limit),
+                           self.data.directory, self.data.write_error)
+        else:
+            logger.warning("worker %s resumed: process memory %s is below %d%% of "
+                           "the memory limit %s", self.address, _format_bytes(rss),
+                           self.memory_pause_fraction * 100, _format_bytes(limit))
         self._unpaused.set()
         while self._paused_tasks and not self.paused:
             key, (spec, go_on) = self._paused_tasks.popitem(last=False)
@@ -901,20 +1000,65 @@ class Worker(Server):
                 go_on()
 
     def _memory_terminate(self, rss):
-        """Past the limit: log, remove the spilled files and exit the process
-        with :data:`MEMORY_EXIT_CODE` (in the monitor thread)."""
+        """Past the limit: log, tell the center who is to blame, remove the
+        spilled files and exit the process with :data:`MEMORY_EXIT_CODE` (in
+        the monitor thread)."""
         self._memory_stop.set()
+        blame = self._memory_blame(rss)
         logger.critical(
             "worker %s exceeded its memory limit: process memory %s is above %d%% "
-            "of %s; exiting with status %d", self.address, _format_bytes(rss),
+            "of %s; %s; exiting with status %d", self.address, _format_bytes(rss),
             self.memory_terminate_fraction * 100, _format_bytes(self.memory_limit),
-            MEMORY_EXIT_CODE)
+            MEMORY_BLAME[blame], MEMORY_EXIT_CODE)
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+            self._announce_memory_exit(blame)
             shutil.rmtree(self.local_dir, ignore_errors=True)
         finally:
             os._exit(MEMORY_EXIT_CODE)
+
+    def _memory_blame(self, rss):
+        """``'data'`` when the values held in memory make up what the process
+        is above its pause threshold (spilling did not keep up: its running
+        tasks are not to blame), ``'tasks'`` otherwise."""
+        try:
+            held = self.memory_state()["memory_bytes"]
+        except Exception:  # a table changed under this thread
+            return "tasks"
+        fraction = min(self.memory_pause_fraction or MEMORY_PAUSE_FRACTION,
+                       self.memory_terminate_fraction or 1)
+        return "data" if rss - held <= self.memory_limit * fraction else "tasks"
+
+    def _announce_memory_exit(self, blame, timeout=1):
+        """Tell the center on the worker stream, ahead of its closing, that
+        this worker exits for memory and who is to blame; then close the
+        stream, so that nothing more gets out (errors of tasks whose files
+        are being removed).  Waits ``timeout`` seconds at most for the loop
+        (a task may hold the GIL), then shuts the socket from here."""
+        batched = self.batched
+        if batched is None or batched.closed:
+            return
+        done = threading.Event()
+
+        async def announce():
+            try:
+                batched.send({"op": "memory-exit", "blame": blame})
+                while batched._busy and not batched.closed:
+                    await gen.sleep(0.001)
+            finally:
+                batched.abort()
+                done.set()
+
+        try:
+            self.loop.add_callback(announce)
+        except RuntimeError:  # the loop is closed
+            return
+        if not done.wait(timeout):
+            try:
+                batched.stream.socket.shutdown(socket.SHUT_RDWR)
+            except (OSError, AttributeError):
+                pass
 
     def memory_state(self):
         """``{'memory_limit', 'memory_rss', 'memory_bytes', 'spilled_bytes',
@@ -999,6 +1143,38 @@ class Worker(Server):
             self.ncores,
             self.status,
         )
+
+
+_process = None
+
+
+def _this_process():
+    """``psutil.Process()`` of this process (made once per pid)."""
+    global _process
+    if _process is None or _process.pid != os.getpid():
+        _process = psutil.Process()
+    return _process
+
+
+#: glibc's ``mallopt`` parameter and the value a worker with a memory limit sets
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 2**20
+
+
+def _return_freed_memory():
+    """Make large blocks (``MMAP_THRESHOLD`` and up: arrays) come from
+    ``mmap`` of their own, so that freeing one (spilling it) gives its memory
+    back to the system (glibc, Linux).  Otherwise glibc raises that threshold
+    by itself up to 32 MiB and keeps such arrays in heaps whose freed memory
+    stays in the process's RSS: the worker would spill everything and
+    still be above its target."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
 
 
 def _format_bytes(n):

@@ -1130,3 +1130,36 @@ def test_errors_of_a_removed_worker_say_why_it_was_removed():
     for e in erred.values():
         assert "w1:1" in str(e) and "stopped answering heartbeats for 9 s" in str(e)
         assert "segfault" not in str(e)
+
+
+def test_memory_exit_blaming_data_does_not_count(sim):
+    """A worker that says it exits for memory its data held: the task that
+    was running is rescheduled with no death counted; one blaming its tasks
+    (or saying nothing) counts as before."""
+    s = sim.s
+    submit(s, "c1", ["t"], t=(const(1), []))
+    sim.add_worker("w1:1")
+    s.memory_exit("w1:1", "data")
+    sim.kill("w1:1")
+    assert s.tasks["t"].suspicious == 0 and s.tasks["t"].state == "no-worker"
+    sim.add_worker("w2:1")
+    assert s.tasks["t"].processing_on.address == "w2:1"
+    s.memory_exit("w2:1", "tasks")
+    sim.kill("w2:1")
+    assert s.tasks["t"].suspicious == 1
+
+
+def test_nanny_report_blaming_data_forgives_a_death(sim):
+    """The nanny's report comes after the removal: it takes the death back."""
+    s = sim.s
+    submit(s, "c1", ["t"], t=(const(1), []))
+    sim.add_worker("w1:1")
+    sim.kill("w1:1")
+    assert s.tasks["t"].suspicious == 1
+    s.forgive_death("w1:1")
+    assert s.tasks["t"].suspicious == 0
+    s.forgive_death("w1:1")  # once only
+    assert s.tasks["t"].suspicious == 0
+    sim.add_worker("w2:1")
+    sim.run_all()
+    assert sim.result("t") == 1

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -26,7 +27,8 @@ from distributed.http import HTTPWorker
 from distributed.nanny import describe_exit
 from distributed.scheduler import KilledWorker
 from distributed.spill import SpillBuffer, read_value, write_value
-from distributed.utils_test import free_port, inc, popen, wait_for, wait_for_line
+from distributed.utils_test import (_line_queue, free_port, inc, popen, wait_for,
+                                   wait_for_line)
 from distributed.worker import MEMORY_EXIT_CODE
 
 PY = sys.executable
@@ -117,6 +119,41 @@ def test_round_trip(tmp_path, name):
     assert "x" in buf.fast and "x" not in buf.slow
     assert files(buf) == []
     assert buf.spilled_bytes == 0 and buf.disk_bytes == 0
+
+
+def test_disk_error_is_logged_once_and_retried_later(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import distributed.spill as spill
+
+    buf = SpillBuffer(str(tmp_path))
+    buf.retry_interval = 0.2
+    for k in "abc":
+        buf[k] = np.full(1000, ord(k))
+    calls = []
+
+    def full(path, value):
+        calls.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spill, "write_value", full)
+    with caplog.at_level("DEBUG", logger="distributed.spill"):
+        assert buf.evict_until(0) == 0  # stops at the first failure
+        for _ in range(20):
+            with pytest.raises(OSError, match="No space"):
+                buf.evict()
+        assert len(calls) == 1  # within retry_interval the disk is left alone
+        time.sleep(0.25)
+        assert buf.evict_until(0) == 0
+        assert len(calls) == 2  # tried again
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
+    assert isinstance(buf.write_error, OSError) and len(buf.fast) == 3
+    assert files(buf) == []  # no partial file left
+    monkeypatch.undo()
+    time.sleep(0.25)
+    assert buf.evict_until(0) == 3 * 8000 and buf.write_error is None
+    assert "works again" in caplog.records[-1].getMessage()
 
 
 def test_arrays_read_back_are_writable(tmp_path):
@@ -341,6 +378,26 @@ def test_worker_spills_and_reads_back():
     asyncio.run(asyncio.wait_for(f(), 20))
 
 
+def test_get_data_leaves_spilled_keys_on_disk():
+    """Keys read for a peer are sent, not kept in memory again, and room is
+    made for them first."""
+    async def f():
+        async with cluster(memory_limit=10 * MB) as (c, w):
+            data = arrays(4)  # 4 MiB, below the 6 MiB target
+            r = rpc(w.address)
+            await r.update_data(data=data)
+            w.data.evict_until(0)
+            w.data["y"] = np.ones(5 * MB // 8)  # 5 MiB in memory
+            got = await r.get_data(keys=["x0", "x1"])
+            for k in ("x0", "x1"):
+                assert (got[k] == data[k]).all()
+            assert set(w.data.slow) == set(data) | {"y"}  # still on disk, y spilled
+            assert w.data.memory_bytes == 0 and w.data.n_unspilled == 0
+            r.close_streams()
+
+    asyncio.run(asyncio.wait_for(f(), 10))
+
+
 def sum_after(a, _):
     return float(a.sum())
 
@@ -541,6 +598,7 @@ def test_dworker_past_memory_limit_is_restarted(tmp_path):
                     f.result(timeout=40)
                 line = wait_for_line(worker, "died", timeout=10)
                 assert "memory limit exceeded (exit code 75)" in line
+                assert "its running tasks were to blame" in line  # not its data
                 wait_for_line(center, "died: memory limit exceeded", timeout=10)
                 # restarted: it works on, and the dead ones left no files behind
                 deadline = time.time() + 20
@@ -586,3 +644,149 @@ def test_dworker_spills_to_local_dir(tmp_path):
                 for k, v in data.items():
                     assert (got[k] == v).all()
                 assert e.submit(np.sum, futures["x4"]).result() == 4 * MB
+
+
+
+def fresh_array(i):
+    """20-50 MiB of incompressible, freshly allocated floats, a function of ``i``."""
+    n = (20 + (i * 7) % 31) * MB // 8
+    return np.random.default_rng(i).random(n)
+
+
+def output_of(proc):
+    """Every line ``proc`` (ended, from ``popen``) printed that was not read yet."""
+    q = _line_queue(proc)
+    lines = []
+    while True:
+        line = q.get(timeout=10)
+        if line is None:
+            q.put(None)
+            return "".join(lines)
+        lines.append(line)
+
+
+def test_dworker_fast_producer_fits_on_disk(tmp_path):
+    """A worker limited to 400 MB and tasks producing ~2x that in 20-50 MiB
+    arrays, all held by futures: storing a result above the target spills
+    in that step and the worker pauses while spilling can catch up, so it
+    never dies, nothing is lost and no task ends as KilledWorker."""
+    port = free_port()
+    n_tasks = 24  # about 830 MiB
+    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port)],
+               env=env()) as center:
+        wait_for_line(center, "Start center at")
+        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
+                    "--memory-limit", "400MB", "--ncores", "2",
+                    "--local-dir", str(tmp_path)], env=env()) as worker:
+            wait_for_line(worker, "Registered with center")
+            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
+                (address,) = e.ncores()
+                futures = e.map(fresh_array, range(n_tasks))
+                sizes = e.gather(e.map(len, futures))  # all of them computed
+                assert sizes == [len(fresh_array(i)) for i in range(n_tasks)]
+                h = asyncio.run(rpc(address).health())
+                assert h["spilled_bytes"] > 300 * MB  # most of it is on disk
+                for i in range(0, n_tasks, 3):  # a few at a time: 400 MB is tight
+                    got = e.gather(futures[i:i + 3])
+                    for j, x in enumerate(got, i):
+                        assert (x == fresh_array(j)).all()
+                    del got
+                assert list(e.ncores()) == [address]  # never restarted
+    output = output_of(worker)
+    assert "died" not in output and "exceeded its memory limit" not in output, output
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 20 MB tmpfs (root on Linux only): a spill directory that fills up."""
+    path = tmp_path / "tiny"
+    path.mkdir()
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip("mount -t tmpfs is not permitted here: %s" % done.stderr.strip())
+    try:
+        yield str(path)
+    finally:
+        if subprocess.run(["umount", str(path)]).returncode:
+            subprocess.run(["umount", "-l", str(path)])
+
+
+def sized_array(i):
+    """8-16 MiB of fresh floats, a function of ``i``."""
+    return np.random.default_rng(i).random((8 + i % 9) * MB // 8)
+
+
+def test_dworker_full_spill_directory_gives_up_cleanly(tiny_disk):
+    """Spilling into a 20 MB tmpfs soon fails with ENOSPC.  The worker does
+    not pause for ever waiting for a disk that stays full: the results that
+    no longer fit fail with MemoryError naming the spill directory, the
+    others are correct, the failure is logged once (not ten times a second),
+    and once the data is released the worker computes again."""
+    port = free_port()
+    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port)],
+               env=env()) as center:
+        wait_for_line(center, "Start center at")
+        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
+                    "--memory-limit", "300MB", "--ncores", "1",
+                    "--local-dir", tiny_disk], env=env()) as worker:
+            wait_for_line(worker, "Registered with center")
+            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
+                (address,) = e.ncores()
+                futures = e.map(sized_array, range(20))  # ~240 MiB
+                deadline = time.time() + 30
+                for f in futures:
+                    while not f.done():
+                        assert time.time() < deadline, "stalled: %s" % e.ncores()
+                        time.sleep(0.05)
+                errors = [f.exception() for f in futures if f.exception() is not None]
+                assert errors, "the full disk was not noticed"
+                for exc in errors:
+                    assert isinstance(exc, MemoryError), repr(exc)
+                    assert "spilling to %s" % tiny_disk in str(exc)
+                    assert "No space left on device" in str(exc)
+                for i, f in enumerate(futures):
+                    if f.exception() is None:
+                        assert (f.result() == sized_array(i)).all()
+                time.sleep(1)  # ten log lines a second would show now
+                del futures, f
+                assert e.submit(inc, 1, pure=False).result(timeout=10) == 2
+                assert list(e.ncores()) == [address]  # it never died
+    output = output_of(worker)
+    assert "exceeded its memory limit" not in output, output
+    assert output.count("could not spill") == 1, output
+    assert len([line for line in output.splitlines()
+                if "WARNING" in line or "ERROR" in line]) <= 4, output
+
+
+def allocate(nbytes, seed):
+    return np.random.default_rng(seed).random(nbytes // 8)
+
+
+def test_memory_death_caused_by_data_held_does_not_count_against_tasks(tmp_path):
+    """A worker without spilling holds scattered data; a task then takes it
+    past its memory limit.  Most of the memory was the data held, so the
+    worker says so before it exits ("the data it held was to blame") and the
+    task is rescheduled without counting toward KilledWorker: with
+    ``--allowed-failures 0`` it still completes (on the restarted worker)."""
+    port = free_port()
+    e_ = dict(env(), DISTRIBUTED_MEMORY_TARGET="off", DISTRIBUTED_MEMORY_PAUSE="off")
+    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port),
+                "--allowed-failures", "0"], env=env()) as center:
+        wait_for_line(center, "Start center at")
+        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
+                    "--memory-limit", "300MB", "--ncores", "1",
+                    "--local-dir", str(tmp_path)], env=e_) as worker:
+            wait_for_line(worker, "Registered with center")
+            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
+                held = e.scatter([allocate(30 * MB, i) for i in range(3)])
+                f = e.submit(allocate, 80 * MB, 7)
+                assert (f.result(timeout=30) == allocate(80 * MB, 7)).all()
+                line = wait_for_line(worker, "died", timeout=10)
+                assert "memory limit exceeded (exit code 75): the data it held " \
+                       "was to blame" in line
+                wait_for_line(center, "died: memory limit exceeded .*data it held",
+                              timeout=10)
+                del held
