@@ -59,7 +59,7 @@ from .protocol import from_blob, to_blob
 from .scheduler import LostData
 from .security import default_security
 from .tokenize import tokenize
-from .utils import funcname, key_split
+from .utils import funcname, key_split, validate_key
 from .worker import gather_from_workers
 
 logger = logging.getLogger(__name__)
@@ -748,6 +748,8 @@ class Executor:
         if not callable(func):
             raise TypeError("submit needs a callable first argument, got %r" % (func,))
         self._check_running()
+        if key is not None:
+            validate_key(key)
         if key is None:
             if pure:
                 key = "%s-%s" % (funcname(func), tokenize(func, args, kwargs))
@@ -833,6 +835,8 @@ class Executor:
         name = funcname(func)
         if key is not None and not isinstance(key, str):
             keys = list(key)
+            for k in keys:
+                validate_key(k)
             if len(keys) != len(seqs):
                 raise ValueError("map got %d keys for %d tasks" % (len(keys), len(seqs)))
         elif pure:
@@ -957,6 +961,8 @@ class Executor:
         single = False
         if isinstance(data, dict):
             items = dict(data)
+            for k in items:
+                validate_key(k)
         elif isinstance(data, (list, tuple, set, frozenset)) or hasattr(data, "__next__"):
             seq = list(data)
             keys_in_order = ["%s-%s" % (type(v).__name__, tokenize(v)) for v in seq]
@@ -1036,6 +1042,8 @@ class Executor:
 
     def _graph_to_futures(self, dsk, keys, restrictions=None, loose_restrictions=None):
         dsk = _normalize_graph(dsk)
+        for k in itertools.chain(dsk, keys):
+            validate_key(k)
         for k, v in dsk.items():  # dask wraps persisted futures in DataNodes
             if _is_graph_node(v) and isinstance(getattr(v, "value", None), Future):
                 dsk[k] = v.value

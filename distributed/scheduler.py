@@ -36,7 +36,7 @@ import itertools
 import logging
 from collections import defaultdict
 
-from .utils import key_split
+from .utils import key_split, validate_key
 
 logger = logging.getLogger(__name__)
 
@@ -764,6 +764,8 @@ def _check_graph(tasks, dependencies, keys, restrictions, priority):
                             % (key, type(deps).__name__))
     if not isinstance(keys, (list, tuple, set, frozenset)):
         raise TypeError("update-graph: keys must be a list, got %s" % type(keys).__name__)
+    for key in itertools.chain(tasks, keys):
+        validate_key(key)  # a NaN key could never be found again
 
 
 def _priority(ts):
