@@ -229,6 +229,7 @@ class Center(Server):
             "task-erred": self.scheduler.task_erred,
             "missing-data": self.scheduler.missing_data,
             "add-keys": self.scheduler.add_keys,
+            "missing-keys": self.scheduler.missing_keys,
             "worker-status": self.scheduler.set_paused,
         }
         await self._read_stream(stream, address, handlers, self.last_seen)
@@ -349,16 +350,7 @@ class Center(Server):
         return b"OK"
 
     def _remove_keys(self, address, keys):
-        held = self.has_what.get(address)
-        for key in keys:
-            if held is not None:
-                held.discard(key)
-            holders = self.who_has.get(key)
-            if holders is not None:
-                holders.discard(address)
-                if not holders:
-                    del self.who_has[key]
-                    self.nbytes.pop(key, None)
+        self.scheduler.remove_replicas(address, keys)
 
     def remove_keys(self, stream=None, address=None, keys=()):
         self._remove_keys(coerce_to_address(address), keys)

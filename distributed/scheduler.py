@@ -185,6 +185,16 @@ class Scheduler:
                 if ts.state == "queued" and ts.processing_on is ws:
                     ts.processing_on = None
                     to_reschedule.append(ts)
+        recompute = self._lost(keys, "it was scattered to %s, which died" % address)
+        for ts in to_reschedule:
+            ts.state = "released"
+            recompute.append(ts)
+        self._request(recompute)
+
+    def _lost(self, keys, how):
+        """Of ``keys`` (which lost a holder), those in memory nowhere now:
+        released, their clients told; returns those to recompute.  Scattered
+        ones (no task) are erred with ``LostData``, saying ``how``."""
         lost = []
         for key in keys:
             ts = self.tasks.get(key)
@@ -206,16 +216,39 @@ class Scheduler:
                     dep.waiting_on.add(ts)
             if ts.run_spec is None:
                 exc = LostData(
-                    "the data of %r was lost: it was scattered to %s, which died; "
-                    "scattered data has no lineage to recompute it from"
-                    % (ts.key, address))
+                    "the data of %r was lost: %s; scattered data has no lineage "
+                    "to recompute it from" % (ts.key, how))
                 self._erred(ts, exc, None, str(exc), blob=False)
             elif ts.who_wants or ts.waiters:
                 recompute.append(ts)
-        for ts in to_reschedule:
-            ts.state = "released"
-            recompute.append(ts)
-        self._request(recompute)
+        return recompute
+
+    def remove_replicas(self, address, keys):
+        """``address`` holds ``keys`` no more (in the shared tables only)."""
+        held = self.has_what.get(address)
+        for key in keys:
+            if held is not None:
+                held.discard(key)
+            holders = self.who_has.get(key)
+            if holders is not None:
+                holders.discard(address)
+                if not holders:
+                    del self.who_has[key]
+                    self.nbytes.pop(key, None)
+
+    def missing_keys(self, address, keys=()):
+        """``address`` was asked for ``keys`` and has not got them (deleted
+        behind the center's back, a lost spill file): forget those replicas;
+        a key now held nowhere is recomputed from its task, or, scattered,
+        erred with ``LostData``."""
+        keys = [k for k in keys if address in self.who_has.get(k, ())]
+        if not keys:
+            return
+        logger.warning("worker %s lost %d keys it was listed as holding, e.g. %r",
+                       address, len(keys), keys[0])
+        self.remove_replicas(address, keys)
+        self._request(self._lost(keys, "it was scattered to %s, which lost it"
+                                 % address))
 
     def set_paused(self, address, paused=True):
         """A worker over (or back under) its memory pause threshold.
@@ -412,31 +445,18 @@ class Scheduler:
         ws = self.workers.get(address)
         if ws is not None and ts is not None:
             ws.processing.discard(ts)
-        for dep in missing:
-            holders = self.who_has.get(dep)
-            for bad in bad_workers:
-                if holders is not None and bad in holders:
-                    holders.discard(bad)
-                    self.has_what.get(bad, set()).discard(dep)
-            if holders is not None and not holders:
-                del self.who_has[dep]
+        for bad in bad_workers:
+            self.remove_replicas(bad, missing)
+        recompute = self._lost(missing, "its holders %s could not be reached"
+                               % sorted(bad_workers))
         if ts is None or ts.state != "processing" or ts.processing_on is not ws:
+            self._request(recompute)
             if ws is not None:
                 self._fill(ws)
             return
         ts.processing_on = None
         ts.retries += 1
-        lost = []
-        for dep_key in missing:
-            dts = self.tasks.get(dep_key)
-            if dts is not None and dts.state == "memory" and not self.who_has.get(dep_key):
-                lost.append(dts)
         ts.state = "released"
-        for dts in lost:
-            dts.state = "released"
-            if dts.run_spec is None:
-                exc = LostData("the scattered data %r was lost" % (dts.key,))
-                self._erred(dts, exc, None, str(exc), blob=False)
         if ts.retries > MISSING_DATA_RETRIES:
             # holders that answer but cannot hand the data over (a value
             # that does not serialize) would otherwise be asked forever
@@ -445,7 +465,7 @@ class Scheduler:
                 "value that cannot be serialized does this"
                 % (key, list(missing), list(bad_workers), ts.retries))
             self._erred(ts, exc, None, str(exc), blob=False)
-        self._request([ts] + [d for d in lost if d.state == "released"])
+        self._request([ts] + [d for d in recompute if d.who_wants or d.waiters])
         if ws is not None:
             self._fill(ws)
 
