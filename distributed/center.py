@@ -22,7 +22,7 @@ told so that it can recover what depended on that worker.
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 
@@ -39,6 +39,8 @@ __all__ = ["Center"]
 
 #: seconds without a heartbeat after which a worker counts as dead
 HEARTBEAT_TIMEOUT = 60
+#: how many removed workers the center remembers, to recognize them coming back
+MAX_LOST_WORKERS = 10000
 
 
 class Center(Server):
@@ -58,6 +60,10 @@ class Center(Server):
         self.nannies = {}  # worker address -> address of the nanny running it
         self.deaths = []  # (time, address, cause) of worker deaths told by nannies
         self.last_seen = {}
+        # workers removed as silent or disconnected, which may come back with
+        # stale keys: address -> time removed (the newest MAX_LOST_WORKERS)
+        self._lost_workers = OrderedDict()
+        self._rejoining = {}  # address -> (keys, nbytes) until its worker-stream
         self.worker_streams = {}
         self._stream_workers = defaultdict(set)  # stream -> addresses registered on it
         self.heartbeat_timeout = heartbeat_timeout
@@ -148,7 +154,12 @@ class Center(Server):
         if stream is not None:
             self.worker_streams[address] = stream
             self._stream_workers[stream].add(address)
-        self._add_keys(address, keys, nbytes)
+        if self._lost_workers.pop(address, None) is not None:
+            # back after being removed: its keys go through the scheduler,
+            # which keeps only what is still needed (see worker_stream)
+            self._rejoining[address] = (list(keys), nbytes)
+        else:
+            self._add_keys(address, keys, nbytes)
         logger.info("registered worker %s (%s cores)", address, ncores)
         return b"OK"
 
@@ -167,10 +178,19 @@ class Center(Server):
         self.last_seen[address] = time.time()
         return b"OK"
 
-    def remove_worker(self, address, close=True):
-        """Forget a worker and everything it held; close its stream if ``close``."""
+    def remove_worker(self, address, close=True, lost=False):
+        """Forget a worker and everything it held; close its stream if ``close``.
+
+        ``lost``: it went silent or its stream closed; if it comes back, the
+        keys it brings are checked against what is still needed.
+        """
         if address not in self.ncores:
             return
+        self._rejoining.pop(address, None)
+        if lost:
+            self._lost_workers[address] = time.time()
+            while len(self._lost_workers) > MAX_LOST_WORKERS:
+                self._lost_workers.popitem(last=False)
         logger.info("removing worker %s", address)
         keys = self.has_what.pop(address, set())
         self._remove_keys(address, keys)
@@ -199,7 +219,7 @@ class Center(Server):
         for address in self._stream_workers.pop(stream, ()):
             if self.worker_streams.get(address) is stream:
                 logger.info("connection to worker %s closed", address)
-                self.remove_worker(address)
+                self.remove_worker(address, lost=True)
 
     def _check_heartbeats(self):
         deadline = time.time() - self.heartbeat_timeout
@@ -209,7 +229,7 @@ class Center(Server):
                     "worker %s sent no heartbeat for %.0f s; removing it",
                     address, time.time() - seen,
                 )
-                self.remove_worker(address)
+                self.remove_worker(address, lost=True)
 
     # -- the scheduler's streams ------------------------------------------------
 
@@ -222,6 +242,13 @@ class Center(Server):
         if self.worker_streams.get(address) is not stream:
             raise ValueError("worker %s must register on this stream first" % address)
         self.worker_comms[address] = BatchedSend(stream, self.loop)
+        # its keys first: a task waiting for one it holds is not sent to it
+        rejoining = self._rejoining.pop(address, None)
+        if rejoining is not None:
+            self.scheduler.rejoin(address, *rejoining)
+        else:  # keys it registered: merged with the tasks that produce them
+            self.scheduler.add_keys(address, list(self.has_what.get(address, ())),
+                                    self.nbytes)
         self.scheduler.add_worker(address, self.ncores.get(address))
         self.send_scheduler_messages()
         handlers = {

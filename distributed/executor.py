@@ -376,6 +376,10 @@ class Executor:
         self.pool = ConnectionPool(security=self.security)
         self.batched = None
         self._held = []  # messages to the center held while reconnecting
+        # key -> (spec, dependencies, priority, restriction, loose): the tasks
+        # of our futures and of their inputs, resent to a restarted center
+        self._specs = {}
+        self._specs_kept = 0  # how many the last pruning kept
         self.center = None
         self._loop_thread = None
         self._asyncio_loop = None
@@ -540,14 +544,15 @@ class Executor:
                     state.set_error(err)
 
     async def _reconnect(self):
-        """A center that restarted: connect again and keep what survived.
+        """A center that restarted: connect again and carry on.
 
-        Workers re-register the keys they hold with the new center; futures
-        whose data is on a worker stay valid, pending ones (whose task the
-        new center never heard of) fail with ``LostData``.
+        Workers re-register the keys they hold with the new center.  The
+        tasks of our futures and of all their inputs are sent again, so the
+        new center knows the lineage of the data that survived (and can
+        recompute it if a worker dies later) and runs what was pending or
+        lost.  Scattered data, which has no task, survives only where a
+        worker still holds it; otherwise its futures fail with ``LostData``.
         """
-        lost_pending = [s for s in self.futures.values() if s.status == "pending"]
-        finished = {k: s for k, s in self.futures.items() if s.status == "finished"}
         self.pool.close(self.address)
         deadline = time.time() + self.timeout
         while True:
@@ -560,33 +565,79 @@ class Executor:
                     raise
                 logger.debug("reconnecting: %s", e)
                 await asyncio.sleep(0.1)
-        for state in lost_pending:
-            if state.status == "pending":
-                state.set_error(LostData(
-                    "the center at %s restarted while %r was pending; submit it "
-                    "again" % (self.address, state.key)))
+        with self._lock:
+            live = {k: s for k, s in self.futures.items()
+                    if s.status in ("pending", "finished")}
+        tasks, untasked = self._lineage(live)
+        # data with no task to recompute it: where do the workers hold it?
+        finished = [k for k, s in live.items() if s.status == "finished"]
+        wanted = untasked.union(finished)
         who_has = {}
         deadline = time.time() + self.timeout
-        while finished and time.time() < deadline:
-            found = await self.center.who_has(keys=list(finished), timeout=self.timeout)
+        while wanted and time.time() < deadline:
+            found = await self.center.who_has(keys=list(wanted), timeout=self.timeout)
             who_has = {k: list(v) for k, v in found.items() if v}
-            if len(who_has) == len(finished):
+            if len(who_has) == len(wanted):
                 break
             await asyncio.sleep(0.1)  # workers are still re-registering
-        for key, state in finished.items():
+        lost = 0
+        for key, state in live.items():
             if key in who_has:
                 state.workers = who_has[key]
-            else:
+            elif key in untasked and state.status != "error":
+                lost += 1
                 state.set_error(LostData(
-                    "the data of %r was lost while the center at %s restarted"
+                    "the data of %r was lost while the center at %s restarted; "
+                    "scattered data has no lineage to recompute it from"
                     % (key, self.address)))
-        if who_has:
-            self.batched.send({"op": "update-data", "who_has": who_has})
+        scattered = {k: v for k, v in who_has.items() if k in untasked}
+        if scattered:
+            self.batched.send({"op": "update-data", "who_has": scattered})
+            unwanted = [k for k in scattered if k not in live]
+            if unwanted:  # inputs of our tasks only: held by the tasks
+                self.batched.send({"op": "client-releases-keys", "keys": unwanted})
+        if tasks:
+            self.batched.send(_graph_message(
+                tasks, [k for k in live if k in tasks and live[k].status != "error"]))
         self.status = "running"
         held, self._held = self._held, []
         self.batched.send_many(held)
-        logger.info("reconnected to the center at %s; %d futures kept, %d lost",
-                    self.address, len(who_has), len(self.futures) - len(who_has))
+        logger.info("reconnected to the center at %s; %d tasks sent again, %d futures "
+                    "of scattered data lost", self.address, len(tasks), lost)
+
+    def _remember(self, msg):
+        """Keep the tasks of an update-graph message, for :meth:`_reconnect`."""
+        deps = msg.get("dependencies") or {}
+        priority = msg.get("priority") or {}
+        restrictions = msg.get("restrictions") or {}
+        loose = set(msg.get("loose_restrictions") or ())
+        specs = self._specs
+        for key, spec in msg["tasks"].items():
+            specs[key] = (spec, deps.get(key, ()), priority.get(key),
+                          restrictions.get(key), key in loose)
+        if len(specs) > 2 * max(self._specs_kept, 1000):
+            with self._lock:
+                keys = list(self.futures)
+            self._specs = self._lineage(keys)[0]
+            self._specs_kept = len(self._specs)
+
+    def _lineage(self, keys):
+        """``(tasks, untasked)``: the remembered tasks of ``keys`` and of all
+        their inputs, and the keys among those with no task (scattered)."""
+        tasks, untasked = {}, set()
+        stack = list(keys)
+        specs = self._specs
+        while stack:
+            key = stack.pop()
+            if key in tasks or key in untasked:
+                continue
+            entry = specs.get(key)
+            if entry is None:
+                untasked.add(key)
+                continue
+            tasks[key] = entry
+            stack.extend(entry[1])
+        return tasks, untasked
 
     def _key_in_memory(self, key=None, type=None, workers=(), value=None):
         state = self.futures.get(key)
@@ -612,6 +663,7 @@ class Executor:
             if state.status in ("pending", "finished"):
                 state.cancel()
         self.futures.clear()
+        self._specs = {}
 
     def shutdown(self, timeout=10):
         """Disconnect; stop the local cluster and the loop thread if ours."""
@@ -710,6 +762,8 @@ class Executor:
         self._on_loop(self._send_now, msg)
 
     def _send_now(self, msg):
+        if msg.get("op") == "update-graph":
+            self._remember(msg)
         if self.status == "reconnecting":
             self._held.append(msg)  # sent once connected again
         elif self.status == "running" and not self.batched.closed:
@@ -1402,6 +1456,23 @@ class as_completed:
 
 # ---------------------------------------------------------------------------
 # helpers
+
+
+def _graph_message(tasks, keys):
+    """The update-graph message sending the remembered ``tasks`` again."""
+    msg = {"op": "update-graph", "tasks": {}, "dependencies": {}, "keys": keys,
+           "restrictions": {}, "loose_restrictions": [], "priority": {},
+           "lineage_only": True}
+    for key, (spec, deps, priority, restriction, loose) in tasks.items():
+        msg["tasks"][key] = spec
+        msg["dependencies"][key] = list(deps)
+        if priority is not None:
+            msg["priority"][key] = priority
+        if restriction is not None:
+            msg["restrictions"][key] = restriction
+            if loose:
+                msg["loose_restrictions"].append(key)
+    return msg
 
 
 def _to_blob_or_raise(obj, what):

@@ -272,12 +272,16 @@ class Scheduler:
     # -- inputs from executors ---------------------------------------------------
 
     def update_graph(self, client, tasks=None, dependencies=None, keys=(),
-                     restrictions=None, loose_restrictions=(), priority=None):
+                     restrictions=None, loose_restrictions=(), priority=None,
+                     lineage_only=False):
         """Add tasks and say which keys ``client`` wants.
 
         ``tasks`` maps key -> run spec (opaque to the scheduler);
         ``dependencies`` maps key -> keys it needs (which must be in this
         graph or already known); ``priority`` maps key -> a sortable value.
+        A task whose key a worker already holds is in memory at once.
+        ``lineage_only``: the tasks are sent again (to a restarted center)
+        and run only where ``keys`` need them, not every one of them.
         """
         tasks = tasks or {}
         dependencies = dependencies or {}
@@ -286,12 +290,19 @@ class Scheduler:
         loose = set(loose_restrictions or ())
         _check_graph(tasks, dependencies, keys, restrictions, priority)
         self.add_client(client)
-        new = []
+        new, merged = [], []
         for key, spec in tasks.items():
             ts = self.tasks.get(key)
             if ts is None:
                 ts = self.tasks[key] = TaskState(key, spec)
-                new.append(ts)
+                if self.who_has.get(key):
+                    # registered by a worker before this graph came (a center
+                    # restart): in memory, and now with its lineage
+                    ts.state = "memory"
+                    ts.nbytes = self.nbytes.get(key)
+                    merged.append(ts)
+                else:
+                    new.append(ts)
             elif ts.state == "released" and ts.run_spec is None:
                 ts.run_spec = spec
             ts.priority = priority.get(key, ts.priority)
@@ -333,8 +344,13 @@ class Scheduler:
             exc = LostData("task %r depends on %s, which the scheduler does not "
                            "know (released or lost)" % (key, deps))
             self._erred(ts, exc, None, str(exc), blob=False)
+        if lineage_only:
+            new = []
         new.sort(key=_priority)  # ready tasks go out in priority order
         self._request(new + wanted)
+        for ts in merged:  # held by a worker, but needed by nobody
+            self._maybe_release(ts)
+        self._flush_releases()
 
     def client_desires_keys(self, client, keys):
         self.update_graph(client, keys=keys)
@@ -470,15 +486,53 @@ class Scheduler:
             self._fill(ws)
 
     def add_keys(self, address, keys, nbytes=None):
-        """``address`` now holds copies of ``keys`` (fetched from peers)."""
+        """``address`` now holds ``keys``: copies fetched from peers, or the
+        keys of a worker that registered with this (restarted) center.
+
+        A key still needed and not in memory yet is in memory now (merged
+        with its task, so its lineage is kept); an unknown key is recorded,
+        for an executor to claim with its task (see :meth:`update_graph`).
+        """
         nbytes = nbytes or {}
+        unwanted = []
         for key in keys:
             ts = self.tasks.get(key)
-            if ts is not None and ts.state == "memory":
-                self._add_replica(ts, address, nbytes.get(key))
-            elif ts is None:
+            if ts is None:
                 self.has_what[address].add(key)
                 self.who_has[key].add(address)
+            elif ts.state == "memory":
+                self._add_replica(ts, address, nbytes.get(key))
+            elif self._welcome(ts):
+                self._add_replica(ts, address, nbytes.get(key))
+                # a queue entry goes stale; a run under way reports a replica
+                ts.processing_on = None
+                self.unrunnable.discard(ts)
+                self._set_memory(ts, ts.type)
+            else:  # released or erred meanwhile
+                unwanted.append(key)
+        if unwanted:
+            self.remove_replicas(address, unwanted)
+            self.to_workers[address].append({"op": "delete-data", "keys": unwanted})
+
+    def rejoin(self, address, keys, nbytes=None):
+        """A worker this center removed (silent past the heartbeat timeout,
+        or its stream closed) is back with ``keys``.  Those still needed and
+        in memory nowhere are welcome; it is told to delete the others:
+        released meanwhile, or recomputed elsewhere."""
+        welcome = [k for k in keys if k in self.tasks and self._welcome(self.tasks[k])]
+        self.add_keys(address, welcome, nbytes)
+        welcome = set(welcome)
+        unwanted = [k for k in keys if k not in welcome]
+        if unwanted:
+            logger.info("worker %s came back with %d keys nobody needs; deleting them",
+                        address, len(unwanted))
+            self.to_workers[address].append({"op": "delete-data", "keys": unwanted})
+
+    @staticmethod
+    def _welcome(ts):
+        """Is data for ``ts``, not in memory now, wanted?"""
+        return (ts.state in ("released", "waiting", "queued", "no-worker", "processing")
+                and bool(ts.who_wants or ts.waiters))
 
     # -- transitions --------------------------------------------------------------
 
