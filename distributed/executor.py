@@ -75,6 +75,13 @@ __all__ = [
 
 CancelledError = concurrent.futures.CancelledError
 
+#: bytes of remembered task arguments (lineage, resent to a restarted center)
+#: beyond which those of released futures are forgotten
+SPECS_NBYTES = 64 * 2**20
+#: seconds a reconnected executor waits for workers to re-register results
+#: it could recompute, before sending their tasks again
+RECONNECT_SETTLE = 2
+
 try:  # with dask installed, a Future inside a dask task is a reference to its key
     from dask._task_spec import TaskRef as _DaskTaskRef
 except ImportError:
@@ -379,7 +386,8 @@ class Executor:
         # key -> (spec, dependencies, priority, restriction, loose): the tasks
         # of our futures and of their inputs, resent to a restarted center
         self._specs = {}
-        self._specs_kept = 0  # how many the last pruning kept
+        self._specs_kept = (0, 0)  # how many, and bytes, the last pruning kept
+        self._specs_nbytes = 0  # bytes of arguments in _specs
         self.center = None
         self._loop_thread = None
         self._asyncio_loop = None
@@ -574,10 +582,13 @@ class Executor:
         wanted = untasked.union(finished)
         who_has = {}
         deadline = time.time() + self.timeout
+        # a result with a task is recomputed if not found: wait less for it
+        settle = time.time() + min(RECONNECT_SETTLE, self.timeout)
         while wanted and time.time() < deadline:
             found = await self.center.who_has(keys=list(wanted), timeout=self.timeout)
             who_has = {k: list(v) for k, v in found.items() if v}
-            if len(who_has) == len(wanted):
+            if len(who_has) == len(wanted) or (
+                    time.time() > settle and untasked.issubset(who_has)):
                 break
             await asyncio.sleep(0.1)  # workers are still re-registering
         lost = 0
@@ -615,11 +626,17 @@ class Executor:
         for key, spec in msg["tasks"].items():
             specs[key] = (spec, deps.get(key, ()), priority.get(key),
                           restrictions.get(key), key in loose)
-        if len(specs) > 2 * max(self._specs_kept, 1000):
+            self._specs_nbytes += _spec_nbytes(spec)
+        # forget the tasks of released futures, now and then: when the count
+        # or the bytes have doubled since last time
+        count, nbytes = self._specs_kept
+        if len(specs) > 2 * max(count, 1000) or self._specs_nbytes > 2 * max(
+                nbytes, SPECS_NBYTES):
             with self._lock:
                 keys = list(self.futures)
             self._specs = self._lineage(keys)[0]
-            self._specs_kept = len(self._specs)
+            self._specs_nbytes = sum(_spec_nbytes(e[0]) for e in self._specs.values())
+            self._specs_kept = (len(self._specs), self._specs_nbytes)
 
     def _lineage(self, keys):
         """``(tasks, untasked)``: the remembered tasks of ``keys`` and of all
@@ -1456,6 +1473,11 @@ class as_completed:
 
 # ---------------------------------------------------------------------------
 # helpers
+
+
+def _spec_nbytes(spec):
+    """Bytes of a task's own arguments (the function's pickle is shared)."""
+    return sum(len(v) for k, v in spec.items() if k != "function" and type(v) is bytes)
 
 
 def _graph_message(tasks, keys):
