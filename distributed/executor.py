@@ -681,6 +681,7 @@ class Executor:
                 state.cancel()
         self.futures.clear()
         self._specs = {}
+        self._specs_nbytes = 0
 
     def shutdown(self, timeout=10):
         """Disconnect; stop the local cluster and the loop thread if ours."""
