@@ -30,6 +30,7 @@ import atexit
 import concurrent.futures
 import itertools
 import logging
+import operator
 import os
 import threading
 import time
@@ -81,6 +82,10 @@ SPECS_NBYTES = 64 * 2**20
 #: seconds a reconnected executor waits for workers to re-register results
 #: it could recompute, before sending their tasks again
 RECONNECT_SETTLE = 2
+#: reconnecting more than MAX_RESENDS times within RESEND_WINDOW seconds fails
+#: pending futures instead of sending their tasks yet again
+MAX_RESENDS = 3
+RESEND_WINDOW = 30
 
 try:  # with dask installed, a Future inside a dask task is a reference to its key
     from dask._task_spec import TaskRef as _DaskTaskRef
@@ -383,11 +388,12 @@ class Executor:
         self.pool = ConnectionPool(security=self.security)
         self.batched = None
         self._held = []  # messages to the center held while reconnecting
-        # key -> (spec, dependencies, priority, restriction, loose): the tasks
-        # of our futures and of their inputs, resent to a restarted center
+        # key -> (update-graph message, its bytes of arguments): the tasks of
+        # our futures and of their inputs, resent to a restarted center
         self._specs = {}
         self._specs_kept = (0, 0)  # how many, and bytes, the last pruning kept
         self._specs_nbytes = 0  # bytes of arguments in _specs
+        self._resends = []  # times tasks were sent again to a reconnected center
         self.center = None
         self._loop_thread = None
         self._asyncio_loop = None
@@ -607,6 +613,20 @@ class Executor:
             unwanted = [k for k in scattered if k not in live]
             if unwanted:  # inputs of our tasks only: held by the tasks
                 self.batched.send({"op": "client-releases-keys", "keys": unwanted})
+        now = time.time()
+        self._resends = [t for t in self._resends if t > now - RESEND_WINDOW] + [now]
+        if tasks and len(self._resends) > MAX_RESENDS:
+            # the center drops us each time (a task too big for it, say):
+            # sending the same again would never end
+            for key, state in live.items():
+                if key in tasks and state.status == "pending":
+                    state.set_error(LostData(
+                        "the connection to the center at %s closed %d times within "
+                        "%d s, each time after the pending tasks were sent again; "
+                        "%r is not sent again" % (self.address, len(self._resends),
+                                                  RESEND_WINDOW, key)))
+            tasks = self._lineage([k for k, st in live.items()
+                                   if st.status == "finished"])[0]
         if tasks:
             self.batched.send(_graph_message(
                 tasks, [k for k in live if k in tasks and live[k].status != "error"]))
@@ -617,30 +637,32 @@ class Executor:
                     "of scattered data lost", self.address, len(tasks), lost)
 
     def _remember(self, msg):
-        """Keep the tasks of an update-graph message, for :meth:`_reconnect`."""
-        deps = msg.get("dependencies") or {}
-        priority = msg.get("priority") or {}
-        restrictions = msg.get("restrictions") or {}
-        loose = set(msg.get("loose_restrictions") or ())
-        specs = self._specs
-        for key, spec in msg["tasks"].items():
-            specs[key] = (spec, deps.get(key, ()), priority.get(key),
-                          restrictions.get(key), key in loose)
-            self._specs_nbytes += _spec_nbytes(spec)
-        # forget the tasks of released futures, now and then: when the count
-        # or the bytes have doubled since last time
+        """Keep the tasks of an update-graph message, for :meth:`_reconnect`.
+
+        Dict speed per task: each key points at its message (kept whole
+        while any of its tasks is part of a live future's lineage).
+        """
+        tasks = msg["tasks"]
+        entry = (msg, sum(map(len, map(_ARGS, tasks.values())))
+                 + sum(map(len, map(_TASK, tasks.values()))))
+        self._specs.update(dict.fromkeys(tasks, entry))
+        self._specs_nbytes += entry[1]
+        # forget the tasks of released futures, now and then: when their
+        # count or bytes have doubled since last time
         count, nbytes = self._specs_kept
-        if len(specs) > 2 * max(count, 1000) or self._specs_nbytes > 2 * max(
+        if len(self._specs) > 2 * max(count, 1000) or self._specs_nbytes > 2 * max(
                 nbytes, SPECS_NBYTES):
             with self._lock:
                 keys = list(self.futures)
             self._specs = self._lineage(keys)[0]
-            self._specs_nbytes = sum(_spec_nbytes(e[0]) for e in self._specs.values())
+            entries = {id(e): e for e in self._specs.values()}.values()
+            self._specs_nbytes = sum(e[1] for e in entries)
             self._specs_kept = (len(self._specs), self._specs_nbytes)
 
     def _lineage(self, keys):
-        """``(tasks, untasked)``: the remembered tasks of ``keys`` and of all
-        their inputs, and the keys among those with no task (scattered)."""
+        """``(tasks, untasked)``: ``{key: (message, nbytes)}`` remembered for
+        ``keys`` and all their inputs, and the keys among those with no
+        task (scattered)."""
         tasks, untasked = {}, set()
         stack = list(keys)
         specs = self._specs
@@ -653,7 +675,7 @@ class Executor:
                 untasked.add(key)
                 continue
             tasks[key] = entry
-            stack.extend(entry[1])
+            stack.extend(entry[0]["dependencies"].get(key, ()))
         return tasks, untasked
 
     def _key_in_memory(self, key=None, type=None, workers=(), value=None):
@@ -1476,9 +1498,8 @@ class as_completed:
 # helpers
 
 
-def _spec_nbytes(spec):
-    """Bytes of a task's own arguments (the function's pickle is shared)."""
-    return sum(len(v) for k, v in spec.items() if k != "function" and type(v) is bytes)
+_ARGS = operator.methodcaller("get", "args", b"")
+_TASK = operator.methodcaller("get", "task", b"")
 
 
 def _graph_message(tasks, keys):
@@ -1486,14 +1507,16 @@ def _graph_message(tasks, keys):
     msg = {"op": "update-graph", "tasks": {}, "dependencies": {}, "keys": keys,
            "restrictions": {}, "loose_restrictions": [], "priority": {},
            "lineage_only": True}
-    for key, (spec, deps, priority, restriction, loose) in tasks.items():
-        msg["tasks"][key] = spec
-        msg["dependencies"][key] = list(deps)
+    for key, (sent, _) in tasks.items():
+        msg["tasks"][key] = sent["tasks"][key]
+        msg["dependencies"][key] = list(sent["dependencies"].get(key, ()))
+        priority = (sent.get("priority") or {}).get(key)
         if priority is not None:
             msg["priority"][key] = priority
+        restriction = (sent.get("restrictions") or {}).get(key)
         if restriction is not None:
             msg["restrictions"][key] = restriction
-            if loose:
+            if key in (sent.get("loose_restrictions") or ()):
                 msg["loose_restrictions"].append(key)
     return msg
 

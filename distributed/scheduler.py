@@ -463,8 +463,7 @@ class Scheduler:
             ws.processing.discard(ts)
         for bad in bad_workers:
             self.remove_replicas(bad, missing)
-        recompute = self._lost(missing, "its holders %s could not be reached"
-                               % sorted(bad_workers))
+        recompute = self._lost(missing, "no holder could hand it over to %s" % address)
         if ts is None or ts.state != "processing" or ts.processing_on is not ws:
             self._request(recompute)
             if ws is not None:

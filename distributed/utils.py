@@ -113,13 +113,17 @@ def validate_key(key):
     NaN is not equal to itself: its results could never be found again.
     """
     t = type(key)
-    if t is str or t is bytes or t is int:
+    if t in _KEY_TYPES:
         return
     if t is tuple:
         for part in key:
-            _validate_key_part(part, key)
+            if type(part) not in _KEY_TYPES:
+                _validate_key_part(part, key)
         return
     _validate_key_part(key, key)
+
+
+_KEY_TYPES = frozenset({str, bytes, int, bool})
 
 
 def _validate_key_part(part, key):
