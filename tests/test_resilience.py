@@ -119,6 +119,24 @@ def test_center_restart_resubmits_pending():
             assert e.status == "running"
 
 
+def test_task_the_center_refuses_is_not_resent_forever():
+    """A task above the center's message limit makes it close the executor's
+    stream; sending the pending tasks again on each reconnect must not go
+    on forever: that task fails, the executor keeps working."""
+    port = free_port()
+    with processes() as start, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTRIBUTED_MAX_MESSAGE_SIZE", str(2 ** 20))
+        start_center(start, port)
+        mp.delenv("DISTRIBUTED_MAX_MESSAGE_SIZE")
+        start_worker(start, port, "--no-nanny")
+        with Executor("127.0.0.1:%d" % port) as e:
+            assert e.submit(inc, 1).result(timeout=10) == 2
+            with pytest.raises(Exception):
+                e.submit(len, b"x" * 2 ** 21).result(timeout=40)
+            assert e.submit(inc, 2).result(timeout=20) == 3
+            assert e.status == "running"
+
+
 def test_rejoining_worker_keeps_only_what_is_needed():
     """A worker frozen past the heartbeat timeout comes back with its keys:
     those released meanwhile are deleted (on the worker too); one still
