@@ -15,6 +15,7 @@ import pytest
 
 from distributed import Executor
 from distributed.process import Process
+from distributed.scheduler import LostData
 from distributed.utils_test import add, free_port, inc, poll, slowinc
 
 PY = sys.executable
@@ -89,15 +90,20 @@ def test_center_restart_keeps_lineage():
             x = e.submit(np.arange, 1000)  # too big to ride along: fetched
             y = e.submit(np.sum, x)
             assert y.result() == 499500
+            (holder,) = e.who_has([x])[x.key]
+            s = e.scatter(np.arange(5), workers=[holder])
             center.kill()
             start_center(start, port)
             assert (x.result(timeout=20) == np.arange(1000)).all()
-            (holder,) = poll(lambda: e.who_has([x])[x.key], msg="x re-registered")
+            poll(lambda: e.who_has([x])[x.key] == [holder], msg="x re-registered")
             os.kill(e.run(os.getpid)[holder], signal.SIGKILL)
             poll(lambda: holder not in e.ncores(), timeout=15)
             assert e.submit(np.max, x).result(timeout=20) == 999
             assert (x.result(timeout=20) == np.arange(1000)).all()
             assert y.result(timeout=20) == 499500
+            # scattered data has no lineage: still reported lost
+            with pytest.raises(LostData, match="scattered"):
+                s.result(timeout=20)
 
 
 def test_center_restart_resubmits_pending():
