@@ -22,7 +22,7 @@ told so that it can recover what depended on that worker.
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 
@@ -40,6 +40,8 @@ __all__ = ["Center"]
 
 #: seconds without a heartbeat after which a worker counts as dead
 HEARTBEAT_TIMEOUT = 60
+#: how many removed workers the center remembers, to recognize them coming back
+MAX_LOST_WORKERS = 10000
 
 #: why a worker was removed, as its tasks' errors and the log say it
 CONNECTION_CLOSED = ("its connection closed: the process died (a segfault, os._exit, "
@@ -66,6 +68,10 @@ class Center(Server):
         self.nannies = {}  # worker address -> address of the nanny running it
         self.deaths = []  # (time, address, cause) of worker deaths told by nannies
         self.last_seen = {}
+        # workers removed as silent or disconnected, which may come back with
+        # stale keys: address -> time removed (the newest MAX_LOST_WORKERS)
+        self._lost_workers = OrderedDict()
+        self._rejoining = {}  # address -> (keys, nbytes) until its worker-stream
         self.worker_streams = {}
         self._stream_workers = defaultdict(set)  # stream -> addresses registered on it
         self.heartbeat_timeout = heartbeat_timeout
@@ -159,7 +165,12 @@ class Center(Server):
         if stream is not None:
             self.worker_streams[address] = stream
             self._stream_workers[stream].add(address)
-        self._add_keys(address, keys, nbytes)
+        if self._lost_workers.pop(address, None) is not None:
+            # back after being removed: its keys go through the scheduler,
+            # which keeps only what is still needed (see worker_stream)
+            self._rejoining[address] = (list(keys), nbytes)
+        else:
+            self._add_keys(address, keys, nbytes)
         logger.info("registered worker %s (%s cores)", log_safe(address), log_safe(ncores))
         return b"OK"
 
@@ -179,14 +190,21 @@ class Center(Server):
         self.last_seen[address] = time.time()
         return b"OK"
 
-    def remove_worker(self, address, close=True, cause=None):
+    def remove_worker(self, address, close=True, cause=None, lost=False):
         """Forget a worker and everything it held; close its stream if ``close``.
 
         ``cause`` (:data:`CONNECTION_CLOSED`, :data:`NO_HEARTBEAT`, ...) goes
-        into the errors of tasks that erred because of it.
+        into the errors of tasks that erred because of it. ``lost``: it went
+        silent or its stream closed; if it comes back, the keys it brings are
+        checked against what is still needed.
         """
         if address not in self.ncores:
             return
+        self._rejoining.pop(address, None)
+        if lost:
+            self._lost_workers[address] = time.time()
+            while len(self._lost_workers) > MAX_LOST_WORKERS:
+                self._lost_workers.popitem(last=False)
         logger.debug("removing worker %s: %s", log_safe(address), cause)
         keys = self.has_what.pop(address, set())
         self._remove_keys(address, keys)
@@ -215,7 +233,7 @@ class Center(Server):
         for address in self._stream_workers.pop(stream, ()):
             if self.worker_streams.get(address) is stream:
                 logger.warning("removing worker %s: %s", log_safe(address), CONNECTION_CLOSED)
-                self.remove_worker(address, cause=CONNECTION_CLOSED)
+                self.remove_worker(address, cause=CONNECTION_CLOSED, lost=True)
 
     def _check_heartbeats(self):
         deadline = time.time() - self.heartbeat_timeout
@@ -223,7 +241,7 @@ class Center(Server):
             if seen < deadline:
                 cause = NO_HEARTBEAT % (time.time() - seen, self.heartbeat_timeout)
                 logger.warning("removing worker %s: %s", log_safe(address), cause)
-                self.remove_worker(address, cause=cause)
+                self.remove_worker(address, cause=cause, lost=True)
 
     # -- the scheduler's streams ------------------------------------------------
 
@@ -237,6 +255,13 @@ class Center(Server):
             raise ValueError("worker %s must register on this stream first" % address)
         self.worker_comms[address] = BatchedSend(stream, self.loop,
                                                  max_bytes=self.limits.max_message_size // 2)
+        # its keys first: a task waiting for one it holds is not sent to it
+        rejoining = self._rejoining.pop(address, None)
+        if rejoining is not None:
+            self.scheduler.rejoin(address, *rejoining)
+        else:  # keys it registered: merged with the tasks that produce them
+            self.scheduler.add_keys(address, list(self.has_what.get(address, ())),
+                                    self.nbytes)
         self.scheduler.add_worker(address, self.ncores.get(address))
         self.send_scheduler_messages()
         handlers = {
@@ -244,6 +269,7 @@ class Center(Server):
             "task-erred": self.scheduler.task_erred,
             "missing-data": self.scheduler.missing_data,
             "add-keys": self.scheduler.add_keys,
+            "missing-keys": self.scheduler.missing_keys,
             "worker-status": self.scheduler.set_paused,
             "memory-exit": self.scheduler.memory_exit,
         }
@@ -378,16 +404,7 @@ class Center(Server):
         return b"OK"
 
     def _remove_keys(self, address, keys):
-        held = self.has_what.get(address)
-        for key in keys:
-            if held is not None:
-                held.discard(key)
-            holders = self.who_has.get(key)
-            if holders is not None:
-                holders.discard(address)
-                if not holders:
-                    del self.who_has[key]
-                    self.nbytes.pop(key, None)
+        self.scheduler.remove_replicas(address, keys)
 
     def remove_keys(self, stream=None, address=None, keys=()):
         self._remove_keys(coerce_to_address(address), keys)

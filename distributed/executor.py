@@ -30,6 +30,7 @@ import atexit
 import concurrent.futures
 import itertools
 import logging
+import operator
 import os
 import threading
 import time
@@ -62,7 +63,7 @@ from .protocol import DEFAULT_LIMITS, from_blob, to_blob
 from .scheduler import LostData
 from .security import TLSError, default_security, tls_error
 from .tokenize import Normalized, by_reference, tokenize
-from .utils import funcname, key_split
+from .utils import funcname, key_split, validate_key
 from .worker import _format_bytes, gather_from_workers
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,17 @@ __all__ = [
 ]
 
 CancelledError = concurrent.futures.CancelledError
+
+#: bytes of remembered task arguments (lineage, resent to a restarted center)
+#: beyond which those of released futures are forgotten
+SPECS_NBYTES = 64 * 2**20
+#: seconds a reconnected executor waits for workers to re-register results
+#: it could recompute, before sending their tasks again
+RECONNECT_SETTLE = 2
+#: reconnecting more than MAX_RESENDS times within RESEND_WINDOW seconds fails
+#: pending futures instead of sending their tasks yet again
+MAX_RESENDS = 3
+RESEND_WINDOW = 30
 
 try:  # with dask installed, a Future inside a dask task is a reference to its key
     from dask._task_spec import TaskRef as _DaskTaskRef
@@ -430,6 +442,12 @@ class Executor:
         #: the center's limits on one message and one frame (it tells them)
         self.max_message_size = DEFAULT_LIMITS.max_message_size
         self.max_frame_size = DEFAULT_LIMITS.max_frame_size
+        # key -> (update-graph message, its bytes of arguments): the tasks of
+        # our futures and of their inputs, resent to a restarted center
+        self._specs = {}
+        self._specs_kept = (0, 0)  # how many, and bytes, the last pruning kept
+        self._specs_nbytes = 0  # bytes of arguments in _specs
+        self._resends = []  # times tasks were sent again to a reconnected center
         self.center = None
         self._loop_thread = None
         self._asyncio_loop = None
@@ -604,14 +622,15 @@ class Executor:
                     state.set_error(err)
 
     async def _reconnect(self):
-        """A center that restarted: connect again and keep what survived.
+        """A center that restarted: connect again and carry on.
 
-        Workers re-register the keys they hold with the new center; futures
-        whose data is on a worker stay valid, pending ones (whose task the
-        new center never heard of) fail with ``LostData``.
+        Workers re-register the keys they hold with the new center.  The
+        tasks of our futures and of all their inputs are sent again, so the
+        new center knows the lineage of the data that survived (and can
+        recompute it if a worker dies later) and runs what was pending or
+        lost.  Scattered data, which has no task, survives only where a
+        worker still holds it; otherwise its futures fail with ``LostData``.
         """
-        lost_pending = [s for s in self.futures.values() if s.status == "pending"]
-        finished = {k: s for k, s in self.futures.items() if s.status == "finished"}
         self.pool.close(self.address)
         deadline = time.time() + self.timeout
         while True:
@@ -624,35 +643,104 @@ class Executor:
                     raise
                 logger.debug("reconnecting: %s", e)
                 await asyncio.sleep(0.1)
-        for state in lost_pending:
-            if state.status == "pending":
-                if self.futures.get(state.key) is state:
-                    del self.futures[state.key]  # submitted again: a new task
-                state.set_error(LostData(
-                    "the center at %s restarted while %r was pending; submit it "
-                    "again" % (self.address, state.key)))
+        with self._lock:
+            live = {k: s for k, s in self.futures.items()
+                    if s.status in ("pending", "finished")}
+        tasks, untasked = self._lineage(live)
+        # data with no task to recompute it: where do the workers hold it?
+        finished = [k for k, s in live.items() if s.status == "finished"]
+        wanted = untasked.union(finished)
         who_has = {}
         deadline = time.time() + self.timeout
-        while finished and time.time() < deadline:
-            found = await self.center.who_has(keys=list(finished), timeout=self.timeout)
+        # a result with a task is recomputed if not found: wait less for it
+        settle = time.time() + min(RECONNECT_SETTLE, self.timeout)
+        while wanted and time.time() < deadline:
+            found = await self.center.who_has(keys=list(wanted), timeout=self.timeout)
             who_has = {k: list(v) for k, v in found.items() if v}
-            if len(who_has) == len(finished):
+            if len(who_has) == len(wanted) or (
+                    time.time() > settle and untasked.issubset(who_has)):
                 break
             await asyncio.sleep(0.1)  # workers are still re-registering
-        for key, state in finished.items():
+        lost = 0
+        for key, state in live.items():
             if key in who_has:
                 state.workers = who_has[key]
-            else:
+            elif key in untasked and state.status != "error":
+                lost += 1
                 state.set_error(LostData(
-                    "the data of %r was lost while the center at %s restarted"
+                    "the data of %r was lost while the center at %s restarted; "
+                    "scattered data has no lineage to recompute it from"
                     % (key, self.address)))
-        if who_has:
-            self.batched.send({"op": "update-data", "who_has": who_has})
+        scattered = {k: v for k, v in who_has.items() if k in untasked}
+        if scattered:
+            self.batched.send({"op": "update-data", "who_has": scattered})
+            unwanted = [k for k in scattered if k not in live]
+            if unwanted:  # inputs of our tasks only: held by the tasks
+                self.batched.send({"op": "client-releases-keys", "keys": unwanted})
+        now = time.time()
+        self._resends = [t for t in self._resends if t > now - RESEND_WINDOW] + [now]
+        if tasks and len(self._resends) > MAX_RESENDS:
+            # the center drops us each time (a task too big for it, say):
+            # sending the same again would never end
+            for key, state in live.items():
+                if key in tasks and state.status == "pending":
+                    state.set_error(LostData(
+                        "the connection to the center at %s closed %d times within "
+                        "%d s, each time after the pending tasks were sent again; "
+                        "%r is not sent again" % (self.address, len(self._resends),
+                                                  RESEND_WINDOW, key)))
+            tasks = self._lineage([k for k, st in live.items()
+                                   if st.status == "finished"])[0]
+        if tasks:
+            self.batched.send(_graph_message(
+                tasks, [k for k in live if k in tasks and live[k].status != "error"]))
         self.status = "running"
         held, self._held = self._held, []
         self.batched.send_many(held)
-        logger.info("reconnected to the center at %s; %d futures kept, %d lost",
-                    self.address, len(who_has), len(self.futures) - len(who_has))
+        logger.info("reconnected to the center at %s; %d tasks sent again, %d futures "
+                    "of scattered data lost", self.address, len(tasks), lost)
+
+    def _remember(self, msg):
+        """Keep the tasks of an update-graph message, for :meth:`_reconnect`.
+
+        Dict speed per task: each key points at its message (kept whole
+        while any of its tasks is part of a live future's lineage).
+        """
+        tasks = msg["tasks"]
+        entry = (msg, sum(map(len, map(_ARGS, tasks.values())))
+                 + sum(map(len, map(_TASK, tasks.values()))))
+        self._specs.update(dict.fromkeys(tasks, entry))
+        self._specs_nbytes += entry[1]
+        # forget the tasks of released futures, now and then: when their
+        # count or bytes have doubled since last time
+        count, nbytes = self._specs_kept
+        if len(self._specs) > 2 * max(count, 1000) or self._specs_nbytes > 2 * max(
+                nbytes, SPECS_NBYTES):
+            with self._lock:
+                keys = list(self.futures)
+            self._specs = self._lineage(keys)[0]
+            entries = {id(e): e for e in self._specs.values()}.values()
+            self._specs_nbytes = sum(e[1] for e in entries)
+            self._specs_kept = (len(self._specs), self._specs_nbytes)
+
+    def _lineage(self, keys):
+        """``(tasks, untasked)``: ``{key: (message, nbytes)}`` remembered for
+        ``keys`` and all their inputs, and the keys among those with no
+        task (scattered)."""
+        tasks, untasked = {}, set()
+        stack = list(keys)
+        specs = self._specs
+        while stack:
+            key = stack.pop()
+            if key in tasks or key in untasked:
+                continue
+            entry = specs.get(key)
+            if entry is None:
+                untasked.add(key)
+                continue
+            tasks[key] = entry
+            stack.extend(entry[0]["dependencies"].get(key, ()))
+        return tasks, untasked
 
     def _key_in_memory(self, key=None, type=None, workers=(), value=None):
         state = self.futures.get(key)
@@ -678,6 +766,8 @@ class Executor:
             if state.status in ("pending", "finished"):
                 state.cancel()
         self.futures.clear()
+        self._specs = {}
+        self._specs_nbytes = 0
 
     def shutdown(self, timeout=10):
         """Disconnect; stop the local cluster and the loop thread if ours."""
@@ -776,6 +866,8 @@ class Executor:
         self._on_loop(self._send_now, msg)
 
     def _send_now(self, msg):
+        if msg.get("op") == "update-graph":
+            self._remember(msg)
         if self.status == "reconnecting":
             self._held.append(msg)  # sent once connected again
         elif self.status == "running" and not self.batched.closed:
@@ -816,6 +908,8 @@ class Executor:
         if not callable(func):
             raise TypeError("submit needs a callable first argument, got %r" % (func,))
         self._check_running()
+        if key is not None:
+            validate_key(key)
         if key is None:
             if pure:
                 key = "%s-%s" % (funcname(func), tokenize(func, args, kwargs))
@@ -961,6 +1055,8 @@ class Executor:
         name = funcname(func)
         if key is not None and not isinstance(key, str):
             keys = list(key)
+            for k in keys:
+                validate_key(k)
             if len(keys) != len(seqs):
                 raise ValueError("map got %d keys for %d tasks" % (len(keys), len(seqs)))
             counts = Counter(keys)
@@ -1091,6 +1187,8 @@ class Executor:
         single = False
         if isinstance(data, dict):
             items = dict(data)
+            for k in items:
+                validate_key(k)
         elif isinstance(data, (list, tuple, set, frozenset)) or hasattr(data, "__next__"):
             seq = list(data)
             keys_in_order = ["%s-%s" % (type(v).__name__, tokenize(v)) for v in seq]
@@ -1195,6 +1293,8 @@ class Executor:
 
     def _graph_to_futures(self, dsk, keys, restrictions=None, loose_restrictions=None):
         dsk = _normalize_graph(dsk)
+        for k in itertools.chain(dsk, keys):
+            validate_key(k)
         for k, v in dsk.items():  # dask wraps persisted futures in DataNodes
             if _is_graph_node(v) and isinstance(getattr(v, "value", None), Future):
                 dsk[k] = v.value
@@ -1558,6 +1658,29 @@ class as_completed:
 
 # ---------------------------------------------------------------------------
 # helpers
+
+
+_ARGS = operator.methodcaller("get", "args", b"")
+_TASK = operator.methodcaller("get", "task", b"")
+
+
+def _graph_message(tasks, keys):
+    """The update-graph message sending the remembered ``tasks`` again."""
+    msg = {"op": "update-graph", "tasks": {}, "dependencies": {}, "keys": keys,
+           "restrictions": {}, "loose_restrictions": [], "priority": {},
+           "lineage_only": True}
+    for key, (sent, _) in tasks.items():
+        msg["tasks"][key] = sent["tasks"][key]
+        msg["dependencies"][key] = list(sent["dependencies"].get(key, ()))
+        priority = (sent.get("priority") or {}).get(key)
+        if priority is not None:
+            msg["priority"][key] = priority
+        restriction = (sent.get("restrictions") or {}).get(key)
+        if restriction is not None:
+            msg["restrictions"][key] = restriction
+            if key in (sent.get("loose_restrictions") or ()):
+                msg["loose_restrictions"].append(key)
+    return msg
 
 
 def _to_blob_or_raise(obj, what):

@@ -37,7 +37,7 @@ import logging
 from collections import OrderedDict, defaultdict
 
 from .graph import CycleError, find_cycle
-from .utils import key_split
+from .utils import key_split, validate_key
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,17 @@ class Scheduler:
                 self._counted_deaths[address] = counted
                 while len(self._counted_deaths) > 100:
                     self._counted_deaths.popitem(last=False)
+        recompute = self._lost(keys, "it was scattered to %s, which was removed (%s)"
+                             % (address, cause or "it left"))
+        for ts in to_reschedule:
+            ts.state = "released"
+            recompute.append(ts)
+        self._request(recompute)
+
+    def _lost(self, keys, how):
+        """Of ``keys`` (which lost a holder), those in memory nowhere now:
+        released, their clients told; returns those to recompute.  Scattered
+        ones (no task) are erred with ``LostData``, saying ``how``."""
         lost = []
         for key in keys:
             ts = self.tasks.get(key)
@@ -228,16 +239,39 @@ class Scheduler:
                     dep.waiting_on.add(ts)
             if ts.run_spec is None:
                 exc = LostData(
-                    "the data of %r was lost: it was scattered to %s, which was "
-                    "removed (%s); scattered data has no lineage to recompute it from"
-                    % (ts.key, address, cause or "it left"))
+                    "the data of %r was lost: %s; scattered data has no lineage "
+                    "to recompute it from" % (ts.key, how))
                 self._erred(ts, exc, None, str(exc), blob=False)
             elif ts.who_wants or ts.waiters:
                 recompute.append(ts)
-        for ts in to_reschedule:
-            ts.state = "released"
-            recompute.append(ts)
-        self._request(recompute)
+        return recompute
+
+    def remove_replicas(self, address, keys):
+        """``address`` holds ``keys`` no more (in the shared tables only)."""
+        held = self.has_what.get(address)
+        for key in keys:
+            if held is not None:
+                held.discard(key)
+            holders = self.who_has.get(key)
+            if holders is not None:
+                holders.discard(address)
+                if not holders:
+                    del self.who_has[key]
+                    self.nbytes.pop(key, None)
+
+    def missing_keys(self, address, keys=()):
+        """``address`` was asked for ``keys`` and has not got them (deleted
+        behind the center's back, a lost spill file): forget those replicas;
+        a key now held nowhere is recomputed from its task, or, scattered,
+        erred with ``LostData``."""
+        keys = [k for k in keys if address in self.who_has.get(k, ())]
+        if not keys:
+            return
+        logger.warning("worker %s lost %d keys it was listed as holding, e.g. %r",
+                       address, len(keys), keys[0])
+        self.remove_replicas(address, keys)
+        self._request(self._lost(keys, "it was scattered to %s, which lost it"
+                                 % address))
 
     def memory_exit(self, address, blame=None):
         """The worker is exiting past its memory limit; ``blame``: ``'data'``
@@ -277,12 +311,16 @@ class Scheduler:
     # -- inputs from executors ---------------------------------------------------
 
     def update_graph(self, client, tasks=None, dependencies=None, keys=(),
-                     restrictions=None, loose_restrictions=(), priority=None):
+                     restrictions=None, loose_restrictions=(), priority=None,
+                     lineage_only=False):
         """Add tasks and say which keys ``client`` wants.
 
         ``tasks`` maps key -> run spec (opaque to the scheduler);
         ``dependencies`` maps key -> keys it needs (which must be in this
         graph or already known); ``priority`` maps key -> a sortable value.
+        A task whose key a worker already holds is in memory at once.
+        ``lineage_only``: the tasks are sent again (to a restarted center)
+        and run only where ``keys`` need them, not every one of them.
         """
         tasks = tasks or {}
         dependencies = dependencies or {}
@@ -299,12 +337,19 @@ class Scheduler:
                     "op": "task-erred", "key": key, "exception": exc,
                     "traceback": None, "text": str(exc), "blob": False})
             return
-        new = []
+        new, merged = [], []
         for key, spec in tasks.items():
             ts = self.tasks.get(key)
             if ts is None:
                 ts = self.tasks[key] = TaskState(key, spec)
-                new.append(ts)
+                if self.who_has.get(key):
+                    # registered by a worker before this graph came (a center
+                    # restart): in memory, and now with its lineage
+                    ts.state = "memory"
+                    ts.nbytes = self.nbytes.get(key)
+                    merged.append(ts)
+                else:
+                    new.append(ts)
             elif ts.state == "released" and ts.run_spec is None:
                 ts.run_spec = spec
             ts.priority = priority.get(key, ts.priority)
@@ -341,8 +386,13 @@ class Scheduler:
             exc = LostData("task %r depends on %s, which the scheduler does not "
                            "know (released or lost)" % (key, deps))
             self._erred(ts, exc, None, str(exc), blob=False)
+        if lineage_only:
+            new = []
         new.sort(key=_priority)  # ready tasks go out in priority order
         self._request(new + wanted)
+        for ts in merged:  # held by a worker, but needed by nobody
+            self._maybe_release(ts)
+        self._flush_releases()
 
     def client_desires_keys(self, client, keys):
         self.update_graph(client, keys=keys)
@@ -490,31 +540,17 @@ class Scheduler:
         ws = self.workers.get(address)
         if ws is not None and ts is not None:
             ws.processing.discard(ts)
-        for dep in missing:
-            holders = self.who_has.get(dep)
-            for bad in bad_workers:
-                if holders is not None and bad in holders:
-                    holders.discard(bad)
-                    self.has_what.get(bad, set()).discard(dep)
-            if holders is not None and not holders:
-                del self.who_has[dep]
+        for bad in bad_workers:
+            self.remove_replicas(bad, missing)
+        recompute = self._lost(missing, "no holder could hand it over to %s" % address)
         if ts is None or ts.state != "processing" or ts.processing_on is not ws:
+            self._request(recompute)
             if ws is not None:
                 self._fill(ws)
             return
         ts.processing_on = None
         ts.retries += 1
-        lost = []
-        for dep_key in missing:
-            dts = self.tasks.get(dep_key)
-            if dts is not None and dts.state == "memory" and not self.who_has.get(dep_key):
-                lost.append(dts)
         ts.state = "released"
-        for dts in lost:
-            dts.state = "released"
-            if dts.run_spec is None:
-                exc = LostData("the scattered data %r was lost" % (dts.key,))
-                self._erred(dts, exc, None, str(exc), blob=False)
         if ts.retries > MISSING_DATA_RETRIES:
             # holders that answer but cannot hand the data over (a value
             # that does not serialize) would otherwise be asked forever
@@ -523,20 +559,58 @@ class Scheduler:
                 "value that cannot be serialized does this"
                 % (key, list(missing), list(bad_workers), ts.retries))
             self._erred(ts, exc, None, str(exc), blob=False)
-        self._request([ts] + [d for d in lost if d.state == "released"])
+        self._request([ts] + [d for d in recompute if d.who_wants or d.waiters])
         if ws is not None:
             self._fill(ws)
 
     def add_keys(self, address, keys, nbytes=None):
-        """``address`` now holds copies of ``keys`` (fetched from peers)."""
+        """``address`` now holds ``keys``: copies fetched from peers, or the
+        keys of a worker that registered with this (restarted) center.
+
+        A key still needed and not in memory yet is in memory now (merged
+        with its task, so its lineage is kept); an unknown key is recorded,
+        for an executor to claim with its task (see :meth:`update_graph`).
+        """
         nbytes = nbytes or {}
+        unwanted = []
         for key in keys:
             ts = self.tasks.get(key)
-            if ts is not None and ts.state == "memory":
-                self._add_replica(ts, address, nbytes.get(key))
-            elif ts is None:
+            if ts is None:
                 self.has_what[address].add(key)
                 self.who_has[key].add(address)
+            elif ts.state == "memory":
+                self._add_replica(ts, address, nbytes.get(key))
+            elif self._welcome(ts):
+                self._add_replica(ts, address, nbytes.get(key))
+                # a queue entry goes stale; a run under way reports a replica
+                ts.processing_on = None
+                self.unrunnable.discard(ts)
+                self._set_memory(ts, ts.type)
+            else:  # released or erred meanwhile
+                unwanted.append(key)
+        if unwanted:
+            self.remove_replicas(address, unwanted)
+            self.to_workers[address].append({"op": "delete-data", "keys": unwanted})
+
+    def rejoin(self, address, keys, nbytes=None):
+        """A worker this center removed (silent past the heartbeat timeout,
+        or its stream closed) is back with ``keys``.  Those still needed and
+        in memory nowhere are welcome; it is told to delete the others:
+        released meanwhile, or recomputed elsewhere."""
+        welcome = [k for k in keys if k in self.tasks and self._welcome(self.tasks[k])]
+        self.add_keys(address, welcome, nbytes)
+        welcome = set(welcome)
+        unwanted = [k for k in keys if k not in welcome]
+        if unwanted:
+            logger.info("worker %s came back with %d keys nobody needs; deleting them",
+                        address, len(unwanted))
+            self.to_workers[address].append({"op": "delete-data", "keys": unwanted})
+
+    @staticmethod
+    def _welcome(ts):
+        """Is data for ``ts``, not in memory now, wanted?"""
+        return (ts.state in ("released", "waiting", "queued", "no-worker", "processing")
+                and bool(ts.who_wants or ts.waiters))
 
     # -- transitions --------------------------------------------------------------
 
@@ -848,6 +922,8 @@ def _check_graph(tasks, dependencies, keys, restrictions, priority):
                             % (key, type(deps).__name__))
     if not isinstance(keys, (list, tuple, set, frozenset)):
         raise TypeError("update-graph: keys must be a list, got %s" % type(keys).__name__)
+    for key in itertools.chain(tasks, keys):
+        validate_key(key)  # a NaN key could never be found again
 
 
 def _priority(ts):

@@ -12,6 +12,7 @@ __all__ = [
     "is_loopback",
     "funcname",
     "key_split",
+    "validate_key",
     "format_exception_text",
     "new_id",
     "log_safe",
@@ -102,6 +103,44 @@ def key_split(key):
             break
         out.append(w)
     return "-".join(out)
+
+
+def validate_key(key):
+    """Raise ``ValueError`` unless ``key`` can name a task.
+
+    A key is a str, bytes, int, a float other than NaN, or a tuple of keys:
+    values equal to themselves after a round trip through pickle, which
+    every table keyed by task (here, on the center, on the workers) needs.
+    NaN is not equal to itself: its results could never be found again.
+    """
+    t = type(key)
+    if t in _KEY_TYPES:
+        return
+    if t is tuple:
+        for part in key:
+            if type(part) not in _KEY_TYPES:
+                _validate_key_part(part, key)
+        return
+    _validate_key_part(key, key)
+
+
+_KEY_TYPES = frozenset({str, bytes, int, bool})
+
+
+def _validate_key_part(part, key):
+    t = type(part)
+    if t is str or t is bytes or t is int or t is bool:
+        return
+    if t is float and part == part:
+        return
+    if t is tuple:
+        for p in part:
+            _validate_key_part(p, key)
+        return
+    why = "NaN is not equal to itself" if t is float else "a %s" % t.__name__
+    raise ValueError(
+        "invalid key %r (%s): a key is a str, bytes, int, a float other than "
+        "NaN, or a tuple of those" % (key, why))
 
 
 def format_exception_text(exc, tb=None):

@@ -488,7 +488,11 @@ class Worker(Server):
     def get_data(self, stream=None, keys=()):
         data = self.data
         if type(data) is dict:
-            return {k: data[k] for k in keys if k in data}
+            values = {k: data[k] for k in keys if k in data}
+            if len(values) < len(keys):
+                self._report_missing([k for k in keys if k not in values])
+            return values
+        self._report_missing([k for k in keys if k not in data])
         values, spilled = self._in_memory(keys)
         if spilled:
             return self._get_spilled_data(values, spilled)
@@ -522,6 +526,13 @@ class Worker(Server):
             except (KeyError, FileNotFoundError):  # read back or deleted meanwhile
                 out.update(data.get_many([key]))
         return out
+
+    def _report_missing(self, keys):
+        """Asked for ``keys`` we do not hold: the center may list us as their
+        holder (deleted behind its back); it corrects itself, and recomputes
+        them if nobody else holds them."""
+        if keys:
+            self._send({"op": "missing-keys", "keys": keys})
 
     def get_keys(self, stream=None):
         return list(self.data)
@@ -673,6 +684,8 @@ class Worker(Server):
 
     @gen.coroutine
     def _fetch_and_run(self, key, spec, missing, deps):
+        # listed as ours but not here: say so before the missing-data below
+        self._report_missing([k for k, v in missing.items() if self.address in v])
         to_fetch = {k: [a for a in v if a != self.address]
                     for k, v in missing.items() if k not in self._fetching}
         if to_fetch:

@@ -15,7 +15,8 @@ import pytest
 
 from distributed import Executor
 from distributed.process import Process
-from distributed.utils_test import free_port, inc, poll
+from distributed.scheduler import LostData
+from distributed.utils_test import add, free_port, inc, poll, slowinc
 
 PY = sys.executable
 
@@ -75,6 +76,104 @@ def test_center_restart_keeps_data():
             assert e.submit(inc, 10).result(timeout=20) == 11
             assert len(e.ncores()) == 2
             assert e.status == "running"
+
+
+def test_center_restart_keeps_lineage():
+    """Results that survive a center restart keep their task: a worker
+    dying later has them recomputed, not reported as lost scattered data."""
+    port = free_port()
+    with processes() as start:
+        center = start_center(start, port)
+        for _ in range(2):
+            start_worker(start, port, "--no-nanny")
+        with Executor("127.0.0.1:%d" % port) as e:
+            x = e.submit(np.arange, 1000)  # too big to ride along: fetched
+            y = e.submit(np.sum, x)
+            assert y.result() == 499500
+            (holder,) = e.who_has([x])[x.key]
+            s = e.scatter(np.arange(5), workers=[holder])
+            center.kill()
+            start_center(start, port)
+            assert (x.result(timeout=20) == np.arange(1000)).all()
+            poll(lambda: e.who_has([x])[x.key] == [holder], msg="x re-registered")
+            os.kill(e.run(os.getpid)[holder], signal.SIGKILL)
+            poll(lambda: holder not in e.ncores(), timeout=15)
+            assert e.submit(np.max, x).result(timeout=20) == 999
+            assert (x.result(timeout=20) == np.arange(1000)).all()
+            assert y.result(timeout=20) == 499500
+            # scattered data has no lineage: still reported lost
+            with pytest.raises(LostData, match="scattered"):
+                s.result(timeout=20)
+
+
+def test_center_restart_resubmits_pending():
+    """Work pending when the center restarts is sent again, not failed."""
+    port = free_port()
+    with processes() as start:
+        center = start_center(start, port)
+        start_worker(start, port, "--no-nanny", "--ncores", "1")
+        with Executor("127.0.0.1:%d" % port) as e:
+            x = e.submit(slowinc, 1, delay=2)
+            z = e.submit(add, x, 10)
+            ys = e.map(inc, range(20))
+            poll(lambda: any(e.sync(e.center.processing).values()))
+            center.kill()
+            start_center(start, port)
+            assert z.result(timeout=30) == 12
+            assert x.result(timeout=10) == 2
+            assert e.gather(ys) == list(range(1, 21))
+            assert e.status == "running"
+
+
+def test_task_the_center_refuses_is_not_resent_forever():
+    """A task above the center's message limit makes it close the executor's
+    stream; sending the pending tasks again on each reconnect must not go
+    on forever: that task fails, the executor keeps working."""
+    port = free_port()
+    with processes() as start, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTRIBUTED_MAX_MESSAGE_SIZE", str(2 ** 20))
+        start_center(start, port)
+        mp.delenv("DISTRIBUTED_MAX_MESSAGE_SIZE")
+        start_worker(start, port, "--no-nanny")
+        with Executor("127.0.0.1:%d" % port) as e:
+            assert e.submit(inc, 1).result(timeout=10) == 2
+            with pytest.raises(Exception):
+                e.submit(len, b"x" * 2 ** 21).result(timeout=40)
+            assert e.submit(inc, 2).result(timeout=20) == 3
+            assert e.status == "running"
+
+
+def test_rejoining_worker_keeps_only_what_is_needed():
+    """A worker frozen past the heartbeat timeout comes back with its keys:
+    those released meanwhile are deleted (on the worker too); one still
+    needed and held nowhere else is taken back."""
+    port = free_port()
+    with processes() as start:
+        start_center(start, port, "--heartbeat-timeout", "2")
+        start_worker(start, port, "--ncores", "1")
+        start_worker(start, port, "--ncores", "1")
+        with Executor("127.0.0.1:%d" % port) as e:
+            pids = e.run(os.getpid)
+            victim, other = sorted(pids)
+            released = e.submit(np.ones, 10 ** 6, workers=[victim])
+            kept = e.submit(np.zeros, 10 ** 4, workers=[victim])
+            e.gather([released.status and kept])  # computed (not the big one)
+            poll(lambda: released.done())
+            key = released.key
+            os.kill(pids[victim], signal.SIGSTOP)
+            try:
+                poll(lambda: victim not in e.ncores(), timeout=15)
+                del released
+                poll(lambda: key not in e.who_has(), msg="release")
+            finally:
+                os.kill(pids[victim], signal.SIGCONT)
+            poll(lambda: victim in e.ncores(), timeout=15)
+            poll(lambda: key not in e.sync(e._rpc(victim).keys), timeout=10,
+                 msg="the rejoined worker deleting the released key")
+            assert key not in e.who_has()
+            # restricted to the victim: it waited for it, and took it back
+            assert (kept.result(timeout=10) == np.zeros(10 ** 4)).all()
+            assert e.who_has([kept])[kept.key] == [victim]
 
 
 def test_busy_worker_is_not_dead():
