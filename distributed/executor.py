@@ -1277,6 +1277,10 @@ class Executor:
                     state.retry()
                     keys.append(f.key)
             if keys:
+                # their tasks again first: a restarted center never heard of them
+                tasks = self._lineage(keys)[0]
+                if tasks:
+                    self._send(_graph_message(tasks, []))
                 self._send({"op": "retry", "keys": keys})
 
         if self._loop_thread is None or self._in_loop_thread():

@@ -418,7 +418,7 @@ class Scheduler:
         reports its state, an unknown one (a new center) errs.
         """
         self.add_client(client)
-        stack = []
+        stack, rerun = [], []
         for key in keys:
             ts = self.tasks.get(key)
             if ts is None:
@@ -428,6 +428,8 @@ class Scheduler:
             self.clients[client].add(key)
             if ts.state == "erred":
                 stack.append(ts)
+            elif ts.state == "released":  # sent again to a restarted center
+                rerun.append(ts)
             else:
                 self._report_state(ts, client)  # in memory: says so; else it will
         roots, seen = [], set()
@@ -440,7 +442,7 @@ class Scheduler:
             stack.extend(ts.dependencies)
         for ts in roots:
             self._forget_error(ts)
-        self._request(roots)
+        self._request(roots + rerun)
         self._flush_releases()
 
     def _forget_error(self, ts):

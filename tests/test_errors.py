@@ -320,27 +320,30 @@ def test_erred_dependency_released_with_its_dependent(e, tmp_path):
     assert e.submit(inc, x).result(timeout=10) == 43
 
 
-def test_lost_in_center_restart_can_be_submitted_again(tmp_path):
-    """A future failed by a center restart says "submit it again": doing so
-    (same pure call, old future still held) runs it on the new center."""
+def test_center_restart_pending_completes_and_erred_can_be_retried(tmp_path):
+    """Across a center restart: a pending future completes (its task is sent
+    again), and a future that erred before the restart can be retried on the
+    new center, which never heard of its task."""
     port = free_port()
     with processes() as start:
         center = start_center(start, port)
         start_worker(start, port, "--no-nanny")
         with Executor("127.0.0.1:%d" % port) as e:
             path = str(tmp_path / uid())
+            erred = e.submit(fails_first_time, path)
+            with pytest.raises(ValueError):
+                erred.result(timeout=10)
             gate = tmp_path / uid()
             x = e.submit(wait_for_file, str(gate), 10)
             poll(lambda: any(e.sync(e.center.processing).values()), timeout=10)
             center.kill()
             start_center(start, port)
             gate.touch()
-            with pytest.raises(Exception, match="submit it again"):
-                x.result(timeout=20)
-            y = e.submit(wait_for_file, str(gate), 10)
-            assert y.result(timeout=20) == 10
-            assert x.status == "error"
-            f = e.submit(fails_first_time, path)
+            assert x.result(timeout=20) == 10
+            assert erred.status == "error"
+            erred.retry()
+            assert erred.result(timeout=20) == 42
+            f = e.submit(fails_first_time, str(tmp_path / uid()))
             with pytest.raises(ValueError):
                 f.result(timeout=10)
             f.retry()
