@@ -141,7 +141,10 @@ def test_cyclic_graph_raises_before_sending(e):
     with pytest.raises(CycleError):
         e.get({"c": (inc, "d"), "d": (inc, "e"), "e": (inc, "c"), "f": 1}, ["f"])
     assert sent == []
-    assert e.get({None: (inc, 1)}, None) == 2
+    # None is no key (as in dask): refused clearly, never a self-dependency
+    with pytest.raises(ValueError, match="invalid key None"):
+        e.get({None: (inc, 1)}, None)
+    assert sent == []
 
 
 def test_large_cyclic_graph_raises_quickly(e):
