@@ -368,15 +368,7 @@ class Scheduler:
                     continue
                 ts.dependencies.add(dts)
                 dts.dependents.add(ts)
-        wanted = []
-        for key in keys:
-            ts = self.tasks.get(key)
-            if ts is None:
-                self.to_clients[client].append(self._unknown_key_msg(key))
-                continue
-            ts.who_wants.add(client)
-            self.clients[client].add(key)
-            wanted.append(ts)
+        wanted = self._want(client, keys)
         # report what is already known (before erring tasks whose dependencies
         # are unknown, which reports them once itself), request the rest
         for ts in wanted:
@@ -419,13 +411,7 @@ class Scheduler:
         """
         self.add_client(client)
         stack, rerun = [], []
-        for key in keys:
-            ts = self.tasks.get(key)
-            if ts is None:
-                self.to_clients[client].append(self._unknown_key_msg(key))
-                continue
-            ts.who_wants.add(client)
-            self.clients[client].add(key)
+        for ts in self._want(client, keys):
             if ts.state == "erred":
                 stack.append(ts)
             elif ts.state == "released":  # sent again to a restarted center
@@ -444,6 +430,19 @@ class Scheduler:
             self._forget_error(ts)
         self._request(roots + rerun)
         self._flush_releases()
+
+    def _want(self, client, keys):
+        """``client`` wants ``keys``: their tasks (an unknown key errs for it)."""
+        wanted = []
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                self.to_clients[client].append(self._unknown_key_msg(key))
+                continue
+            ts.who_wants.add(client)
+            self.clients[client].add(key)
+            wanted.append(ts)
+        return wanted
 
     def _forget_error(self, ts):
         ts.state = "released"

@@ -203,6 +203,22 @@ def _line_queue(proc):
     return q
 
 
+def output_so_far(proc, settle=0.5):
+    """The lines ``proc`` printed so far (waits ``settle`` s for stragglers)."""
+    q = _line_queue(proc)
+    lines = []
+    deadline = time.time() + settle
+    while True:
+        try:
+            line = q.get(timeout=max(0.01, deadline - time.time()))
+        except queue.Empty:
+            return lines
+        if line is None:
+            q.put(None)
+            return lines
+        lines.append(line)
+
+
 def wait_for_line(proc, pattern, timeout=20):
     """Read ``proc``'s output until a line matches ``pattern``; return that line."""
     q = _line_queue(proc)

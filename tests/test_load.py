@@ -17,7 +17,6 @@ import asyncio
 import errno
 import math
 import os
-import queue
 import resource
 import socket
 import sys
@@ -29,7 +28,7 @@ import pytest
 
 from distributed import core
 from distributed.protocol import Decoder, dumps, frames_to_bytes
-from distributed.utils_test import inc, popen, wait_for_line
+from distributed.utils_test import inc, output_so_far, popen, wait_for_line
 
 N_CONNECTIONS = 1000
 OPENING_AT_ONCE = 100  # the listen backlog is 128
@@ -228,24 +227,6 @@ def flood(address, n_by_source):
     return socks, failed
 
 
-def center_output(proc, settle=1.0):
-    """The lines ``proc`` printed so far."""
-    from distributed.utils_test import _line_queue
-
-    q = _line_queue(proc)
-    lines = []
-    deadline = time.time() + settle
-    while True:
-        try:
-            line = q.get(timeout=max(0.01, deadline - time.time()))
-        except queue.Empty:
-            return lines
-        if line is None:
-            q.put(None)
-            return lines
-        lines.append(line)
-
-
 def can_bind(source):
     with socket.socket() as s:
         try:
@@ -297,7 +278,7 @@ def test_unauthenticated_flood_does_not_lock_out_the_cluster():
             finally:
                 for s in socks:
                     s.close()
-        lines = center_output(center)
+        lines = output_so_far(center, settle=1.0)
     # a handful of rate-limited lines, not one per connection
     assert len(lines) < 30, "".join(lines)
     assert any("have not authenticated yet" in line for line in lines), lines
@@ -340,6 +321,6 @@ def test_center_out_of_file_descriptors_backs_off():
                 if time.time() > deadline:
                     raise
                 time.sleep(0.5)
-        lines = center_output(center)
+        lines = output_so_far(center, settle=1.0)
     assert len(lines) < 30, "".join(lines[:50])
     assert any("cannot accept connections" in line for line in lines), lines

@@ -11,7 +11,6 @@ import ipaddress
 import logging
 import os
 import pickle
-import queue
 import ssl
 import struct
 import sys
@@ -40,7 +39,7 @@ from distributed.protocol import (
     parse_count,
 )
 from distributed.security import Security
-from distributed.utils_test import inc, popen, wait_for, wait_for_line
+from distributed.utils_test import inc, output_so_far, popen, wait_for, wait_for_line
 
 TOKEN = "correct horse battery staple"
 
@@ -813,24 +812,6 @@ def test_warn_if_exposed(caplog):
 
 # ---------------------------------------------------------------------------
 # Every connection a node opens uses that node's settings (flags, not only env)
-
-
-def output_so_far(proc, settle=0.5):
-    """The lines ``proc`` printed so far (waits ``settle`` s for stragglers)."""
-    from distributed.utils_test import _line_queue
-
-    q = _line_queue(proc)
-    lines = []
-    deadline = time.time() + settle
-    while True:
-        try:
-            line = q.get(timeout=max(0.01, deadline - time.time()))
-        except queue.Empty:
-            return lines
-        if line is None:
-            q.put(None)
-            return lines
-        lines.append(line)
 
 
 def hold_gil(seconds):
