@@ -255,7 +255,7 @@ async def handshake_client(stream, token, peer="the server"):
             raise
         await stream.write(_auth.proof_message(token, nonce, server_nonce))
         _auth.check_accepted(*await _read_handshake(stream))
-    except StreamClosedError as e:  # not a refusal (that would say so): may be retried
+    except (StreamClosedError, ssl.SSLError) as e:  # not a refusal: may be retried
         raise tls_error(e, peer) or CommClosedError(
             "%s closed the connection during the authentication handshake" % peer) from e
     except AuthenticationError as e:
@@ -1064,8 +1064,9 @@ class rpc:
             if msg.get("reply", True) is False:
                 return None
             return await read(stream, self.limits)
-        except StreamClosedError as e:
+        except (StreamClosedError, ssl.SSLError) as e:
             # with TLS 1.3 the server's verdict on our certificate comes now
+            # (raised as it is when tornado reads inline, else wrapped)
             raise tls_error(e, self.address) or CommClosedError(
                 "connection to %s closed before the reply to %r arrived"
                 % (self.address, msg.get("op"))

@@ -32,6 +32,7 @@ import itertools
 import logging
 import operator
 import os
+import ssl
 import threading
 import time
 import types
@@ -549,7 +550,7 @@ class Executor:
             await write(stream, {"op": "register-client", "client": self.id,
                                  "reply": False})
             first = await asyncio.wait_for(read(stream), self.timeout)
-        except StreamClosedError as e:  # with TLS 1.3, a refused certificate shows now
+        except (StreamClosedError, ssl.SSLError) as e:  # TLS 1.3: a refused certificate shows now
             raise tls_error(e, self.address) or e
         if is_error_message(first):  # refused: no or another auth token
             stream.close()

@@ -1084,7 +1084,9 @@ class Worker(Server):
             "memory_pause_fraction": self.memory_pause_fraction,
             "memory_terminate_fraction": self.memory_terminate_fraction,
             "memory_rss": self.memory_rss,
-            "memory_bytes": data.memory_bytes if spilling else sum(self.nbytes.values()),
+            # list() copies in one step, safe from the monitor thread while
+            # the event loop adds keys (summing the live view is not)
+            "memory_bytes": data.memory_bytes if spilling else sum(list(self.nbytes.values())),
             "spilled_bytes": data.spilled_bytes if spilling else 0,
             "spilled_keys": len(data.slow) if spilling else 0,
             "paused": self.paused,
