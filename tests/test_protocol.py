@@ -28,6 +28,8 @@ from distributed.protocol import (
     parse_lengths,
 )
 
+pytestmark = pytest.mark.pure  # no sockets, no processes: in the fast loop
+
 fuzz = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 

@@ -17,6 +17,8 @@ from distributed.scheduler import (
     Scheduler,
 )
 
+pytestmark = pytest.mark.pure  # no sockets, no processes: in the fast loop
+
 
 def inc(x):
     return x + 1
