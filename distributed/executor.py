@@ -90,6 +90,9 @@ RECONNECT_SETTLE = 2
 #: pending futures instead of sending their tasks yet again
 MAX_RESENDS = 3
 RESEND_WINDOW = 30
+#: ``gather`` asks one worker for about this many bytes at a time, so that a
+#: worker that spilled more than its memory can send it all
+GATHER_PIECE_BYTES = 64 * 2**20
 
 try:  # with dask installed, a Future inside a dask task is a reference to its key
     from dask._task_spec import TaskRef as _DaskTaskRef
@@ -1150,7 +1153,11 @@ class Executor:
                 found = await self.center.who_has(keys=unknown, timeout=self.timeout)
                 for k, v in found.items():
                     who_has[k] = list(v)
-            got, missing, bad, errors = await gather_from_workers(who_has, self._rpc)
+            nbytes = None
+            if len(who_has) > 1:  # ask each worker for a bounded piece at a time
+                nbytes = await self.center.nbytes(keys=list(who_has), timeout=self.timeout)
+            got, missing, bad, errors = await gather_from_workers(
+                who_has, self._rpc, nbytes=nbytes, max_bytes=GATHER_PIECE_BYTES)
             for k, exc in errors.items():  # held, but it cannot be sent
                 raise exc
             data.update(got)

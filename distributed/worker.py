@@ -135,13 +135,34 @@ def _memory_fraction(value, env, default):
 CONNECTION_ERRORS = (OSError, StreamClosedError, TimeoutError)
 
 
+def _first_bytes(keys, nbytes, max_bytes):
+    """The first of ``keys`` that add up to at most ``max_bytes`` (one at least).
+
+    >>> _first_bytes(['a', 'b', 'c'], {'a': 4, 'b': 4, 'c': 4}, 8)
+    ['a', 'b']
+    >>> _first_bytes(['a', 'b'], {'a': 100}, 8)
+    ['a']
+    """
+    total = 0
+    for i, key in enumerate(keys):
+        total += nbytes.get(key) or 0
+        if total > max_bytes and i > 0:
+            return keys[:i]
+    return keys
+
+
 @gen.coroutine
-def gather_from_workers(who_has, rpc_for, timeout=TRANSFER_TIMEOUT):
+def gather_from_workers(who_has, rpc_for, timeout=TRANSFER_TIMEOUT, nbytes=None,
+                        max_bytes=None):
     """Fetch keys from the workers that hold them.
 
     ``who_has`` is ``{key: [address, ...]}``; ``rpc_for(address)`` gives an
     :class:`~distributed.core.rpc`.  Keys are grouped by holder (chosen at
-    random, to spread load) so that each peer is asked once.  A peer that
+    random, to spread load) so that each peer is asked once.  With
+    ``nbytes`` (``{key: bytes}``) and ``max_bytes``, one request asks a peer
+    for at most about ``max_bytes`` (at least one key), and its other keys
+    wait for the next round: a peer that spilled more than its memory can
+    send it all without reading it back all at once.  A peer that
     cannot be reached is dropped and its keys are asked of the remaining
     holders; a peer that answers with an error (a value that does not
     serialize, say) gets each key asked alone, so that one bad value does
@@ -168,7 +189,10 @@ def gather_from_workers(who_has, rpc_for, timeout=TRANSFER_TIMEOUT):
                 requests.append((holder, [key]))
             else:
                 by_worker[holder].append(key)
-        requests.extend(by_worker.items())
+        for holder, keys in by_worker.items():
+            if max_bytes is not None and nbytes:
+                keys = _first_bytes(keys, nbytes, max_bytes)
+            requests.append((holder, keys))
         if not requests:
             break
         results = yield [_get_data(rpc_for(a), keys, timeout) for a, keys in requests]
