@@ -1176,6 +1176,19 @@ class Executor:
                 await asyncio.sleep(0.05)
         return _pack_futures(futures, data)
 
+    async def _center_knows(self, who_has):
+        """Wait (up to ``timeout``) until the center lists the holders in
+        ``who_has``: what went on the batched stream may be read after an rpc
+        sent later on another connection (``who_has`` right after
+        ``scatter`` would miss the data)."""
+        deadline = time.time() + self.timeout
+        keys = list(who_has)
+        while keys and time.time() < deadline and self.status == "running":
+            found = await self.center.who_has(keys=keys, timeout=self.timeout)
+            keys = [k for k in keys if not set(who_has[k]) <= set(found.get(k, ()))]
+            if keys:
+                await asyncio.sleep(0.005)
+
     def _rpc(self, address):
         return rpc(address, pool=self.pool)
 
@@ -1242,6 +1255,7 @@ class Executor:
             state.finish(type(items[k]).__name__, who_has[k])
             futures[k] = Future(k, self, state)
         self._send({"op": "update-data", "who_has": dict(who_has), "nbytes": nbytes})
+        await self._center_knows(who_has)
         if single:
             return next(iter(futures.values()))
         if isinstance(data, dict):

@@ -657,6 +657,26 @@ def test_scatter_single(e):
     assert e.submit(len, f).result() == len(value)
 
 
+def test_scatter_returns_once_the_center_knows(e, cluster):
+    """The batched update-data can reach the center after a later rpc on
+    another connection: scatter waits until the center lists the data, so
+    who_has right after it is never empty (the test delays the message)."""
+    send = e._send
+
+    def late_update(msg):
+        if msg["op"] == "update-data":
+            threading.Timer(0.5, send, [msg]).start()
+            return None
+        return send(msg)
+
+    e._send = late_update
+    try:
+        f = e.scatter(uid())
+        assert e.who_has([f])[f.key]
+    finally:
+        e._send = send
+
+
 def test_scatter_workers(e, cluster):
     a, b = cluster.worker_addresses
     futures = e.scatter(list(range(100, 110)), workers=[b])
