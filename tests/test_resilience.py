@@ -74,7 +74,8 @@ def test_center_restart_keeps_data():
             assert x.result(timeout=20) == 2
             assert (y.result(timeout=20) == np.arange(10)).all()
             assert e.submit(inc, 10).result(timeout=20) == 11
-            assert len(e.ncores()) == 2
+            # both workers come back (each on its own reconnect schedule)
+            poll(lambda: len(e.ncores()) == 2, timeout=20, msg="both workers re-registered")
             assert e.status == "running"
 
 
