@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import numpy as np
 import pandas as pd
@@ -578,6 +578,23 @@ def env():
         [TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
 
 
+@contextmanager
+def memory_cluster(port, local_dir, memory_limit, worker_args=(), center_args=(),
+                   worker_env=None):
+    """A real ``dcenter`` and one ``dworker --memory-limit`` (under its nanny
+    unless ``worker_args`` say ``--no-nanny``) with an Executor on them;
+    yields ``(center, worker, executor)``, the first two as processes."""
+    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port),
+                *center_args], env=env()) as center:
+        wait_for_line(center, "Start center at")
+        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
+                    "--memory-limit", memory_limit, *worker_args,
+                    "--local-dir", str(local_dir)], env=worker_env or env()) as worker:
+            wait_for_line(worker, "Registered with center")
+            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
+                yield center, worker, e
+
+
 def test_dworker_past_memory_limit_is_restarted(tmp_path):
     """A task allocating ~1 GB on a worker limited to 300 MB: the worker exits
     with status 75 each time, its nanny reports "memory limit exceeded" (to
@@ -585,66 +602,55 @@ def test_dworker_past_memory_limit_is_restarted(tmp_path):
     restarted worker until it has killed 4 workers (``allowed_failures=3``),
     then the future fails with KilledWorker; the cluster works on."""
     port = free_port()
-    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port)],
-               env=env()) as center:
-        wait_for_line(center, "Start center at")
-        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
-                    "--memory-limit", "300MB", "--ncores", "1",
-                    "--local-dir", str(tmp_path)], env=env()) as worker:
-            wait_for_line(worker, "Registered with center")
-            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
-                f = e.submit(hog)
-                with pytest.raises(KilledWorker, match="running out of memory"):
-                    f.result(timeout=40)
-                line = wait_for_line(worker, "died", timeout=10)
-                assert "memory limit exceeded (exit code 75)" in line
-                assert "its running tasks were to blame" in line  # not its data
-                wait_for_line(center, "died: memory limit exceeded", timeout=10)
-                # restarted: it works on, and the dead ones left no files behind
-                deadline = time.time() + 20
-                while True:
-                    try:
-                        if len(e.ncores()) == 1 and \
-                                e.submit(inc, 1, pure=False).result(timeout=5) == 2:
-                            break
-                    except Exception:
-                        pass
-                    assert time.time() < deadline, "the worker did not come back"
-                    time.sleep(0.1)
-                assert len([d for d in os.listdir(tmp_path)
-                            if d.startswith("worker-")]) == 1
+    with memory_cluster(port, str(tmp_path), "300MB",
+                        worker_args=["--ncores", "1"]) as (center, worker, e):
+        f = e.submit(hog)
+        with pytest.raises(KilledWorker, match="running out of memory"):
+            f.result(timeout=40)
+        line = wait_for_line(worker, "died", timeout=10)
+        assert "memory limit exceeded (exit code 75)" in line
+        assert "its running tasks were to blame" in line  # not its data
+        wait_for_line(center, "died: memory limit exceeded", timeout=10)
+        # restarted: it works on, and the dead ones left no files behind
+        deadline = time.time() + 20
+        while True:
+            try:
+                if len(e.ncores()) == 1 and \
+                        e.submit(inc, 1, pure=False).result(timeout=5) == 2:
+                    break
+            except Exception:
+                pass
+            assert time.time() < deadline, "the worker did not come back"
+            time.sleep(0.1)
+        assert len([d for d in os.listdir(tmp_path)
+                    if d.startswith("worker-")]) == 1
 
 
 def test_dworker_spills_to_local_dir(tmp_path):
     port = free_port()
     e_ = dict(env(), DISTRIBUTED_MEMORY_TARGET="0.01")  # 20 MB of a 2 GB limit
-    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port)]) as center:
-        wait_for_line(center, "Start center at")
-        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
-                    "--memory-limit", "2GB", "--ncores", "1", "--no-nanny",
-                    "--local-dir", str(tmp_path)], env=e_) as worker:
-            wait_for_line(worker, "Registered with center")
-            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
-                data = arrays(5, size=8 * MB)
-                futures = e.scatter(data)
-                (address,) = e.ncores()
+    with memory_cluster(port, str(tmp_path), "2GB",
+                        worker_args=["--ncores", "1", "--no-nanny"],
+                        worker_env=e_) as (center, worker, e):
+        data = arrays(5, size=8 * MB)
+        futures = e.scatter(data)
+        (address,) = e.ncores()
 
-                def spilled():
-                    return [f for root, _, fs in os.walk(tmp_path) for f in fs
-                            if f.endswith(".spill")]
+        def spilled():
+            return [f for root, _, fs in os.walk(tmp_path) for f in fs
+                    if f.endswith(".spill")]
 
-                deadline = time.time() + 10
-                while len(spilled()) < 3:
-                    assert time.time() < deadline, "nothing spilled"
-                    time.sleep(0.05)
-                h = asyncio.run(rpc(address).health())
-                assert h["memory_limit"] == 2 * 10**9 and h["spilled_bytes"] > 0
-                assert h["memory_target_fraction"] == 0.01
-                got = e.gather(futures)
-                for k, v in data.items():
-                    assert (got[k] == v).all()
-                assert e.submit(np.sum, futures["x4"]).result() == 4 * MB
-
+        deadline = time.time() + 10
+        while len(spilled()) < 3:
+            assert time.time() < deadline, "nothing spilled"
+            time.sleep(0.05)
+        h = asyncio.run(rpc(address).health())
+        assert h["memory_limit"] == 2 * 10**9 and h["spilled_bytes"] > 0
+        assert h["memory_target_fraction"] == 0.01
+        got = e.gather(futures)
+        for k, v in data.items():
+            assert (got[k] == v).all()
+        assert e.submit(np.sum, futures["x4"]).result() == 4 * MB
 
 
 def fresh_array(i):
@@ -672,26 +678,20 @@ def test_dworker_fast_producer_fits_on_disk(tmp_path):
     never dies, nothing is lost and no task ends as KilledWorker."""
     port = free_port()
     n_tasks = 24  # about 830 MiB
-    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port)],
-               env=env()) as center:
-        wait_for_line(center, "Start center at")
-        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
-                    "--memory-limit", "400MB", "--ncores", "2",
-                    "--local-dir", str(tmp_path)], env=env()) as worker:
-            wait_for_line(worker, "Registered with center")
-            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
-                (address,) = e.ncores()
-                futures = e.map(fresh_array, range(n_tasks))
-                sizes = e.gather(e.map(len, futures))  # all of them computed
-                assert sizes == [len(fresh_array(i)) for i in range(n_tasks)]
-                h = asyncio.run(rpc(address).health())
-                assert h["spilled_bytes"] > 300 * MB  # most of it is on disk
-                # all at once: the worker sends it in pieces it can read back
-                got = e.gather(futures)
-                for j, x in enumerate(got):
-                    assert (x == fresh_array(j)).all()
-                del got
-                assert list(e.ncores()) == [address]  # never restarted
+    with memory_cluster(port, str(tmp_path), "400MB",
+                        worker_args=["--ncores", "2"]) as (center, worker, e):
+        (address,) = e.ncores()
+        futures = e.map(fresh_array, range(n_tasks))
+        sizes = e.gather(e.map(len, futures))  # all of them computed
+        assert sizes == [len(fresh_array(i)) for i in range(n_tasks)]
+        h = asyncio.run(rpc(address).health())
+        assert h["spilled_bytes"] > 300 * MB  # most of it is on disk
+        # all at once: the worker sends it in pieces it can read back
+        got = e.gather(futures)
+        for j, x in enumerate(got):
+            assert (x == fresh_array(j)).all()
+        del got
+        assert list(e.ncores()) == [address]  # never restarted
     output = output_of(worker)
     assert "died" not in output and "exceeded its memory limit" not in output, output
 
@@ -726,34 +726,28 @@ def test_dworker_full_spill_directory_gives_up_cleanly(tiny_disk):
     others are correct, the failure is logged once (not ten times a second),
     and once the data is released the worker computes again."""
     port = free_port()
-    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port)],
-               env=env()) as center:
-        wait_for_line(center, "Start center at")
-        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
-                    "--memory-limit", "300MB", "--ncores", "1",
-                    "--local-dir", tiny_disk], env=env()) as worker:
-            wait_for_line(worker, "Registered with center")
-            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
-                (address,) = e.ncores()
-                futures = e.map(sized_array, range(20))  # ~240 MiB
-                deadline = time.time() + 30
-                for f in futures:
-                    while not f.done():
-                        assert time.time() < deadline, "stalled: %s" % e.ncores()
-                        time.sleep(0.05)
-                errors = [f.exception() for f in futures if f.exception() is not None]
-                assert errors, "the full disk was not noticed"
-                for exc in errors:
-                    assert isinstance(exc, MemoryError), repr(exc)
-                    assert "spilling to %s" % tiny_disk in str(exc)
-                    assert "No space left on device" in str(exc)
-                for i, f in enumerate(futures):
-                    if f.exception() is None:
-                        assert (f.result() == sized_array(i)).all()
-                time.sleep(1)  # ten log lines a second would show now
-                del futures, f
-                assert e.submit(inc, 1, pure=False).result(timeout=10) == 2
-                assert list(e.ncores()) == [address]  # it never died
+    with memory_cluster(port, tiny_disk, "300MB",
+                        worker_args=["--ncores", "1"]) as (center, worker, e):
+        (address,) = e.ncores()
+        futures = e.map(sized_array, range(20))  # ~240 MiB
+        deadline = time.time() + 30
+        for f in futures:
+            while not f.done():
+                assert time.time() < deadline, "stalled: %s" % e.ncores()
+                time.sleep(0.05)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        assert errors, "the full disk was not noticed"
+        for exc in errors:
+            assert isinstance(exc, MemoryError), repr(exc)
+            assert "spilling to %s" % tiny_disk in str(exc)
+            assert "No space left on device" in str(exc)
+        for i, f in enumerate(futures):
+            if f.exception() is None:
+                assert (f.result() == sized_array(i)).all()
+        time.sleep(1)  # ten log lines a second would show now
+        del futures, f
+        assert e.submit(inc, 1, pure=False).result(timeout=10) == 2
+        assert list(e.ncores()) == [address]  # it never died
     output = output_of(worker)
     assert "exceeded its memory limit" not in output, output
     assert output.count("could not spill") == 1, output
@@ -773,20 +767,15 @@ def test_memory_death_caused_by_data_held_does_not_count_against_tasks(tmp_path)
     ``--allowed-failures 0`` it still completes (on the restarted worker)."""
     port = free_port()
     e_ = dict(env(), DISTRIBUTED_MEMORY_TARGET="off", DISTRIBUTED_MEMORY_PAUSE="off")
-    with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port),
-                "--allowed-failures", "0"], env=env()) as center:
-        wait_for_line(center, "Start center at")
-        with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
-                    "--memory-limit", "300MB", "--ncores", "1",
-                    "--local-dir", str(tmp_path)], env=e_) as worker:
-            wait_for_line(worker, "Registered with center")
-            with Executor("127.0.0.1:%d" % port, timeout=10) as e:
-                held = e.scatter([allocate(30 * MB, i) for i in range(3)])
-                f = e.submit(allocate, 80 * MB, 7)
-                assert (f.result(timeout=30) == allocate(80 * MB, 7)).all()
-                line = wait_for_line(worker, "died", timeout=10)
-                assert "memory limit exceeded (exit code 75): the data it held " \
-                       "was to blame" in line
-                wait_for_line(center, "died: memory limit exceeded .*data it held",
-                              timeout=10)
-                del held
+    with memory_cluster(port, str(tmp_path), "300MB",
+                        worker_args=["--ncores", "1"], center_args=["--allowed-failures", "0"],
+                        worker_env=e_) as (center, worker, e):
+        held = e.scatter([allocate(30 * MB, i) for i in range(3)])
+        f = e.submit(allocate, 80 * MB, 7)
+        assert (f.result(timeout=30) == allocate(80 * MB, 7)).all()
+        line = wait_for_line(worker, "died", timeout=10)
+        assert "memory limit exceeded (exit code 75): the data it held " \
+               "was to blame" in line
+        wait_for_line(center, "died: memory limit exceeded .*data it held",
+                      timeout=10)
+        del held
