@@ -263,9 +263,13 @@ async def handshake_client(stream, token, peer="the server"):
             "authentication failed with %s: %s" % (peer, _reason(e))) from None
 
 
-async def handshake_server(stream, token, name="this node"):
+async def handshake_server(stream, token, name="this node", verified=None):
     """Check that the client at the other end of ``stream`` knows ``token`` and
     prove that we do; reads at most two short handshake messages.
+
+    ``verified`` (no arguments) is called once the client's proof checks out,
+    before the reply that accepts it is sent: from then on the client may
+    use the connection, so the server must treat it as authenticated.
 
     A refused client gets the reason (a framed error reply when it sent no
     handshake at all: it has no token and waits for a reply to its
@@ -286,6 +290,8 @@ async def handshake_server(stream, token, name="this node"):
         await stream.write(_auth.challenge_message(token, nonce, server_nonce))
         kind, body = await _read_handshake(stream)
         _auth.check_proof(token, nonce, server_nonce, kind, body)
+        if verified is not None:
+            verified()
     except AuthenticationError as e:
         if kind != _auth.REFUSE:  # the client gave up on us: it is not listening
             try:
@@ -708,10 +714,13 @@ class Server(TCPServer):
         self._pending[conn] = address
 
     async def _authenticate_pending(self, stream, address):
-        """:meth:`_authenticate`, counted among the connections that wait to."""
+        """:meth:`_authenticate`, counted among the connections that wait to
+        until the client's proof checks out (not until our reply has gone: a
+        burst of new connections in between would close an accepted client)."""
         self._admit_pending(stream, address)
         try:
-            return await self._authenticate(stream, address)
+            return await self._authenticate(
+                stream, address, verified=lambda: self._pending.pop(stream, None))
         finally:
             self._pending.pop(stream, None)
 
@@ -760,12 +769,13 @@ class Server(TCPServer):
         finally:
             stream.close()
 
-    async def _authenticate(self, stream, address):
+    async def _authenticate(self, stream, address, verified=None):
         """The server side of the handshake; False (logged, peer told) on failure."""
         try:
             await asyncio.wait_for(
                 handshake_server(stream, self.security.token,
-                                 "%s at %s" % (type(self).__name__, self.address)),
+                                 "%s at %s" % (type(self).__name__, self.address),
+                                 verified=verified),
                 HANDSHAKE_TIMEOUT)
             return True
         except AuthenticationError as e:

@@ -547,14 +547,34 @@ class Executor:
         return self
 
     async def _open_stream(self):
-        """Connect to the center and make the connection our batched stream."""
-        stream = await self._connect_center()
-        try:
-            await write(stream, {"op": "register-client", "client": self.id,
-                                 "reply": False})
-            first = await asyncio.wait_for(read(stream), self.timeout)
-        except (StreamClosedError, ssl.SSLError) as e:  # TLS 1.3: a refused certificate shows now
-            raise tls_error(e, self.address) or e
+        """Connect to the center and make the connection our batched stream.
+
+        A center that closes the connection before it answers (it may be
+        shedding connections that have not authenticated yet, under a flood)
+        is tried again, like one that does not answer, until ``timeout``.
+        """
+        deadline = time.time() + self.timeout
+        delay = 0.05
+        while True:
+            stream = await self._connect_center(deadline)
+            try:
+                await write(stream, {"op": "register-client", "client": self.id,
+                                     "reply": False})
+                first = await asyncio.wait_for(read(stream), max(0.1, deadline - time.time()))
+                break
+            except ssl.SSLError as e:  # TLS 1.3: a refused certificate shows now
+                raise tls_error(e, self.address) or e
+            except (StreamClosedError, asyncio.TimeoutError) as e:
+                stream.close()
+                error = tls_error(e, self.address) if isinstance(e, StreamClosedError) else None
+                if error is not None:
+                    raise error from None
+                if time.time() + delay > deadline:
+                    raise TimeoutError(
+                        "the center at %s did not answer within %s s: %s"
+                        % (self.address, self.timeout, e or type(e).__name__)) from None
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.5)
         if is_error_message(first):  # refused: no or another auth token
             stream.close()
             raise_error_message(first)
@@ -568,8 +588,12 @@ class Executor:
                                    max_bytes=self.max_message_size // 2)
         self.loop.add_callback(self._handle_report, stream)
 
-    async def _connect_center(self):
-        deadline = time.time() + self.timeout
+    async def _connect_center(self, deadline=None):
+        """A connection to the center, trying again (connection refused, closed
+        during the handshake, no answer) until ``deadline`` (default: in
+        ``timeout`` seconds)."""
+        if deadline is None:
+            deadline = time.time() + self.timeout
         delay = 0.05
         while True:
             try:
@@ -577,7 +601,7 @@ class Executor:
                                      security=self.security)
             except (AuthenticationError, TLSError):
                 raise  # retrying cannot help
-            except (OSError, TimeoutError) as e:
+            except (OSError, TimeoutError, StreamClosedError) as e:
                 if time.time() + delay > deadline:
                     raise TimeoutError(
                         "could not connect to the center at %s within %s s: %s"

@@ -372,6 +372,82 @@ def test_unauthenticated_connections_have_their_own_budget(caplog, monkeypatch):
     assert "did not authenticate within 1.0 s" in caplog.text
 
 
+def test_accepted_client_survives_a_burst_of_new_connections(recorded, monkeypatch):
+    """A burst of unauthenticated connections that arrives after the server
+    has accepted a client's proof (its reply may already be on the way) does
+    not close that client: it stopped counting as pending when its proof
+    checked out.  (The flood test on real processes lost an Executor this
+    way on a slow machine.)"""
+
+    class Idle:
+        def close(self):
+            pass
+
+    authenticate = Server._authenticate
+
+    async def then_a_burst(self, stream, address, **kwargs):
+        ok = await authenticate(self, stream, address, **kwargs)
+        for i in range(self.max_pending_connections):
+            self._admit_pending(Idle(), ("127.0.0.9", i))
+        return ok
+
+    monkeypatch.setattr(Server, "_authenticate", then_a_burst)
+
+    async def f():
+        s = await token_server(max_pending_connections=4)
+        try:
+            with rpc(s.address, security=Security(token=TOKEN)) as r:
+                assert await r.record(x=1, timeout=5) == 1
+                assert len(s._pending) == 4  # the burst is waiting, the client is not
+        finally:
+            s.stop()
+
+    run(f())
+
+
+def test_executor_retries_a_center_that_closes_before_answering():
+    """A center that closes the Executor's first connection before answering
+    it (as one shedding a flood of connections does) is connected to again
+    within the Executor's timeout, instead of failing at once."""
+    from distributed.utils_test import gen_cluster
+
+    @gen_cluster(ncores=(1,))
+    async def f(c, w):
+        closed = []
+
+        async def proxy(reader, writer):
+            if not closed:  # the first: read the request, close without answering
+                await reader.read(1)
+                closed.append(True)
+                writer.close()
+                return
+            host, port = c.address.rsplit(":", 1)
+            r2, w2 = await asyncio.open_connection(host, int(port))
+
+            async def pipe(src, dst):
+                try:
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                except OSError:
+                    pass
+                finally:
+                    dst.close()
+
+            await asyncio.gather(pipe(reader, w2), pipe(r2, writer))
+
+        server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with Executor("127.0.0.1:%d" % port, start=False, timeout=5) as e:
+                assert closed == [True]
+                assert await e.submit(inc, 1) == 2
+        finally:
+            server.close()
+
+    f()
+
+
 @pytest.mark.parametrize("size", [100, 1_000_000])
 def test_stalled_message_closes_the_connection(caplog, size):
     """A message that stops half-way is cut off after ``stall_timeout``; a
