@@ -26,7 +26,7 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
-from .cli.utils import LOCALHOST
+from .cli.utils import CENTER_STARTED, LOCALHOST, WORKER_REGISTERED, WORKER_STARTED
 from .process import Process
 from .security import Security
 
@@ -109,7 +109,7 @@ class LocalCluster:
         self.center = Process(
             [sys.executable, "-m", "distributed.cli.dcenter", "--host", self.ip,
              "--port", "0"] + self.center_args, env=self._env, echo=self.echo)
-        line = self.center.wait_for_line("Start center at", self.timeout)
+        line = self.center.wait_for_line(CENTER_STARTED, self.timeout)
         self._center_address = line.split()[-1]
 
     def _worker_command(self):
@@ -129,8 +129,8 @@ class LocalCluster:
             p = Process(self._worker_command(), env=self._env, echo=self.echo)
             self._starting.add(p)  # close() stops it too, and we stop waiting
         try:
-            address = p.wait_for_line("Start worker at", self.timeout).split()[-1]
-            p.wait_for_line("Registered with center", self.timeout)
+            address = p.wait_for_line(WORKER_STARTED, self.timeout).split()[-1]
+            p.wait_for_line(WORKER_REGISTERED, self.timeout)
         except BaseException:
             p.stop()
             raise

@@ -14,6 +14,7 @@ from ..http import HTTPCenter
 from ..process import exit_with_parent
 from ..scheduler import ALLOWED_FAILURES
 from .utils import (
+    CENTER_STARTED,
     LOCALHOST,
     SECURITY_OPTIONS,
     VERBOSE,
@@ -103,7 +104,7 @@ def main(argv=None):
         center.on_close = stopping.set
         center.listen(args.port)
         warn_if_exposed(logger, "the center", args.host, security)
-        print("Start center at %s" % center.address, flush=True)
+        print(CENTER_STARTED, center.address, flush=True)
         if "http" in center.service_ports:
             print("HTTP status at http://%s:%d/info.json"
                   % (center.ip, center.service_ports["http"]), flush=True)

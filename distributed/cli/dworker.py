@@ -29,9 +29,12 @@ from ..worker import (
 from .utils import (
     FREE_PORT,
     NANNY_CHILD,
+    NANNY_STARTED,
     NPROCS_CHILD,
     SECURITY_OPTIONS,
     VERBOSE,
+    WORKER_REGISTERED,
+    WORKER_STARTED,
     Option,
     child_argv,
     constructor_kwargs,
@@ -175,9 +178,9 @@ def main(argv=None):
         worker.on_close = stopping.set
         worker.listen(args.port)
         warn_if_exposed(logger, "the worker", args.host, security)
-        print("Start worker at: %s" % worker.address, flush=True)
+        print(WORKER_STARTED, worker.address, flush=True)
         await worker._start(timeout=args.connect_timeout)
-        print("Registered with center at: %s" % worker.center.address, flush=True)
+        print(WORKER_REGISTERED, worker.center.address, flush=True)
         if "http" in worker.service_ports:
             print("HTTP status at http://%s:%d/info.json"
                   % (worker.ip, worker.service_ports["http"]), flush=True)
@@ -217,7 +220,7 @@ def _run_nanny(args, center_ip, center_port, security):
                       timeout=args.connect_timeout + 30, security=security)
         nanny.on_close = stopping.set
         nanny.listen(0)
-        print("Start nanny at: %s" % nanny.address, flush=True)
+        print(NANNY_STARTED, nanny.address, flush=True)
         await nanny._start()
 
     async def stop():

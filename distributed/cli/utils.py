@@ -58,6 +58,19 @@ FREE_PORT = 0
 #: where a center (and a local cluster) listens unless told otherwise
 LOCALHOST = "127.0.0.1"
 
+# Printed lines that other processes wait for (``Process.wait_for_line``) and
+# take the address from (the last word); see docs/internals.md.
+#: ``dcenter``: ``Start center at 127.0.0.1:8787``
+CENTER_STARTED = "Start center at"
+#: ``dworker``: ``Start worker at: 127.0.0.1:40123`` (listening, not yet registered)
+WORKER_STARTED = "Start worker at:"
+#: ``dworker``: ``Registered with center at: 127.0.0.1:8787`` (ready for work)
+WORKER_REGISTERED = "Registered with center at:"
+#: ``dworker`` (with a nanny): ``Start nanny at: 127.0.0.1:42749``
+NANNY_STARTED = "Start nanny at:"
+#: the nanny, once it replaced a dead worker: ``Restarted worker at: 127.0.0.1:40124``
+WORKER_RESTARTED = "Restarted worker at:"
+
 
 class Option:
     """One command-line option: the one place that says how it is parsed, what
