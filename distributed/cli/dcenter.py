@@ -19,9 +19,9 @@ from .utils import (
     SECURITY_OPTIONS,
     VERBOSE,
     Option,
+    build_parser,
     constructor_kwargs,
     http_service,
-    make_parser as make_cli_parser,
     options_argv,
     parse_port,
     raise_open_files_limit,
@@ -58,7 +58,7 @@ OPTIONS = [
 
 
 def make_parser():
-    return make_cli_parser(
+    return build_parser(
         "dcenter",
         "Start a distributed center: the node that knows which worker holds which "
         "key and which workers are alive. Stop it with Ctrl-C or SIGTERM.",

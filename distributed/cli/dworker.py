@@ -18,13 +18,13 @@ from ..core import coerce_to_address
 from ..http import HTTPWorker
 from ..process import ENV_PARENT_PID, exit_with_parent
 from ..utils import get_ip, parse_address
-from ..worker import Worker
 from ..worker import (
     CONNECT_RETRY_TIMEOUT,
     MEMORY_EXIT_CODE,
     MEMORY_PAUSE_FRACTION,
     MEMORY_TARGET_FRACTION,
     MEMORY_TERMINATE_FRACTION,
+    Worker,
 )
 from .utils import (
     FREE_PORT,
@@ -36,10 +36,10 @@ from .utils import (
     WORKER_REGISTERED,
     WORKER_STARTED,
     Option,
+    build_parser,
     child_argv,
     constructor_kwargs,
     http_service,
-    make_parser as make_cli_parser,
     options_argv,
     parse_memory_limit,
     parse_port,
@@ -112,7 +112,7 @@ OPTIONS = [
 
 
 def make_parser():
-    return make_cli_parser(
+    return build_parser(
         "dworker",
         "Start a distributed worker that registers with the center at "
         "CENTER_ADDRESS, holds data and runs tasks. Stop it with Ctrl-C or SIGTERM: "

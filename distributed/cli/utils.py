@@ -169,7 +169,7 @@ class Option:
             self.convert(value)
 
 
-def make_parser(prog, description, options, positionals=()):
+def build_parser(prog, description, options, positionals=()):
     """An ``argparse`` parser of ``options`` (a list of :class:`Option`), after
     the positional ``(name, kwargs)`` pairs, with ``--version``."""
     from .. import __version__
@@ -187,7 +187,7 @@ def constructor_kwargs(options, args):
     """The constructor keywords of parsed ``args``, as the table says.
 
     >>> table = [Option("--name", kwarg="name"), Option("--port", type=int, default=0)]
-    >>> args = make_parser("x", "", table).parse_args(["--name", "a", "--port", "5"])
+    >>> args = build_parser("x", "", table).parse_args(["--name", "a", "--port", "5"])
     >>> constructor_kwargs(table, args)
     {'name': 'a'}
     """
@@ -205,7 +205,7 @@ def child_argv(options, args, child, index=None):
     >>> table = [Option("--name", children=(NPROCS_CHILD,),
     ...                 spread=lambda name, i: name and "%s-%d" % (name, i)),
     ...          Option("--nprocs", type=int, default=1)]
-    >>> args = make_parser("x", "", table).parse_args(["--name", "w", "--nprocs", "2"])
+    >>> args = build_parser("x", "", table).parse_args(["--name", "w", "--nprocs", "2"])
     >>> child_argv(table, args, NPROCS_CHILD, index=1)
     ['--name', 'w-1']
     """
