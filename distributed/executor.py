@@ -413,15 +413,16 @@ class Executor:
     that of a ``LocalCluster`` of this process at ``address``, else to the
     environment's (``DISTRIBUTED_AUTH_TOKEN``, ``DISTRIBUTED_TLS_*``); a local
     cluster of its own gets a random token.  Other keywords go to that local
-    cluster's center (``heartbeat_timeout=10``, ``allowed_failures=1``, see
-    :class:`~distributed.local.LocalCluster`).
+    cluster: its center's options (``heartbeat_timeout=10``,
+    ``allowed_failures=1``) and ``worker_options={'memory_limit': '1GB'}``, see
+    :class:`~distributed.local.LocalCluster`.
     """
 
     def __init__(self, address=None, start=True, timeout=10, loop=None,
-                 n_workers=None, threads_per_worker=1, security=None, **center_options):
-        if center_options and address is not None:
-            raise TypeError("%s: options of a local cluster's center, but this executor "
-                            "connects to %s" % (", ".join(center_options), address))
+                 n_workers=None, threads_per_worker=1, security=None, **cluster_options):
+        if cluster_options and address is not None:
+            raise TypeError("%s: options of a local cluster, but this executor "
+                            "connects to %s" % (", ".join(cluster_options), address))
         self.id = "executor-" + uuid.uuid4().hex
         self.address = coerce_to_address(address) if address is not None else None
         self.timeout = timeout
@@ -430,7 +431,7 @@ class Executor:
         self.cluster = None
         self._cluster_kwargs = {"n_workers": n_workers,
                                 "threads_per_worker": threads_per_worker,
-                                "security": security, **center_options}
+                                "security": security, **cluster_options}
         self._priority = itertools.count()
         self._lock = threading.Lock()
         self._callback_pool = concurrent.futures.ThreadPoolExecutor(

@@ -16,6 +16,7 @@ Any other client needs ``cluster.security``.
 """
 
 import atexit
+import itertools
 import logging
 import os
 import secrets
@@ -25,6 +26,7 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
+from .cli.utils import CENTER_STARTED, LOCALHOST, WORKER_REGISTERED, WORKER_STARTED
 from .process import Process
 from .security import Security
 
@@ -44,15 +46,23 @@ class LocalCluster:
     TLS; the cluster's auth token is its token or, without one, a random one:
     ``cluster.security`` is what clients need.  Other keywords are options of
     the center (``dcenter --help``) by their Python names, e.g.
-    ``heartbeat_timeout=10, allowed_failures=1, http_port=0``.
+    ``heartbeat_timeout=10, allowed_failures=1, http_port=0``;
+    ``worker_options`` are those of every worker (``dworker --help``), e.g.
+    ``{'memory_limit': '1GB', 'local_dir': '/tmp/w', 'name': 'w'}`` (a name
+    gets ``-0``, ``-1``, ... like ``dworker --nprocs``).  An unknown option is
+    a ``TypeError``, a bad value a ``ValueError``, before anything starts.
+    A worker that dies is replaced unless ``restart_dead_workers=False``.
     """
 
-    def __init__(self, n_workers=None, threads_per_worker=1, ip="127.0.0.1",
+    def __init__(self, n_workers=None, threads_per_worker=1, ip=LOCALHOST,
                  timeout=30, worker_args=(), echo=False, restart_dead_workers=True,
-                 security=None, **center_options):
+                 security=None, worker_options=None, **center_options):
         from .cli.dcenter import center_args
+        from .cli.dworker import worker_args as dworker_args
 
         self.center_args = center_args(**center_options)
+        self.worker_options = dict(worker_options or {})
+        dworker_args(**self.worker_options)  # unknown or bad ones fail here
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.threads_per_worker = threads_per_worker
         self.ip = ip
@@ -69,6 +79,11 @@ class LocalCluster:
         self.deaths = []  # (time, address, exit code) of workers that died
         self.restart_dead_workers = restart_dead_workers
         self.status = "starting"
+        self._lock = threading.Lock()  # status, workers and _starting change together
+        self._starting = set()  # worker processes not yet registered
+        self._closing = threading.Event()
+        self._watcher = None
+        self._worker_index = itertools.count()
         try:
             self._start_center()
             self.start_workers(self.n_workers)
@@ -80,8 +95,9 @@ class LocalCluster:
         if restart_dead_workers:
             # the cluster is the nanny of its workers: a task that crashes
             # one gets a fresh worker, and the scheduler retries it elsewhere
-            threading.Thread(target=self._watch, daemon=True,
-                             name="distributed-local-cluster-watch").start()
+            self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                             name="distributed-local-cluster-watch")
+            self._watcher.start()
 
     @property
     def center_address(self):
@@ -93,20 +109,34 @@ class LocalCluster:
         self.center = Process(
             [sys.executable, "-m", "distributed.cli.dcenter", "--host", self.ip,
              "--port", "0"] + self.center_args, env=self._env, echo=self.echo)
-        line = self.center.wait_for_line("Start center at", self.timeout)
+        line = self.center.wait_for_line(CENTER_STARTED, self.timeout)
         self._center_address = line.split()[-1]
 
+    def _worker_command(self):
+        """The command line of the next worker."""
+        from .cli.dworker import worker_args
+
+        return ([sys.executable, "-m", "distributed.cli.dworker", self._center_address,
+                 "--host", self.ip, "--ncores", str(self.threads_per_worker),
+                 "--no-nanny"]
+                + worker_args(index=next(self._worker_index), **self.worker_options)
+                + self.worker_args)
+
     def _start_worker(self):
-        p = Process(
-            [sys.executable, "-m", "distributed.cli.dworker", self._center_address,
-             "--host", self.ip, "--ncores", str(self.threads_per_worker),
-             "--no-nanny"] + self.worker_args, env=self._env, echo=self.echo)
+        with self._lock:
+            if self.status == "closed":
+                raise RuntimeError("the cluster is closed")
+            p = Process(self._worker_command(), env=self._env, echo=self.echo)
+            self._starting.add(p)  # close() stops it too, and we stop waiting
         try:
-            address = p.wait_for_line("Start worker at", self.timeout).split()[-1]
-            p.wait_for_line("Registered with center", self.timeout)
+            address = p.wait_for_line(WORKER_STARTED, self.timeout).split()[-1]
+            p.wait_for_line(WORKER_REGISTERED, self.timeout)
         except BaseException:
             p.stop()
             raise
+        finally:
+            with self._lock:
+                self._starting.discard(p)
         p.address = address
         return p
 
@@ -122,23 +152,26 @@ class LocalCluster:
                     started.append(f.result())
                 except BaseException as e:
                     error = e
-        self.workers.extend(started)
+        with self._lock:
+            closed = self.status == "closed"
+            if not closed:
+                self.workers.extend(started)
+        if closed:  # close() came while they started: they are not ours to keep
+            for p in started:
+                p.stop()
         if error is not None:
             raise error
         return started
 
-    def stop_worker(self, process):
-        if process in self.workers:
-            self.workers.remove(process)
-        process.stop()
-
     def _watch(self):
-        while self.status == "running":
+        """Replace the workers that die, until :meth:`close`."""
+        while not self._closing.wait(0.1):
             for p in list(self.workers):
                 code = p.poll()
-                if code is None or p not in self.workers or self.status != "running":
-                    continue
-                self.workers.remove(p)
+                with self._lock:
+                    if code is None or p not in self.workers or self.status != "running":
+                        continue
+                    self.workers.remove(p)
                 self.deaths.append((time.time(), p.address, code))
                 logger.warning("worker %s died (exit code %s); starting another. "
                                "It printed last:\n%s", p.address, code, p.tail())
@@ -147,7 +180,6 @@ class LocalCluster:
                 except Exception:
                     if self.status == "running":
                         logger.exception("could not start a worker")
-            time.sleep(0.1)
 
     def restart_workers(self):
         """Stop every worker process and start as many fresh ones."""
@@ -162,16 +194,24 @@ class LocalCluster:
         return [p.address for p in self.workers]
 
     def close(self):
-        if self.status == "closed":
-            return
-        self.status = "closed"
-        workers, self.workers = self.workers, []
+        """Stop the workers (SIGTERM: they unregister), then the center; a
+        worker still starting is stopped too, and no dead one is replaced."""
+        with self._lock:
+            if self.status == "closed":
+                return
+            self.status = "closed"
+            workers, self.workers = self.workers, []
+            workers += self._starting
+        self._closing.set()
         for p in workers:
             p.send_signal(15)
         for p in workers:
             p.stop()
         if self.center is not None:
             self.center.stop()
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(self.timeout)
 
     def __enter__(self):
         return self

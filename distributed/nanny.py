@@ -26,6 +26,7 @@ import time
 import psutil
 from tornado.ioloop import PeriodicCallback
 
+from .cli.utils import WORKER_REGISTERED, WORKER_RESTARTED, WORKER_STARTED
 from .core import ConnectionPool, Server, rpc
 from .process import Process
 from .utils import get_ip, unparse_address
@@ -117,9 +118,9 @@ class Nanny(Server):
         loop = asyncio.get_running_loop()
         try:
             line = await loop.run_in_executor(
-                None, process.wait_for_line, "Start worker at", self.timeout)
+                None, process.wait_for_line, WORKER_STARTED, self.timeout)
             await loop.run_in_executor(
-                None, process.wait_for_line, "Registered with center", self.timeout)
+                None, process.wait_for_line, WORKER_REGISTERED, self.timeout)
         except BaseException:
             process.kill()
             raise
@@ -211,7 +212,7 @@ class Nanny(Server):
         try:
             await asyncio.sleep(self.restart_delay)
             address = await self.instantiate()
-            print("Restarted worker at: %s" % address, flush=True)
+            print(WORKER_RESTARTED, address, flush=True)
         except Exception:
             logger.exception("could not restart the worker")
         finally:

@@ -1,6 +1,7 @@
 """dcenter and dworker as real processes (free ports only)."""
 
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import urllib.request
 
 import pytest
 
+import distributed
 from distributed.core import rpc
 from distributed.utils_test import add, free_port, poll, popen, wait_for_line
 
@@ -162,6 +164,8 @@ def test_help():
         assert option in out.stdout, option
     # options come with an explanation, not just a name
     assert "free port" in out.stdout and "threads" in out.stdout
+    # and their defaults
+    assert "(default: 30)" in out.stdout and "(default: 1)" in out.stdout
 
 
 def test_bad_arguments():
@@ -252,3 +256,151 @@ def test_center_port_in_use():
         with popen(DCENTER + ["--port", port]) as c2:
             assert c2.wait(20) != 0
             assert "in use" in c2.stdout.read().lower()
+
+
+# -- the options tables: one row per flag drives parser, constructor, children ---
+
+
+def example_value(option):
+    """A non-default value for ``option``, as text on a command line."""
+    special = {"memory_limit": "2GB", "host": "127.0.0.2"}
+    if option.dest in special:
+        return special[option.dest]
+    if option.type is float:
+        return str((option.default or 0) + 2.5)
+    if option.type is not None:  # int, a port
+        return str((option.default or 0) + 7)
+    return "example-" + option.dest
+
+
+def parse_every_flag(cli, positionals=()):
+    """``cli``'s parsed args with every option of its table set to a
+    non-default value (switches on)."""
+    argv = list(positionals)
+    for option in cli.OPTIONS:
+        argv += [option.flag] if option.switch else [option.flag, example_value(option)]
+    args = cli.make_parser().parse_args(argv)
+    for option in cli.OPTIONS:
+        assert getattr(args, option.dest) != option.default, option
+    return args
+
+
+def explicit_parameters(cls):
+    return {name for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.kind is not p.VAR_KEYWORD}
+
+
+@pytest.mark.pure
+def test_every_dworker_flag_reaches_the_children_and_the_worker():
+    from distributed.cli import dworker
+    from distributed.cli.utils import NANNY_CHILD, NPROCS_CHILD
+    from distributed.http import HTTPWorker
+    from distributed.worker import Worker
+
+    center = "127.0.0.1:8786"
+    args = parse_every_flag(dworker, [center])
+    secrets = [args.auth_token, args.tls_cert, args.tls_key, args.tls_ca]
+
+    # the nanny's child: every option marked for it, parsed back to the same value
+    nanny_argv = dworker.nanny_child_argv(args)
+    child = dworker.make_parser().parse_args([center] + nanny_argv)
+    for option in dworker.OPTIONS:
+        expected = getattr(args, option.dest) if NANNY_CHILD in option.children \
+            else option.default
+        assert getattr(child, option.dest) == expected, option
+
+    # the --nprocs children: the same, spread over the processes
+    for i in range(2):
+        cmd = dworker.nprocs_child_argv(args, i)
+        assert cmd[:4] == [sys.executable, "-m", "distributed.cli.dworker", center]
+        child = dworker.make_parser().parse_args(cmd[3:])
+        for option in dworker.OPTIONS:
+            value = getattr(args, option.dest)
+            if NPROCS_CHILD not in option.children:
+                value = option.default
+            elif option.spread is not None:
+                value = option.spread(value, i)
+            assert getattr(child, option.dest) == value, option
+        assert not set(secrets) & set(cmd)  # they travel in the environment
+    assert not set(secrets) & set(nanny_argv)
+    assert child.port == args.port + 1 and child.name == args.name + "-1"
+    assert child.http_port == args.http_port + 1 and child.no_nanny
+
+    # the Worker(...) call
+    kwargs = dworker.worker_kwargs(args)
+    assert kwargs == {
+        "ip": "127.0.0.2", "ncores": 7, "name": "example-name",
+        "local_dir": "example-local_dir", "memory_limit": 2 * 10**9,
+        "nanny": "example-nanny_address",
+        "services": {"http": HTTPWorker}, "service_ports": {"http": 7}}
+    assert set(kwargs) <= explicit_parameters(Worker)
+
+
+@pytest.mark.pure
+def test_every_dcenter_flag_reaches_the_center():
+    from distributed.center import Center
+    from distributed.cli import dcenter
+    from distributed.http import HTTPCenter
+
+    args = parse_every_flag(dcenter)
+    kwargs = dcenter.center_kwargs(args)
+    assert kwargs == {"ip": "127.0.0.2", "port": 8787 + 7, "allowed_failures": 3 + 7,
+                      "heartbeat_timeout": 60 + 2.5,
+                      "services": {"http": HTTPCenter}, "service_ports": {"http": 7}}
+    assert set(kwargs) <= explicit_parameters(Center)
+
+    # what a LocalCluster gives its center parses back to the same values
+    options = {o.dest: getattr(args, o.dest) for o in dcenter.OPTIONS
+               if o.dest not in dcenter._SET_BY_CLUSTER}
+    back = dcenter.make_parser().parse_args(dcenter.center_args(**options))
+    for name, value in options.items():
+        assert getattr(back, name) == value, name
+
+
+@pytest.mark.pure
+def test_defaults_are_the_named_constants():
+    from distributed import center, scheduler, worker
+    from distributed.cli import dcenter, dworker
+
+    parsed = dcenter.make_parser().parse_args([])
+    assert parsed.port == center.Center.default_port
+    assert parsed.heartbeat_timeout == center.HEARTBEAT_TIMEOUT
+    assert parsed.allowed_failures == scheduler.ALLOWED_FAILURES
+    parsed = dworker.make_parser().parse_args(["127.0.0.1:8787"])
+    assert parsed.connect_timeout == worker.CONNECT_RETRY_TIMEOUT
+
+
+@pytest.mark.pure
+def test_aliases_of_todays_dask_names():
+    from distributed.cli import dcenter, dworker
+
+    args = dworker.make_parser().parse_args(
+        ["127.0.0.1:8787", "--nthreads", "2", "--nworkers", "3",
+         "--local-directory", "/tmp/x", "--dashboard-address", ":8790"])
+    assert (args.ncores, args.nprocs, args.local_dir, args.http_port) == (
+        2, 3, "/tmp/x", 8790)
+    assert dcenter.make_parser().parse_args(["--dashboard-address", "8791"]).http_port == 8791
+
+
+@pytest.mark.pure
+def test_worker_options_of_a_local_cluster():
+    from distributed import LocalCluster
+    from distributed.cli.dworker import worker_args
+
+    assert worker_args(index=1, memory_limit="1GB", name="w", http_port=9000,
+                       verbose=True) == [
+        "--memory-limit", "1GB", "--name", "w-1", "--http-port", "9001", "--verbose"]
+    # what the cluster sets itself, or no option at all: before anything starts
+    for bad in [{"port": 1}, {"ncores": 2}, {"auth_token": "x"}, {"memroy_limit": "1GB"}]:
+        with pytest.raises(TypeError, match="worker option"):
+            LocalCluster(n_workers=0, worker_options=bad)
+    with pytest.raises(ValueError, match="memory limit"):
+        LocalCluster(n_workers=0, worker_options={"memory_limit": "lots"})
+
+
+def test_version():
+    for cmd in (DCENTER, DWORKER):
+        out = subprocess.run(cmd + ["--version"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0
+        assert distributed.__version__ in out.stdout

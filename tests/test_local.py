@@ -3,6 +3,7 @@ workers dying under real load (SIGKILL)."""
 
 import os
 import signal
+import threading
 
 import psutil
 import pytest
@@ -135,3 +136,41 @@ def test_killed_worker_scattered_data_lost(cluster, e):
     # data held by the survivor is fine
     assert y.result() == [1, 2, 3]
     assert e.submit(sum, y).result() == 6
+
+
+def dworker_children():
+    """Our child processes that are dworkers (a closed cluster leaves none)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "distributed.cli.dworker" in child.cmdline() and \
+                    child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_close_while_a_dead_worker_is_being_replaced():
+    """close() stops the worker the cluster is starting in place of a dead
+    one, and starts no other: nothing of the cluster outlives it (before, a
+    replacement started after close() kept the interpreter ~30 s at exit)."""
+    cluster = LocalCluster(n_workers=1)
+    try:
+        os.kill(cluster.workers[0].pid, signal.SIGKILL)
+        poll(lambda: cluster.deaths, timeout=10, msg="the cluster noticed the death")
+    finally:
+        cluster.close()
+    poll(lambda: not dworker_children(), timeout=5, msg="no worker left after close()")
+    poll(lambda: not any(t.name == "distributed-local-cluster-watch"
+                         for t in threading.enumerate()),
+         timeout=5, msg="the watch thread ended")
+    assert cluster.workers == []
+
+
+def test_worker_options_reach_the_workers():
+    with Executor(n_workers=2, worker_options={"name": "w", "memory_limit": "1GB"}) as e:
+        cmdlines = [psutil.Process(p.pid).cmdline() for p in e.cluster.workers]
+        assert all("--memory-limit" in c and "1GB" in c for c in cmdlines)
+        assert sorted(c[c.index("--name") + 1] for c in cmdlines) == ["w-0", "w-1"]
+        assert e.run(lambda: 1) and e.submit(inc, 1).result() == 2

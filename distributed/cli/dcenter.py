@@ -6,15 +6,24 @@
     Start center at 127.0.0.1:8787
 """
 
-import argparse
-import sys
 import logging
+import sys
 
-from ..center import Center
+from ..center import HEARTBEAT_TIMEOUT, Center
 from ..http import HTTPCenter
 from ..process import exit_with_parent
+from ..scheduler import ALLOWED_FAILURES
 from .utils import (
-    add_security_arguments,
+    CENTER_STARTED,
+    LOCALHOST,
+    SECURITY_OPTIONS,
+    VERBOSE,
+    Option,
+    build_parser,
+    constructor_kwargs,
+    http_service,
+    options_argv,
+    parse_port,
     raise_open_files_limit,
     run_until_signal,
     security_from_args,
@@ -25,57 +34,59 @@ from .utils import (
 logger = logging.getLogger("distributed.dcenter")
 
 
+#: every ``dcenter`` option; its parser, the ``Center(...)`` call and the
+#: command line a ``LocalCluster`` gives it are made from this table
+OPTIONS = [
+    Option("--host", default=LOCALHOST, kwarg="ip",
+           help="address to listen on and advertise: this machine only by default; "
+           "use this machine's IP or 0.0.0.0 to accept workers from other hosts"),
+    Option("--port", type=int, default=Center.default_port, kwarg="port",
+           help="TCP port for workers and executors (0 picks a free one)"),
+    Option("--http-port", aliases=("--dashboard-address",), type=parse_port,
+           kwarg=http_service(HTTPCenter), metavar="HTTP_PORT",
+           help="also serve JSON status (/info.json, /who_has.json, ...) on this port"),
+    Option("--allowed-failures", type=int, default=ALLOWED_FAILURES,
+           kwarg="allowed_failures",
+           help="worker deaths a task may cause before it is marked erred with "
+           "KilledWorker"),
+    Option("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
+           kwarg="heartbeat_timeout",
+           help="seconds without a heartbeat before a worker counts as dead"),
+    *SECURITY_OPTIONS,
+    VERBOSE,
+]
+
+
 def make_parser():
-    p = argparse.ArgumentParser(
-        prog="dcenter",
-        description="Start a distributed center: the node that knows which worker "
-        "holds which key and which workers are alive. Stop it with Ctrl-C or SIGTERM.",
-    )
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on and advertise (default 127.0.0.1, "
-                   "this machine only; use this machine's IP or 0.0.0.0 to accept "
-                   "workers from other hosts)")
-    p.add_argument("--port", type=int, default=8787,
-                   help="TCP port for workers and executors (default 8787; 0 picks a free one)")
-    p.add_argument("--http-port", type=int, default=None,
-                   help="also serve JSON status (/info.json, /who_has.json, ...) on this port")
-    p.add_argument("--allowed-failures", type=int, default=3,
-                   help="worker deaths a task may cause before it is marked erred "
-                   "with KilledWorker (default 3)")
-    p.add_argument("--heartbeat-timeout", type=float, default=60,
-                   help="seconds without a heartbeat before a worker counts as dead (default 60)")
-    add_security_arguments(p)
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    return p
+    return build_parser(
+        "dcenter",
+        "Start a distributed center: the node that knows which worker holds which "
+        "key and which workers are alive. Stop it with Ctrl-C or SIGTERM.",
+        OPTIONS)
+
+
+def center_kwargs(args):
+    """The ``Center(...)`` keywords of parsed ``args`` (all but ``security``).
+
+    >>> center_kwargs(make_parser().parse_args(['--port', '0']))
+    {'ip': '127.0.0.1', 'port': 0, 'allowed_failures': 3, 'heartbeat_timeout': 60}
+    """
+    return constructor_kwargs(OPTIONS, args)
 
 
 #: options a LocalCluster sets itself: address, and security through the environment
-_SET_BY_CLUSTER = {"help", "host", "port", "auth_token", "tls_cert", "tls_key", "tls_ca"}
+_SET_BY_CLUSTER = {"host", "port", "auth_token", "tls_cert", "tls_key", "tls_ca"}
 
 
 def center_args(**options):
     """The ``dcenter`` arguments for ``options``, by their Python names (what
-    ``LocalCluster(**options)`` passes on); ``TypeError`` for an unknown one.
+    ``LocalCluster(**options)`` passes on); ``TypeError`` for an unknown one,
+    ``ValueError`` for a bad value.
 
     >>> center_args(heartbeat_timeout=5, allowed_failures=0, http_port=None)
     ['--heartbeat-timeout', '5', '--allowed-failures', '0']
     """
-    actions = {a.dest: a for a in make_parser()._actions
-               if a.option_strings and a.dest not in _SET_BY_CLUSTER}
-    args = []
-    for name, value in options.items():
-        action = actions.get(name)
-        if action is None:
-            raise TypeError("unknown center option %r; the options are: %s"
-                            % (name, ", ".join(sorted(actions))))
-        flag = max(action.option_strings, key=len)
-        if action.nargs == 0:  # a switch such as --verbose
-            args += [flag] if value else []
-        elif value is not None:
-            if action.type is not None:
-                action.type(value)  # a bad value fails here, not in the child
-            args += [flag, str(value)]
-    return args
+    return options_argv(OPTIONS, options, exclude=_SET_BY_CLUSTER, what="center option")
 
 
 def main(argv=None):
@@ -85,19 +96,15 @@ def main(argv=None):
     setup_logging(args.verbose)
     raise_open_files_limit()
     security = security_from_args(args, parser)
-    services = {"http": HTTPCenter} if args.http_port is not None else None
-    ports = {"http": args.http_port} if args.http_port is not None else None
     center = None
 
     async def start(stopping):
         nonlocal center
-        center = Center(args.host, args.port, services=services, service_ports=ports,
-                        heartbeat_timeout=args.heartbeat_timeout, security=security,
-                        allowed_failures=args.allowed_failures)
+        center = Center(security=security, **center_kwargs(args))
         center.on_close = stopping.set
         center.listen(args.port)
         warn_if_exposed(logger, "the center", args.host, security)
-        print("Start center at %s" % center.address, flush=True)
+        print(CENTER_STARTED, center.address, flush=True)
         if "http" in center.service_ports:
             print("HTTP status at http://%s:%d/info.json"
                   % (center.ip, center.service_ports["http"]), flush=True)

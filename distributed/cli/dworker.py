@@ -7,7 +7,7 @@
     Registered with center at: 127.0.0.1:8787
 """
 
-import argparse
+import copy
 import logging
 import os
 import signal
@@ -18,11 +18,32 @@ from ..core import coerce_to_address
 from ..http import HTTPWorker
 from ..process import ENV_PARENT_PID, exit_with_parent
 from ..utils import get_ip, parse_address
-from ..worker import Worker
+from ..worker import (
+    CONNECT_RETRY_TIMEOUT,
+    MEMORY_EXIT_CODE,
+    MEMORY_PAUSE_FRACTION,
+    MEMORY_TARGET_FRACTION,
+    MEMORY_TERMINATE_FRACTION,
+    Worker,
+)
 from .utils import (
-    add_security_arguments,
-    raise_open_files_limit,
+    FREE_PORT,
+    NANNY_CHILD,
+    NANNY_STARTED,
+    NPROCS_CHILD,
+    SECURITY_OPTIONS,
+    VERBOSE,
+    WORKER_REGISTERED,
+    WORKER_STARTED,
+    Option,
+    build_parser,
+    child_argv,
+    constructor_kwargs,
+    http_service,
+    options_argv,
     parse_memory_limit,
+    parse_port,
+    raise_open_files_limit,
     run_until_signal,
     security_from_args,
     setup_logging,
@@ -32,51 +53,100 @@ from .utils import (
 logger = logging.getLogger("distributed.dworker")
 
 
+def _suffixed(name, i):
+    """``--name w`` -> ``w-0``, ``w-1``, ... for the processes of ``--nprocs``."""
+    return name if name is None else "%s-%d" % (name, i)
+
+
+def _consecutive(port, i):
+    """``--port 9000`` -> 9000, 9001, ...; a free port (0) for each stays 0."""
+    return port + i if port else port
+
+
+#: every ``dworker`` option; its parser, the ``Worker(...)`` call, the
+#: nanny's child and the ``--nprocs`` children are made from this table
+OPTIONS = [
+    Option("--host", kwarg="ip", children=(NANNY_CHILD, NPROCS_CHILD),
+           help="address to listen on and advertise",
+           default_text="the address of the interface that reaches the center"),
+    Option("--port", type=int, default=FREE_PORT, children=(NANNY_CHILD, NPROCS_CHILD),
+           spread=_consecutive,  # the command listens on it
+           help="TCP port (0: a free port); with --nprocs, the first of consecutive ports"),
+    Option("--ncores", aliases=("--nthreads",), type=int, kwarg="ncores",
+           children=(NANNY_CHILD, NPROCS_CHILD), help="threads that run tasks",
+           default_text="cores of this machine, divided by --nprocs"),
+    Option("--nprocs", aliases=("--nworkers",), type=int, default=1,
+           help="number of worker processes to start"),
+    Option("--name", kwarg="name", children=(NANNY_CHILD, NPROCS_CHILD), spread=_suffixed,
+           help="a name for the worker, unique on the cluster (with --nprocs, "
+           "suffixed -0, -1, ...)"),
+    Option("--local-dir", aliases=("--local-directory",), kwarg="local_dir",
+           children=(NANNY_CHILD, NPROCS_CHILD),
+           help="directory for temporary files and spilled data; each worker uses its "
+           "own subdirectory", default_text="the system temporary directory"),
+    Option("--memory-limit", kwarg="memory_limit", convert=parse_memory_limit,
+           children=(NANNY_CHILD, NPROCS_CHILD),
+           help="memory the worker may use: bytes ('4GB', '512MiB'), a fraction "
+           "of RAM ('0.5') or 'auto'. Above %d%%%% of it the worker spills data to "
+           "--local-dir, above %d%%%% it starts no new task, above %d%%%% it exits "
+           "(status %d) and its nanny restarts it; DISTRIBUTED_MEMORY_TARGET/_PAUSE/"
+           "_TERMINATE change these"
+           % (100 * MEMORY_TARGET_FRACTION, 100 * MEMORY_PAUSE_FRACTION,
+              100 * MEMORY_TERMINATE_FRACTION, MEMORY_EXIT_CODE),
+           default_text="no limit"),
+    Option("--connect-timeout", type=float, default=CONNECT_RETRY_TIMEOUT,
+           children=(NANNY_CHILD, NPROCS_CHILD),  # the command: Worker._start(timeout=)
+           help="seconds to keep trying to reach the center before giving up"),
+    Option("--no-nanny", switch=True, children=(NPROCS_CHILD,),
+           help="run the worker in this process; by default a nanny process "
+           "runs it as a child and restarts it when it dies"),
+    Option("--nanny-address", kwarg="nanny", hidden=True),  # set by the nanny itself
+    Option("--http-port", aliases=("--dashboard-address",), type=parse_port,
+           kwarg=http_service(HTTPWorker), children=(NANNY_CHILD, NPROCS_CHILD),
+           spread=_consecutive, metavar="HTTP_PORT",
+           help="also serve JSON status (/info.json, /resources.json) on this "
+           "port (0: a free one)"),
+    *SECURITY_OPTIONS,
+    VERBOSE,
+]
+
+
 def make_parser():
-    p = argparse.ArgumentParser(
-        prog="dworker",
-        description="Start a distributed worker that registers with the center at "
+    return build_parser(
+        "dworker",
+        "Start a distributed worker that registers with the center at "
         "CENTER_ADDRESS, holds data and runs tasks. Stop it with Ctrl-C or SIGTERM: "
         "it unregisters from the center first.",
-    )
-    p.add_argument("center", metavar="CENTER_ADDRESS",
-                   help="the center's address, ip:port (e.g. 127.0.0.1:8787)")
-    p.add_argument("--host", default=None,
-                   help="address to listen on and advertise (default: the address of "
-                   "the interface that reaches the center)")
-    p.add_argument("--port", type=int, default=0,
-                   help="TCP port (default 0: a free port; with --nprocs, the first of "
-                   "consecutive ports)")
-    p.add_argument("--ncores", type=int, default=None,
-                   help="threads that run tasks (default: cores of this machine, "
-                   "divided by --nprocs)")
-    p.add_argument("--nprocs", type=int, default=1,
-                   help="number of worker processes to start (default 1)")
-    p.add_argument("--name", default=None,
-                   help="a name for the worker, unique on the cluster (with --nprocs, "
-                   "suffixed -0, -1, ...)")
-    p.add_argument("--local-dir", default=None,
-                   help="directory for temporary files and spilled data (default: the "
-                   "system temporary directory); each worker uses its own subdirectory")
-    p.add_argument("--memory-limit", default=None,
-                   help="memory the worker may use: bytes ('4GB', '512MiB'), a fraction "
-                   "of RAM ('0.5') or 'auto' (default: no limit). Above 60%% of it "
-                   "the worker spills data to --local-dir, above 80%% it starts no "
-                   "new task, above 95%% it exits (status 75) and its nanny restarts "
-                   "it; DISTRIBUTED_MEMORY_TARGET/_PAUSE/_TERMINATE change these")
-    p.add_argument("--connect-timeout", type=float, default=30,
-                   help="seconds to keep trying to reach the center before giving up "
-                   "(default 30)")
-    p.add_argument("--no-nanny", action="store_true",
-                   help="run the worker in this process; by default a nanny process "
-                   "runs it as a child and restarts it when it dies")
-    p.add_argument("--nanny-address", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--http-port", type=int, default=None,
-                   help="also serve JSON status (/info.json, /resources.json) on this "
-                   "port (0: a free one)")
-    add_security_arguments(p)
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    return p
+        OPTIONS,
+        positionals=[("center", dict(
+            metavar="CENTER_ADDRESS",
+            help="the center's address, ip:port (e.g. 127.0.0.1:8787)"))])
+
+
+def worker_kwargs(args):
+    """The ``Worker(...)`` keywords of parsed ``args`` (all but ``security``).
+
+    >>> worker_kwargs(make_parser().parse_args(['127.0.0.1:8787', '--ncores', '2']))
+    {'ip': None, 'ncores': 2, 'name': None, 'local_dir': None, 'memory_limit': None, 'nanny': None}
+    """
+    return constructor_kwargs(OPTIONS, args)
+
+
+#: options a LocalCluster sets itself: address, threads, no nanny, security
+_SET_BY_CLUSTER = {"host", "port", "ncores", "nprocs", "no_nanny", "nanny_address",
+                   "auth_token", "tls_cert", "tls_key", "tls_ca"}
+
+
+def worker_args(index=None, **options):
+    """The ``dworker`` arguments for ``options``, by their Python names (what
+    ``LocalCluster(worker_options=...)`` passes on), for its ``index``-th
+    worker; ``TypeError`` for an unknown one, ``ValueError`` for a bad value.
+
+    >>> worker_args(memory_limit='2GB', name='w', index=3)
+    ['--memory-limit', '2GB', '--name', 'w-3']
+    """
+    return options_argv(OPTIONS, options, exclude=_SET_BY_CLUSTER, index=index,
+                        what="worker option")
 
 
 def main(argv=None):
@@ -88,7 +158,7 @@ def main(argv=None):
     try:
         center = coerce_to_address(args.center)
         center_ip, center_port = parse_address(center)
-        memory_limit = parse_memory_limit(args.memory_limit)
+        worker_kwargs(args)  # a bad --memory-limit is a usage error, before anything starts
     except (TypeError, ValueError) as e:
         parser.error(str(e))
     if args.nprocs < 1:
@@ -97,26 +167,20 @@ def main(argv=None):
     if args.nprocs > 1:
         return _run_many(args, security)
 
-    host = args.host or get_ip(center_ip)
+    args.host = args.host or get_ip(center_ip)
     if not args.no_nanny:
-        return _run_nanny(args, center_ip, center_port, host, security)
-    services = {"http": HTTPWorker} if args.http_port is not None else None
-    ports = {"http": args.http_port} if args.http_port is not None else None
+        return _run_nanny(args, center_ip, center_port, security)
     worker = None
 
     async def start(stopping):
         nonlocal worker
-        worker = Worker(center_ip, center_port, ip=host, ncores=args.ncores,
-                        local_dir=args.local_dir, services=services,
-                        service_ports=ports, name=args.name,
-                        memory_limit=memory_limit, nanny=args.nanny_address,
-                        security=security)
+        worker = Worker(center_ip, center_port, security=security, **worker_kwargs(args))
         worker.on_close = stopping.set
         worker.listen(args.port)
-        warn_if_exposed(logger, "the worker", host, security)
-        print("Start worker at: %s" % worker.address, flush=True)
+        warn_if_exposed(logger, "the worker", args.host, security)
+        print(WORKER_STARTED, worker.address, flush=True)
         await worker._start(timeout=args.connect_timeout)
-        print("Registered with center at: %s" % worker.center.address, flush=True)
+        print(WORKER_REGISTERED, worker.center.address, flush=True)
         if "http" in worker.service_ports:
             print("HTTP status at http://%s:%d/info.json"
                   % (worker.ip, worker.service_ports["http"]), flush=True)
@@ -129,36 +193,34 @@ def main(argv=None):
     return run_until_signal(start, stop, prog="dworker")
 
 
-def _worker_args(args):
-    """The options a nanny passes on to the worker it starts."""
-    out = []
-    for flag, value in [("--host", args.host), ("--ncores", args.ncores),
-                        ("--connect-timeout", args.connect_timeout),
-                        ("--name", args.name), ("--local-dir", args.local_dir),
-                        ("--memory-limit", args.memory_limit),
-                        ("--http-port", args.http_port)]:
-        if value is not None:
-            out += [flag, str(value)]
-    if args.port:
-        out += ["--port", str(args.port)]
-    if args.verbose:
-        out.append("-v")
-    return out
+def nanny_child_argv(args):
+    """The options of parsed ``args`` a nanny passes on to the worker it starts
+    (it puts ``CENTER_ADDRESS --no-nanny --nanny-address ...`` before them)."""
+    return child_argv(OPTIONS, args, NANNY_CHILD)
 
 
-def _run_nanny(args, center_ip, center_port, host, security):
+def nprocs_child_argv(args, i):
+    """The command line of the ``i``-th process that ``--nprocs`` starts."""
+    args = copy.copy(args)
+    args.ncores = args.ncores or max(1, (os.cpu_count() or 1) // args.nprocs)
+    return ([sys.executable, "-m", "distributed.cli.dworker", args.center]
+            + child_argv(OPTIONS, args, NPROCS_CHILD, index=i))
+
+
+def _run_nanny(args, center_ip, center_port, security):
     from ..nanny import Nanny
 
     nanny = None
 
     async def start(stopping):
         nonlocal nanny
-        nanny = Nanny(center_ip, center_port, ip=host, worker_args=_worker_args(args),
-                      echo=True, timeout=args.connect_timeout + 30,  # the worker's own lines: "Start worker at: ..."
-                      security=security)
+        # echo: the worker's own lines ("Start worker at: ...") are ours too
+        nanny = Nanny(center_ip, center_port, ip=args.host,
+                      worker_args=nanny_child_argv(args), echo=True,
+                      timeout=args.connect_timeout + 30, security=security)
         nanny.on_close = stopping.set
         nanny.listen(0)
-        print("Start nanny at: %s" % nanny.address, flush=True)
+        print(NANNY_STARTED, nanny.address, flush=True)
         await nanny._start()
 
     async def stop():
@@ -171,32 +233,12 @@ def _run_nanny(args, center_ip, center_port, host, security):
 
 def _run_many(args, security):
     """Start ``--nprocs`` single-process dworkers and forward signals to them."""
-    ncores = args.ncores or max(1, (os.cpu_count() or 1) // args.nprocs)
     procs = []
     for i in range(args.nprocs):
-        cmd = [sys.executable, "-m", "distributed.cli.dworker", args.center,
-               "--ncores", str(ncores), "--nprocs", "1"]
-        if args.host:
-            cmd += ["--host", args.host]
-        if args.port:
-            cmd += ["--port", str(args.port + i)]
-        if args.name:
-            cmd += ["--name", "%s-%d" % (args.name, i)]
-        if args.local_dir:
-            cmd += ["--local-dir", args.local_dir]
-        if args.memory_limit:
-            cmd += ["--memory-limit", args.memory_limit]
-        if args.http_port is not None:
-            cmd += ["--http-port", str(args.http_port + i if args.http_port else 0)]
-        if args.no_nanny:
-            cmd += ["--no-nanny"]
-        cmd += ["--connect-timeout", str(args.connect_timeout)]
-        if args.verbose:
-            cmd += ["-v"]
         # the token and TLS files go through the environment, never on a command line
         env = security.child_env()
         env[ENV_PARENT_PID] = str(os.getpid())  # they stop when we die
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(nprocs_child_argv(args, i), env=env))
 
     def forward(signum, frame):
         for p in procs:

@@ -1,5 +1,12 @@
-"""Shared pieces of the command lines: signals, logging, sizes, security options."""
+"""Shared pieces of the command lines: the options tables' machinery
+(:class:`Option`), signals, logging, sizes, security options.
 
+Each command keeps one table, a list of :class:`Option` (``dworker.OPTIONS``,
+``dcenter.OPTIONS``); its parser, its constructor call and the command lines
+of its children are all made from it, so a new flag is one new row.
+"""
+
+import argparse
 import asyncio
 import logging
 import os
@@ -43,23 +50,233 @@ def parse_memory_limit(text):
     return int(value * _UNITS[m.group(2)])
 
 
-def add_security_arguments(parser):
-    """``--auth-token``, ``--tls-cert``, ``--tls-key``, ``--tls-ca`` (each also
-    from its environment variable)."""
-    parser.add_argument(
-        "--auth-token", default=None, metavar="TOKEN",
-        help="shared secret that every center, worker and client of the cluster "
-        "must prove it knows when a connection opens (default: $%s; prefer the "
-        "variable: a command line is visible to every user of the machine)" % ENV_TOKEN)
-    parser.add_argument("--tls-cert", default=None, metavar="PEM",
-                        help="this node's TLS certificate (chain); turns TLS on for "
-                        "every connection (default: $%s)" % ENV_TLS_CERT)
-    parser.add_argument("--tls-key", default=None, metavar="PEM",
-                        help="the private key of --tls-cert, unless that file holds "
-                        "it (default: $%s)" % ENV_TLS_KEY)
-    parser.add_argument("--tls-ca", default=None, metavar="PEM",
-                        help="verify peers' certificates against this CA, and require "
-                        "one from every client (default: $%s)" % ENV_TLS_CA)
+#: the child command lines an option is passed on to (see :class:`Option`)
+NANNY_CHILD = "nanny"    # the worker a ``dworker`` nanny starts
+NPROCS_CHILD = "nprocs"  # each ``dworker`` that ``dworker --nprocs N`` starts
+#: the TCP port 0: the system picks a free one
+FREE_PORT = 0
+#: where a center (and a local cluster) listens unless told otherwise
+LOCALHOST = "127.0.0.1"
+
+# Printed lines that other processes wait for (``Process.wait_for_line``) and
+# take the address from (the last word); see docs/internals.md.
+#: ``dcenter``: ``Start center at 127.0.0.1:8787``
+CENTER_STARTED = "Start center at"
+#: ``dworker``: ``Start worker at: 127.0.0.1:40123`` (listening, not yet registered)
+WORKER_STARTED = "Start worker at:"
+#: ``dworker``: ``Registered with center at: 127.0.0.1:8787`` (ready for work)
+WORKER_REGISTERED = "Registered with center at:"
+#: ``dworker`` (with a nanny): ``Start nanny at: 127.0.0.1:42749``
+NANNY_STARTED = "Start nanny at:"
+#: the nanny, once it replaced a dead worker: ``Restarted worker at: 127.0.0.1:40124``
+WORKER_RESTARTED = "Restarted worker at:"
+
+
+class Option:
+    """One command-line option: the one place that says how it is parsed, what
+    it does, which constructor keyword it becomes and which child command lines
+    carry it.
+
+    >>> o = Option("--ncores", type=int, default=None, kwarg="ncores",
+    ...            children=(NANNY_CHILD,), help="threads that run tasks",
+    ...            default_text="cores of this machine")
+    >>> o.dest, o.kwargs(4), o.argv(4), o.argv(None)
+    ('ncores', {'ncores': 4}, ['--ncores', '4'], [])
+
+    - ``flag`` (and ``aliases``): the spelling(s); ``dest`` is the Python name
+      (``--local-dir`` -> ``local_dir``), also the keyword of
+      ``LocalCluster(worker_options=...)`` and ``center_args``.
+    - ``type``, ``default``, ``metavar``, ``help``: as in argparse; ``default``
+      is a named constant of the code that uses it; ``default_text`` says in
+      words what None means (``--help`` shows it, or else the default).
+      ``switch=True``: a flag without a value (``store_true``).
+    - ``kwarg``: the constructor keyword (``Worker(...)``, ``Center(...)``) it
+      becomes: a name, or a function of the value returning a dict of
+      keywords; None when the command uses it itself (``--port``: ``listen``).
+      ``convert`` turns the text into the keyword's value (``'4GB'`` -> bytes).
+    - ``children``: the child command lines that get it (:data:`NANNY_CHILD`,
+      :data:`NPROCS_CHILD`); ``spread(value, i)``: its value for the i-th of
+      several processes (``--port``: consecutive ports, ``--name``: ``-i``).
+    """
+
+    def __init__(self, flag, default=None, type=None, help="", kwarg=None, convert=None,
+                 children=(), spread=None, aliases=(), metavar=None, default_text=None,
+                 switch=False, hidden=False):
+        self.flag = flag
+        self.aliases = tuple(aliases)
+        self.dest = flag.lstrip("-").replace("-", "_")
+        self.default = False if switch else default
+        self.type = type
+        self.help = help
+        self.kwarg = kwarg
+        self.convert = convert
+        self.children = frozenset(children)
+        self.spread = spread
+        self.metavar = metavar
+        self.default_text = default_text
+        self.switch = switch
+        self.hidden = hidden
+
+    def __repr__(self):
+        return "Option(%r)" % self.flag
+
+    def add_to(self, parser):
+        """Add this option to an ``argparse`` parser."""
+        if self.hidden:
+            help = argparse.SUPPRESS
+        elif self.switch:
+            help = self.help
+        else:
+            shown = self.default_text
+            if shown is None:
+                shown = "none" if self.default is None else "%(default)s"
+            help = "%s (default: %s)" % (self.help, shown)
+        names = sorted((self.flag,) + self.aliases, key=len)  # -v, --verbose
+        if self.switch:
+            parser.add_argument(*names, dest=self.dest, action="store_true", help=help)
+        else:
+            parser.add_argument(*names, dest=self.dest,
+                                default=self.default, type=self.type,
+                                metavar=self.metavar, help=help)
+
+    def kwargs(self, value):
+        """The constructor keywords for ``value`` (``{}`` when it has none)."""
+        if self.kwarg is None:
+            return {}
+        if self.convert is not None:
+            value = self.convert(value)
+        if callable(self.kwarg):
+            return self.kwarg(value)
+        return {self.kwarg: value}
+
+    def argv(self, value, index=None):
+        """This option on a command line: ``[]`` for its default (or None)."""
+        if index is not None and self.spread is not None:
+            value = self.spread(value, index)
+        if value is None or value == self.default:
+            return []
+        if self.switch:
+            return [self.flag] if value else []
+        return [self.flag, str(value)]
+
+    def check(self, value):
+        """Raise ``ValueError`` now for a value the child would refuse."""
+        if value is None or self.switch:
+            return
+        if self.type is not None:
+            self.type(value)
+        if self.convert is not None:
+            self.convert(value)
+
+
+def build_parser(prog, description, options, positionals=()):
+    """An ``argparse`` parser of ``options`` (a list of :class:`Option`), after
+    the positional ``(name, kwargs)`` pairs, with ``--version``."""
+    from .. import __version__
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    for name, kwargs in positionals:
+        p.add_argument(name, **kwargs)
+    for option in options:
+        option.add_to(p)
+    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return p
+
+
+def constructor_kwargs(options, args):
+    """The constructor keywords of parsed ``args``, as the table says.
+
+    >>> table = [Option("--name", kwarg="name"), Option("--port", type=int, default=0)]
+    >>> args = build_parser("x", "", table).parse_args(["--name", "a", "--port", "5"])
+    >>> constructor_kwargs(table, args)
+    {'name': 'a'}
+    """
+    kwargs = {}
+    for option in options:
+        kwargs.update(option.kwargs(getattr(args, option.dest)))
+    return kwargs
+
+
+def child_argv(options, args, child, index=None):
+    """The options of parsed ``args`` that ``child`` (:data:`NANNY_CHILD`,
+    :data:`NPROCS_CHILD`) gets on its command line, for the ``index``-th of
+    several processes.  A pure function: the same table parses them back.
+
+    >>> table = [Option("--name", children=(NPROCS_CHILD,),
+    ...                 spread=lambda name, i: name and "%s-%d" % (name, i)),
+    ...          Option("--nprocs", type=int, default=1)]
+    >>> args = build_parser("x", "", table).parse_args(["--name", "w", "--nprocs", "2"])
+    >>> child_argv(table, args, NPROCS_CHILD, index=1)
+    ['--name', 'w-1']
+    """
+    argv = []
+    for option in options:
+        if child in option.children:
+            argv += option.argv(getattr(args, option.dest), index)
+    return argv
+
+
+def options_argv(options, values, exclude=(), index=None, what="option"):
+    """The command line of ``values``, options by their Python names (what
+    ``LocalCluster`` passes on); ``TypeError`` for a name that is not one of
+    ``options`` (or is in ``exclude``), ``ValueError`` for a value the child
+    would refuse: both before any process starts."""
+    by_name = {o.dest: o for o in options if o.dest not in exclude and not o.hidden}
+    argv = []
+    for name, value in values.items():
+        option = by_name.get(name)
+        if option is None:
+            raise TypeError("unknown %s %r; the options are: %s"
+                            % (what, name, ", ".join(sorted(by_name))))
+        option.check(value)
+        argv += option.argv(value, index)
+    return argv
+
+
+def parse_port(text):
+    """A port from ``'8787'``, ``':8787'`` or ``'host:8787'`` (the form of
+    dask's ``--dashboard-address``).
+
+    >>> parse_port(':8788'), parse_port('8788')
+    (8788, 8788)
+    """
+    return int(str(text).rpartition(":")[2])
+
+
+def http_service(service):
+    """The ``kwarg`` of an ``--http-port`` option: the ``services`` and
+    ``service_ports`` keywords that start ``service`` on that port."""
+
+    def kwargs(port):
+        if port is None:
+            return {}
+        return {"services": {"http": service}, "service_ports": {"http": port}}
+
+    return kwargs
+
+
+#: ``--auth-token``, ``--tls-*``: into ``security=`` (:func:`security_from_args`);
+#: children get them through their environment, never on a command line
+SECURITY_OPTIONS = [
+    Option("--auth-token", metavar="TOKEN",
+           help="shared secret that every center, worker and client of the cluster "
+           "must prove it knows when a connection opens; prefer the variable: a "
+           "command line is visible to every user of the machine",
+           default_text="$" + ENV_TOKEN),
+    Option("--tls-cert", metavar="PEM",
+           help="this node's TLS certificate (chain); turns TLS on for every connection",
+           default_text="$" + ENV_TLS_CERT),
+    Option("--tls-key", metavar="PEM",
+           help="the private key of --tls-cert, unless that file holds it",
+           default_text="$" + ENV_TLS_KEY),
+    Option("--tls-ca", metavar="PEM",
+           help="verify peers' certificates against this CA, and require one from "
+           "every client", default_text="$" + ENV_TLS_CA),
+]
+
+#: ``-v``: every child logs as much as its parent
+VERBOSE = Option("--verbose", aliases=("-v",), switch=True, help="log what happens",
+                 children=(NANNY_CHILD, NPROCS_CHILD))
 
 
 def security_from_args(args, parser):
