@@ -61,7 +61,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from tornado.iostream import StreamClosedError
 
-from .batched import BatchedSend
+from .batched import BatchedSend, handle_batches
 from .core import (
     AuthenticationError,
     ConnectionPool,
@@ -71,7 +71,6 @@ from .core import (
     coerce_to_address,
     connect,
     error_message,
-    read,
     rpc,
     safe_str,
     write,
@@ -317,6 +316,14 @@ class Worker(Server):
             "terminate": self.terminate,
             "keys": self.get_keys,
         }
+        #: ops of the batched stream from the center (see
+        #: :func:`~distributed.batched.handle_batches`)
+        self.stream_handlers = {
+            "compute-task": self._compute_task,
+            "delete-data": self._delete_data,
+            "confirm-data": self._confirm_data,
+            "worker-removed": self._worker_removed,
+        }
         if ip is None:
             ip = get_ip(center_ip)
         super().__init__(handlers, ip=ip, **kwargs)
@@ -411,26 +418,8 @@ class Worker(Server):
 
     @gen.coroutine
     def _read_center_stream(self, stream):
-        handlers = {
-            "compute-task": self._compute_task,
-            "delete-data": self._delete_data,
-            "confirm-data": self._confirm_data,
-            "worker-removed": self._worker_removed,
-        }
-        try:
-            while True:
-                batch = yield read(stream, self.limits)
-                for msg in batch:
-                    op = msg.pop("op", None)
-                    handler = handlers.get(op)
-                    if handler is None:
-                        logger.warning("unknown message %r from the center", op)
-                        continue
-                    handler(**msg)
-        except StreamClosedError:
-            pass
-        except Exception:
-            logger.exception("error on the stream from the center")
+        yield handle_batches(stream, self.stream_handlers, limits=self.limits,
+                             sender="the center at %s" % self.center.address)
         stream.close()
         if self.status == "running" and self.batched is not None \
                 and self.batched.stream is stream:
