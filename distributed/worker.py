@@ -353,7 +353,7 @@ class Worker(Server):
             service.listen(self.service_ports.get(name, 0))
             self.services[name] = service
             self.service_ports[name] = service.port
-        yield self._register(timeout)
+        yield self._register(timeout, read=False)
         self._heartbeats = PeriodicCallback(
             self._heartbeat, self.heartbeat_interval * 1000
         )
@@ -366,14 +366,20 @@ class Worker(Server):
             self._memory_thread.start()
         logger.info("worker at %s registered with center at %s",
                     self.address, self.center.address)
+        # tasks are read from the next loop turn on, once whoever awaits this
+        # has announced the worker ("Registered with center", which a
+        # LocalCluster or a nanny waits for): a task that kills its worker at
+        # once must not kill it before then
+        self.loop.add_callback(self._read_center_stream, self.batched.stream)
         return self
 
     def __await__(self):
         return self._start().__await__()
 
     @gen.coroutine
-    def _register(self, timeout=CONNECT_RETRY_TIMEOUT):
-        """Open the heartbeat stream to the center and register on it."""
+    def _register(self, timeout=CONNECT_RETRY_TIMEOUT, read=True):
+        """Open the heartbeat stream to the center and register on it; with
+        ``read``, start reading the center's messages on it."""
         deadline = time.time() + timeout
         delay = 0.05
         while True:
@@ -409,7 +415,8 @@ class Worker(Server):
             yield write(stream, {"op": "worker-stream", "address": self.address,
                                  "reply": False})
             self.batched = BatchedSend(stream, self.loop)
-            self.loop.add_callback(self._read_center_stream, stream)
+            if read:
+                self.loop.add_callback(self._read_center_stream, stream)
             return
 
     def _heartbeat(self):
