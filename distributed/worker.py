@@ -366,10 +366,10 @@ class Worker(Server):
             self._memory_thread.start()
         logger.info("worker at %s registered with center at %s",
                     self.address, self.center.address)
-        # tasks are read from the next loop turn on, once whoever awaits this
-        # has announced the worker ("Registered with center", which a
-        # LocalCluster or a nanny waits for): a task that kills its worker at
-        # once must not kill it before then
+        # tasks are read from the next loop turn on: whoever awaits this resumes
+        # first (its wake-up is queued before the read's first step) and
+        # announces the worker ("Registered with center", which a LocalCluster
+        # or a nanny waits for) before a task that kills its worker can run
         self.loop.add_callback(self._read_center_stream, self.batched.stream)
         return self
 
