@@ -20,17 +20,15 @@ told so that it can recover what depended on that worker.
 """
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict, defaultdict
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from tornado.iostream import StreamClosedError
-
-from .batched import BatchedSend
-from .core import ConnectionPool, Server, coerce_to_address, read, rpc
-from .protocol import ProtocolError
+from .batched import BatchedSend, close_stream, handle_batches
+from .core import ConnectionPool, Server, coerce_to_address, rpc
 from .scheduler import ALLOWED_FAILURES, Scheduler
 from .utils import log_safe
 
@@ -106,6 +104,27 @@ class Center(Server):
             "processing": self.get_processing,
             "task_states": self.get_task_states,
             "worker_died": self.worker_died,
+        }
+        s = self.scheduler
+        #: ops of the batched streams (see :func:`~distributed.batched.handle_batches`):
+        #: from workers, called with ``address=``; from executors, with ``client=``
+        self.stream_handlers = {
+            # from workers
+            "task-finished": s.task_finished,
+            "task-erred": s.task_erred,
+            "missing-data": s.missing_data,
+            "add-keys": s.add_keys,
+            "missing-keys": s.missing_keys,
+            "worker-status": s.set_paused,
+            "memory-exit": s.memory_exit,
+            "heartbeat": self._stream_heartbeat,
+            # from executors
+            "update-graph": s.update_graph,
+            "client-releases-keys": s.client_releases_keys,
+            "cancel": s.cancel,
+            "retry": s.retry,
+            "update-data": s.update_data,
+            "close-stream": close_stream,
         }
         super().__init__(handlers, ip=ip, **kwargs)
         self._check = PeriodicCallback(self._check_heartbeats, 1000)
@@ -264,16 +283,19 @@ class Center(Server):
                                     self.nbytes)
         self.scheduler.add_worker(address, self.ncores.get(address))
         self.send_scheduler_messages()
-        handlers = {
-            "task-finished": self.scheduler.task_finished,
-            "task-erred": self.scheduler.task_erred,
-            "missing-data": self.scheduler.missing_data,
-            "add-keys": self.scheduler.add_keys,
-            "missing-keys": self.scheduler.missing_keys,
-            "worker-status": self.scheduler.set_paused,
-            "memory-exit": self.scheduler.memory_exit,
-        }
-        await self._read_stream(stream, address, handlers, self.last_seen)
+        await handle_batches(stream, self.stream_handlers, {"address": address},
+                             sender=address, limits=self.limits, stall=self.stall_timeout,
+                             every_batch=functools.partial(self._worker_batch_done, address))
+
+    def _worker_batch_done(self, address):
+        """After each batch from a worker: it is alive; send what the batch caused."""
+        self.send_scheduler_messages()
+        if address not in self.last_seen:
+            return False  # removed meanwhile
+        self.last_seen[address] = time.time()
+
+    def _stream_heartbeat(self, address):
+        """Nothing to do: every batch from a worker counts as a sign of life."""
 
     async def client_stream(self, stream, client=None):
         """An executor's batched stream: graphs and releases in, results out."""
@@ -287,52 +309,15 @@ class Center(Server):
         comm.send({"op": "stream-start",
                    "max_message_size": self.limits.max_message_size,
                    "max_frame_size": self.limits.max_frame_size})
-        s = self.scheduler
-        handlers = {
-            "update-graph": s.update_graph,
-            "client-releases-keys": s.client_releases_keys,
-            "client-desires-keys": s.client_desires_keys,
-            "cancel": s.cancel,
-            "retry": s.retry,
-            "update-data": s.update_data,
-        }
         try:
-            await self._read_stream(stream, client, handlers)
+            await handle_batches(stream, self.stream_handlers, {"client": client},
+                                 sender=client, limits=self.limits, stall=self.stall_timeout,
+                                 every_batch=self.send_scheduler_messages)
         finally:
             if self.client_comms.get(client) is comm:
                 del self.client_comms[client]
                 self.scheduler.remove_client(client)
                 self.send_scheduler_messages()
-
-    async def _read_stream(self, stream, sender, handlers, last_seen=None):
-        while True:
-            try:
-                batch = await read(stream, self.limits, self.stall_timeout)
-            except StreamClosedError:
-                return
-            except ProtocolError as e:
-                logger.error("closing the stream of %s: %s", log_safe(sender), log_safe(e))
-                stream.close()
-                return
-            if last_seen is not None:
-                if sender not in last_seen:
-                    return  # removed meanwhile
-                last_seen[sender] = time.time()
-            for msg in batch if type(batch) is list else [batch]:
-                op = msg.pop("op", None)
-                if op == "heartbeat":
-                    continue
-                if op == "close-stream":
-                    return
-                handler = handlers.get(op)
-                if handler is None:
-                    logger.warning("unknown message %s from %s", log_safe(repr(op)), log_safe(sender))
-                    continue
-                try:
-                    handler(sender, **msg)
-                except Exception:
-                    logger.exception("error handling %s from %s", log_safe(repr(op)), log_safe(sender))
-            self.send_scheduler_messages()
 
     def send_scheduler_messages(self):
         to_workers, to_clients = self.scheduler.flush()

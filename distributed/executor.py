@@ -43,7 +43,7 @@ from collections import Counter, defaultdict, namedtuple
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
-from .batched import BatchedSend
+from .batched import BatchedSend, handle_batches
 from .core import (
     AuthenticationError,
     CommClosedError,
@@ -454,6 +454,16 @@ class Executor:
         self._specs_nbytes = 0  # bytes of arguments in _specs
         self._resends = []  # times tasks were sent again to a reconnected center
         self.center = None
+        #: ops of the batched stream from the center (see
+        #: :func:`~distributed.batched.handle_batches`)
+        self.stream_handlers = {
+            "stream-start": self._stream_start,
+            "key-in-memory": self._key_in_memory,
+            "task-erred": self._task_erred,
+            "lost-data": self._lost_data,
+            "restart": self._restarted,
+            "worker-removed": self._worker_removed,
+        }
         self._loop_thread = None
         self._asyncio_loop = None
         if start:
@@ -582,9 +592,9 @@ class Executor:
         if not (type(first) is list and first and first[0].get("op") == "stream-start"):
             stream.close()
             raise ValueError("%s did not answer as a center: %r" % (self.address, first))
-        start = first[0]
-        self.max_message_size = start.get("max_message_size") or self.max_message_size
-        self.max_frame_size = start.get("max_frame_size") or self.max_frame_size
+        start = dict(first[0])
+        del start["op"]
+        self._stream_start(**start)
         self.batched = BatchedSend(stream, self.loop,
                                    max_bytes=self.max_message_size // 2)
         self.loop.add_callback(self._handle_report, stream)
@@ -613,26 +623,14 @@ class Executor:
     def __await__(self):
         return self._start().__await__()
 
+    def _stream_start(self, max_message_size=None, max_frame_size=None):
+        """The center's first message: its limits, which what we send must fit."""
+        self.max_message_size = max_message_size or self.max_message_size
+        self.max_frame_size = max_frame_size or self.max_frame_size
+
     async def _handle_report(self, stream):
-        handlers = {
-            "key-in-memory": self._key_in_memory,
-            "task-erred": self._task_erred,
-            "lost-data": self._lost_data,
-            "restart": self._restarted,
-            "worker-removed": self._worker_removed,
-        }
-        try:
-            while True:
-                batch = await read(stream)
-                for msg in batch:
-                    op = msg.pop("op")
-                    handler = handlers.get(op)
-                    if handler is not None:
-                        handler(**msg)
-        except StreamClosedError:
-            pass
-        except Exception:
-            logger.exception("error on the stream from the center")
+        await handle_batches(stream, self.stream_handlers,
+                             sender="the center at %s" % self.address)
         if self.status != "running" or self.batched is None \
                 or self.batched.stream is not stream:
             return

@@ -61,7 +61,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from tornado.iostream import StreamClosedError
 
-from .batched import BatchedSend
+from .batched import BatchedSend, handle_batches
 from .core import (
     AuthenticationError,
     ConnectionPool,
@@ -71,7 +71,6 @@ from .core import (
     coerce_to_address,
     connect,
     error_message,
-    read,
     rpc,
     safe_str,
     write,
@@ -317,6 +316,14 @@ class Worker(Server):
             "terminate": self.terminate,
             "keys": self.get_keys,
         }
+        #: ops of the batched stream from the center (see
+        #: :func:`~distributed.batched.handle_batches`)
+        self.stream_handlers = {
+            "compute-task": self._compute_task,
+            "delete-data": self._delete_data,
+            "confirm-data": self._confirm_data,
+            "worker-removed": self._worker_removed,
+        }
         if ip is None:
             ip = get_ip(center_ip)
         super().__init__(handlers, ip=ip, **kwargs)
@@ -346,7 +353,7 @@ class Worker(Server):
             service.listen(self.service_ports.get(name, 0))
             self.services[name] = service
             self.service_ports[name] = service.port
-        yield self._register(timeout)
+        yield self._register(timeout, read=False)
         self._heartbeats = PeriodicCallback(
             self._heartbeat, self.heartbeat_interval * 1000
         )
@@ -359,14 +366,20 @@ class Worker(Server):
             self._memory_thread.start()
         logger.info("worker at %s registered with center at %s",
                     self.address, self.center.address)
+        # tasks are read from the next loop turn on: whoever awaits this resumes
+        # first (its wake-up is queued before the read's first step) and
+        # announces the worker ("Registered with center", which a LocalCluster
+        # or a nanny waits for) before a task that kills its worker can run
+        self.loop.add_callback(self._read_center_stream, self.batched.stream)
         return self
 
     def __await__(self):
         return self._start().__await__()
 
     @gen.coroutine
-    def _register(self, timeout=CONNECT_RETRY_TIMEOUT):
-        """Open the heartbeat stream to the center and register on it."""
+    def _register(self, timeout=CONNECT_RETRY_TIMEOUT, read=True):
+        """Open the heartbeat stream to the center and register on it; with
+        ``read``, start reading the center's messages on it."""
         deadline = time.time() + timeout
         delay = 0.05
         while True:
@@ -402,7 +415,8 @@ class Worker(Server):
             yield write(stream, {"op": "worker-stream", "address": self.address,
                                  "reply": False})
             self.batched = BatchedSend(stream, self.loop)
-            self.loop.add_callback(self._read_center_stream, stream)
+            if read:
+                self.loop.add_callback(self._read_center_stream, stream)
             return
 
     def _heartbeat(self):
@@ -411,26 +425,8 @@ class Worker(Server):
 
     @gen.coroutine
     def _read_center_stream(self, stream):
-        handlers = {
-            "compute-task": self._compute_task,
-            "delete-data": self._delete_data,
-            "confirm-data": self._confirm_data,
-            "worker-removed": self._worker_removed,
-        }
-        try:
-            while True:
-                batch = yield read(stream, self.limits)
-                for msg in batch:
-                    op = msg.pop("op", None)
-                    handler = handlers.get(op)
-                    if handler is None:
-                        logger.warning("unknown message %r from the center", op)
-                        continue
-                    handler(**msg)
-        except StreamClosedError:
-            pass
-        except Exception:
-            logger.exception("error on the stream from the center")
+        yield handle_batches(stream, self.stream_handlers, limits=self.limits,
+                             sender="the center at %s" % self.center.address)
         stream.close()
         if self.status == "running" and self.batched is not None \
                 and self.batched.stream is stream:
