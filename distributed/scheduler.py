@@ -736,8 +736,8 @@ class Scheduler:
         they need not fetch it."""
         ts = self.tasks.get(key)
         ws = self.workers.get(address)
-        if ws is not None and ts is not None:
-            ws.processing.discard(ts)
+        if ws is not None:
+            self._ran(ws, key, ts)
         if ts is None or ts.state in FINISHED:
             # nobody wants it any more: the worker drops it
             self.to_workers[address].append({"op": "delete-data", "keys": [key]})
@@ -760,8 +760,8 @@ class Scheduler:
     def task_erred(self, address, key, exception=None, traceback=None, text=None):
         ts = self.tasks.get(key)
         ws = self.workers.get(address)
-        if ws is not None and ts is not None:
-            ws.processing.discard(ts)
+        if ws is not None:
+            self._ran(ws, key, ts)
         if ts is not None and ts.state == PROCESSING and ts.processing_on is ws:
             ts.processing_on = None
             self._erred(ts, exception, traceback, text, blob=True, cause="task-erred",
@@ -774,8 +774,8 @@ class Scheduler:
         """A worker could not fetch ``missing`` inputs of ``key``."""
         ts = self.tasks.get(key)
         ws = self.workers.get(address)
-        if ws is not None and ts is not None:
-            ws.processing.discard(ts)
+        if ws is not None:
+            self._ran(ws, key, ts)
         for bad in bad_workers:
             self.remove_replicas(bad, missing)
         recompute = self._lost(missing, "no holder could hand it over to %s" % address,
@@ -849,6 +849,19 @@ class Scheduler:
     def _welcome(ts):
         """Is data for ``ts``, not in memory now, wanted?"""
         return ts.state in NOT_IN_MEMORY and bool(ts.who_wants or ts.waiters)
+
+    @staticmethod
+    def _ran(ws, key, ts):
+        """``ws`` reported on ``key``: out of its processing set.  A task
+        released while running there and forgotten before the report (then
+        perhaps submitted again, a new ``ts``) is found by its key: it
+        would hold one of the worker's slots forever."""
+        processing = ws.processing
+        if ts is not None and ts in processing:
+            processing.discard(ts)
+        else:
+            for stale in [t for t in processing if t.key == key]:
+                processing.discard(stale)
 
     # -- transitions --------------------------------------------------------------
 
@@ -1171,8 +1184,10 @@ class Scheduler:
             _check(ws.address == address, address, "worker filed under another address")
             for ts in ws.processing:
                 # a task released while running stays here until it reports
-                _check(tasks.get(ts.key) is ts, ts.key,
-                       "is in the processing set of %s but not a known task", address)
+                # (forgotten meanwhile, it is found by its key: see _ran)
+                _check(tasks.get(ts.key) is ts or ts.state in FINISHED, ts.key,
+                       "is in the processing set of %s, %s, but not a known task",
+                       address, ts.state)
             for _, _, ts in ws.queue:
                 _check(tasks.get(ts.key) is ts or ts.state != QUEUED, ts.key,
                        "is queued on %s but not a known task", address)

@@ -1363,3 +1363,23 @@ def test_delete_keys_releases_and_recomputes_wanted_ones(sim):
     assert s.delete_keys(["x", "unknown"]) == {"w1:1": ["x"]}
     assert s.tasks["x"].state == "processing"  # still wanted: computed again
     assert [m["op"] for m in sim.client_msgs("c1")] == ["key-in-memory", "lost-data"]
+
+
+def test_released_run_forgotten_before_it_reports_frees_its_slot(sim):
+    """Found by validate(): a task released while running on w1, submitted
+    again (run on w2) and forgotten before w1 reports held a slot of w1
+    forever (w1's processing set kept the forgotten task)."""
+    s = sim.s
+    sim.add_worker("w1:1")
+    sim.add_worker("w2:1")
+    submit(s, "c1", ["x"], x=(const(1), []))
+    [first] = sim.pop("w1:1")
+    s.client_releases_keys("c1", ["x"])
+    assert s.tasks["x"].state == "released"  # still running on w1
+    submit(s, "c1", ["x"], x=(const(1), []))
+    [again] = sim.pop("w2:1")
+    sim.run("w2:1", again)
+    s.client_releases_keys("c1", ["x"])
+    assert "x" not in s.tasks
+    sim.run("w1:1", first)  # the old run reports at last
+    assert not s.workers["w1:1"].processing
