@@ -65,10 +65,13 @@ class Center(Server):
 
     def __init__(self, ip=None, port=8787, heartbeat_timeout=HEARTBEAT_TIMEOUT,
                  loop=None, services=None, service_ports=None,
-                 allowed_failures=ALLOWED_FAILURES, **kwargs):
+                 allowed_failures=ALLOWED_FAILURES, validate=None, **kwargs):
         self.scheduler = Scheduler(allowed_failures=allowed_failures)
-        # check the scheduler's invariants after every batch (slow: for tests)
-        self.validate = os.environ.get(VALIDATE_ENV, "") not in ("", "0")
+        # check the scheduler's invariants after every batch (slow: for tests);
+        # None: if $DISTRIBUTED_VALIDATE says so
+        if validate is None:
+            validate = os.environ.get(VALIDATE_ENV, "") not in ("", "0")
+        self.validate = validate
         self.invariant_errors = []  # what validation found (the first few)
         self.ncores = {}
         self.worker_services = {}
