@@ -128,7 +128,10 @@ NOT_STARTED = frozenset({RELEASED, WAITING, NO_WORKER, QUEUED})
 FINISHED = frozenset(start for start, finish in TRANSITIONS if finish == FORGOTTEN)
 #: data for it arriving is welcome (if wanted): not in memory, not erred
 NOT_IN_MEMORY = frozenset({RELEASED}) | PENDING
-_ALLOWED = frozenset(TRANSITIONS)
+#: state -> the states it may go to (what ``_transition`` looks up)
+_NEXT = {start: frozenset(b for a, b in TRANSITIONS if a == start)
+         for start, _ in TRANSITIONS}
+_LOG_FIELDS = 6  # key, start, finish, cause, worker, time
 
 
 class InvalidTransition(RuntimeError):
@@ -264,8 +267,10 @@ class Scheduler:
         # few removals): a death reported afterwards as caused by the data
         # held, not the tasks, takes that back (forgive_death)
         self._counted_deaths = OrderedDict()
-        # (key, start, finish, cause, worker, time) of the latest transitions
-        self.transition_log = deque(maxlen=transition_log_length)
+        # the latest transitions, flat: key, start, finish, cause, worker,
+        # time, key, ... (no tuple per transition for the garbage collector
+        # to count and scan: see transition_log)
+        self._log = deque(maxlen=_LOG_FIELDS * transition_log_length)
         self.plugins = []
 
     # -- the one place a task changes state --------------------------------------
@@ -278,14 +283,13 @@ class Scheduler:
         the work that goes with a change (messages, tables).
         """
         start = ts.state
-        if (start, finish) not in _ALLOWED:
+        if finish not in _NEXT.get(start, ()):
             raise InvalidTransition(
-                "scheduler bug: task %r cannot go from %r to %r (%s); allowed from "
-                "%r: %s" % (ts.key, start, finish, cause, start,
-                            sorted(b for a, b in TRANSITIONS if a == start)))
+                "scheduler bug: task %r cannot go from %r to %r (%s); allowed from %r: "
+                "%s" % (ts.key, start, finish, cause, start, sorted(_NEXT.get(start, ()))))
         if finish != FORGOTTEN:
             ts.state = finish
-        self.transition_log.append((ts.key, start, finish, cause, worker, time()))
+        self._log.extend((ts.key, start, finish, cause, worker, time()))
         if self.plugins:
             self._tell_plugins("transition", ts.key, start, finish, cause=cause,
                                worker=worker)
@@ -307,6 +311,13 @@ class Scheduler:
                  "worker": worker, "time": t}
                 for key, start, finish, cause, worker, t in self.transition_log
                 if key in keys]
+
+    @property
+    def transition_log(self):
+        """The latest transitions (of all keys), oldest first: a list of
+        ``(key, start, finish, cause, worker, time)``."""
+        log = list(self._log)
+        return [tuple(log[i:i + _LOG_FIELDS]) for i in range(0, len(log), _LOG_FIELDS)]
 
     def add_plugin(self, plugin):
         """Tell ``plugin`` (a :class:`SchedulerPlugin`) of every transition
