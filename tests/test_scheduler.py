@@ -1383,3 +1383,17 @@ def test_released_run_forgotten_before_it_reports_frees_its_slot(sim):
     assert "x" not in s.tasks
     sim.run("w1:1", first)  # the old run reports at last
     assert not s.workers["w1:1"].processing
+
+
+def test_internals_doc_diagram_is_the_transition_table():
+    """docs/internals.md draws TRANSITIONS (a mermaid diagram): same edges."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "internals.md")
+    with open(path) as f:
+        text = f.read()
+    names = {"no_worker": "no-worker", "[*]": "forgotten"}
+    edges = {(names.get(a, a), names.get(b, b))
+             for a, b in re.findall(r"^    (\S+) --> (\S+):", text, re.M)}
+    assert edges == set(TRANSITIONS)
