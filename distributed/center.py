@@ -13,6 +13,12 @@ State, all plain public tables:
 * ``nbytes``    ``{key: int}``        size of each key's value
 * ``worker_services`` ``{address: {name: port}}``, ``names`` ``{address: name}``
 
+``who_has``, ``has_what`` and ``nbytes`` are the scheduler's tables, shown
+read-only: the center changes them only by calling the scheduler
+(``self.scheduler.add_replicas``, ``remove_keys``, ``remove_worker``, ...).
+With ``$DISTRIBUTED_VALIDATE`` set, the scheduler's invariants are checked
+after every batch of messages (see ``Scheduler.validate``).
+
 Workers register over a stream they keep open and send heartbeats on it.
 A worker whose stream closes, or that is silent for ``heartbeat_timeout``
 seconds, is removed from every table; the scheduler (when there is one) is
@@ -22,6 +28,7 @@ told so that it can recover what depended on that worker.
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections import OrderedDict, defaultdict
 
@@ -29,7 +36,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from .batched import BatchedSend, close_stream, handle_batches
 from .core import ConnectionPool, Server, coerce_to_address, rpc
-from .scheduler import ALLOWED_FAILURES, Scheduler
+from .scheduler import ALLOWED_FAILURES, VALIDATE_ENV, InvariantError, Scheduler
 from .utils import log_safe
 
 logger = logging.getLogger(__name__)
@@ -56,11 +63,15 @@ class Center(Server):
 
     def __init__(self, ip=None, port=8787, heartbeat_timeout=HEARTBEAT_TIMEOUT,
                  loop=None, services=None, service_ports=None,
-                 allowed_failures=ALLOWED_FAILURES, **kwargs):
-        self.who_has = defaultdict(set)
-        self.has_what = defaultdict(set)
+                 allowed_failures=ALLOWED_FAILURES, validate=None, **kwargs):
+        self.scheduler = Scheduler(allowed_failures=allowed_failures)
+        # check the scheduler's invariants after every batch (slow: for tests);
+        # None: if $DISTRIBUTED_VALIDATE says so
+        if validate is None:
+            validate = os.environ.get(VALIDATE_ENV, "") not in ("", "0")
+        self.validate = validate
+        self.invariant_errors = []  # what validation found (the first few)
         self.ncores = {}
-        self.nbytes = {}
         self.worker_services = {}
         self.names = {}
         self.nannies = {}  # worker address -> address of the nanny running it
@@ -80,8 +91,6 @@ class Center(Server):
         self.service_ports = dict(service_ports or {})
         self.services = {}
         self.status = "created"
-        self.scheduler = Scheduler(self.who_has, self.has_what, self.nbytes,
-                                   allowed_failures=allowed_failures)
         self.worker_comms = {}  # address -> BatchedSend on its stream
         self.client_comms = {}  # client id -> BatchedSend
         handlers = {
@@ -103,6 +112,7 @@ class Center(Server):
             "restart": self.restart,
             "processing": self.get_processing,
             "task_states": self.get_task_states,
+            "story": self.story,
             "worker_died": self.worker_died,
         }
         s = self.scheduler
@@ -129,11 +139,27 @@ class Center(Server):
         super().__init__(handlers, ip=ip, **kwargs)
         self._check = PeriodicCallback(self._check_heartbeats, 1000)
 
+    # the scheduler's tables, read-only here (change them through the scheduler)
+    @property
+    def who_has(self):
+        return self.scheduler.who_has
+
+    @property
+    def has_what(self):
+        return self.scheduler.has_what
+
+    @property
+    def nbytes(self):
+        return self.scheduler.nbytes
+
     def identity(self, stream=None):
-        return {"type": type(self).__name__, "id": self.id,
+        info = {"type": type(self).__name__, "id": self.id,
                 "workers": list(self.ncores),
                 "heartbeat_timeout": self.heartbeat_timeout,
                 "allowed_failures": self.scheduler.allowed_failures}
+        if self.validate:
+            info["invariant_errors"] = list(self.invariant_errors)
+        return info
 
     def listen(self, port=None, address=None):
         if port is None:
@@ -180,7 +206,6 @@ class Center(Server):
         if nanny is not None:
             self.nannies[address] = coerce_to_address(nanny)
         self.last_seen[address] = time.time()
-        self.has_what[address]  # an empty entry: the worker is known
         if stream is not None:
             self.worker_streams[address] = stream
             self._stream_workers[stream].add(address)
@@ -188,8 +213,9 @@ class Center(Server):
             # back after being removed: its keys go through the scheduler,
             # which keeps only what is still needed (see worker_stream)
             self._rejoining[address] = (list(keys), nbytes)
-        else:
-            self._add_keys(address, keys, nbytes)
+            keys, nbytes = (), None
+        # an empty entry at least: the worker is known
+        self.scheduler.add_replicas(address, keys, nbytes)
         logger.info("registered worker %s (%s cores)", log_safe(address), log_safe(ncores))
         return b"OK"
 
@@ -225,8 +251,6 @@ class Center(Server):
             while len(self._lost_workers) > MAX_LOST_WORKERS:
                 self._lost_workers.popitem(last=False)
         logger.debug("removing worker %s: %s", log_safe(address), cause)
-        keys = self.has_what.pop(address, set())
-        self._remove_keys(address, keys)
         del self.ncores[address]
         self.worker_services.pop(address, None)
         self.names.pop(address, None)
@@ -245,7 +269,7 @@ class Center(Server):
         comm = self.worker_comms.pop(address, None)
         if comm is not None and close:
             comm.abort()
-        self.scheduler.remove_worker(address, keys, cause=cause)
+        self.scheduler.remove_worker(address, cause=cause)
         self.send_scheduler_messages()
 
     def stream_closed(self, stream):
@@ -274,13 +298,11 @@ class Center(Server):
             raise ValueError("worker %s must register on this stream first" % address)
         self.worker_comms[address] = BatchedSend(stream, self.loop,
                                                  max_bytes=self.limits.max_message_size // 2)
-        # its keys first: a task waiting for one it holds is not sent to it
+        # the keys it comes back with are checked against what is still needed;
+        # those it registered are merged with their tasks (add_worker)
         rejoining = self._rejoining.pop(address, None)
         if rejoining is not None:
             self.scheduler.rejoin(address, *rejoining)
-        else:  # keys it registered: merged with the tasks that produce them
-            self.scheduler.add_keys(address, list(self.has_what.get(address, ())),
-                                    self.nbytes)
         self.scheduler.add_worker(address, self.ncores.get(address))
         self.send_scheduler_messages()
         await handle_batches(stream, self.stream_handlers, {"address": address},
@@ -320,6 +342,8 @@ class Center(Server):
                 self.send_scheduler_messages()
 
     def send_scheduler_messages(self):
+        if self.validate:
+            self.validate_scheduler()
         to_workers, to_clients = self.scheduler.flush()
         for address, msgs in to_workers.items():
             comm = self.worker_comms.get(address)
@@ -329,6 +353,26 @@ class Center(Server):
             comm = self.client_comms.get(client)
             if comm is not None and not comm.closed:
                 comm.send_many(msgs)
+
+    def validate_scheduler(self):
+        """Check the scheduler's invariants (``$DISTRIBUTED_VALIDATE``); a
+        failure is logged loudly with the story of its key, kept in
+        ``invariant_errors`` (which ``identity()`` reports, for tests to
+        check), and not raised: the center keeps serving."""
+        try:
+            self.scheduler.validate()
+        except InvariantError as e:
+            key = e.key
+            story = self.scheduler.story(key)
+            logger.critical("SCHEDULER INVARIANT BROKEN: %s\nstory of %r:\n%s",
+                            log_safe(e), key, "\n".join(log_safe(repr(entry))
+                                                        for entry in story[-20:]))
+            if len(self.invariant_errors) < 100:
+                self.invariant_errors.append(str(e))
+
+    def story(self, stream=None, keys=()):
+        """What happened to ``keys`` and why: see ``Scheduler.story``."""
+        return self.scheduler.story(*keys)
 
     async def restart(self, stream=None, timeout=30):
         """Forget all tasks and data; executors are told their futures are gone.
@@ -373,26 +417,16 @@ class Center(Server):
 
     # -- keys ----------------------------------------------------------------
 
-    def _add_keys(self, address, keys, nbytes=None):
-        held = self.has_what[address]
-        for key in keys:
-            held.add(key)
-            self.who_has[key].add(address)
-        if nbytes:
-            self.nbytes.update(nbytes)
-
     def add_keys(self, stream=None, address=None, keys=(), nbytes=None):
         address = coerce_to_address(address)
         if address not in self.ncores:
             raise ValueError("worker %s is not registered with this center" % address)
-        self._add_keys(address, keys, nbytes)
+        self.scheduler.add_replicas(address, keys, nbytes)
         return b"OK"
 
-    def _remove_keys(self, address, keys):
-        self.scheduler.remove_replicas(address, keys)
-
     def remove_keys(self, stream=None, address=None, keys=()):
-        self._remove_keys(coerce_to_address(address), keys)
+        self.scheduler.remove_keys(coerce_to_address(address), keys)
+        self.send_scheduler_messages()
         return b"OK"
 
     def get_who_has(self, stream=None, keys=None):
@@ -421,14 +455,8 @@ class Center(Server):
 
     async def delete_data(self, stream=None, keys=()):
         """Tell every holder of ``keys`` to drop them, and forget them."""
-        by_worker = defaultdict(list)
-        for key in keys:
-            for address in self.who_has.get(key, ()):
-                by_worker[address].append(key)
-        for address, ks in by_worker.items():
-            self._remove_keys(address, ks)
-        for key in keys:
-            self.nbytes.pop(key, None)
+        by_worker = self.scheduler.delete_keys(keys)
+        self.send_scheduler_messages()
         await asyncio.gather(
             *[self.worker_rpc(a).delete_data(keys=ks, report=False, timeout=10)
               for a, ks in by_worker.items()],

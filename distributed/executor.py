@@ -1490,6 +1490,21 @@ class Executor:
         addresses = None if workers is None else [coerce_to_address(w) for w in workers]
         return self.sync(self.center.ncores, addresses=addresses, timeout=self.timeout)
 
+    def story(self, *keys):
+        """What happened to these keys (or futures) in the scheduler and why,
+        oldest first: ``[{'key', 'start', 'finish', 'cause', 'worker',
+        'time'}]``, one per change of state (as far back as the center's log
+        reaches).  ``await e._story(...)`` on the executor's own loop.
+
+        >>> e.story(future)                                   # doctest: +SKIP
+        [{'key': 'inc-1', 'start': 'released', 'finish': 'waiting', ...}, ...]
+        """
+        return self.sync(self._story, *keys)
+
+    async def _story(self, *keys):
+        keys = [k.key if isinstance(k, Future) else k for k in keys]
+        return await self.center.story(keys=keys, timeout=self.timeout)
+
     def restart(self):
         """Drop all tasks and data; a local cluster gets fresh worker processes.
 

@@ -23,6 +23,12 @@ Task states
 ``no-worker`` ready, but no worker may run it yet
 ``memory``    computed; ``who_has[key]`` names the holders
 ``erred``     it (or a dependency) raised; the exception is kept
+``forgotten`` not a state a task is in: the scheduler dropped it
+
+Every change of state goes through :meth:`Scheduler._transition`, which
+allows only the pairs in :data:`TRANSITIONS`, logs each one (see
+:meth:`Scheduler.story`) and tells the plugins (:class:`SchedulerPlugin`).
+:meth:`Scheduler.validate` checks the invariants the code relies on.
 
 A worker gets at most ``saturation`` tasks beyond its cores, so that new
 and freed workers can take the rest; a worker with a free slot and nothing
@@ -34,14 +40,16 @@ long its queue is.
 import heapq
 import itertools
 import logging
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
+from time import time
 
 from .graph import CycleError, find_cycle
 from .utils import key_split, validate_key
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Scheduler", "TaskState", "WorkerState", "KilledWorker", "LostData"]
+__all__ = ["Scheduler", "SchedulerPlugin", "TaskState", "WorkerState", "KilledWorker",
+           "LostData", "InvalidTransition", "InvariantError", "TRANSITIONS"]
 
 #: how many worker deaths while running a task before it is marked erred
 ALLOWED_FAILURES = 3
@@ -55,6 +63,88 @@ DEFAULT_TASK_DURATION = 0.001
 LATENCY = 0.005
 #: at most this many tasks in flight on a worker beyond its cores
 MAX_EXTRA = 100
+#: how many transitions (of all keys) :meth:`Scheduler.story` can look back on
+TRANSITION_LOG_LENGTH = 100000
+#: set (to anything but "" or "0") to run :meth:`Scheduler.validate` in the
+#: center after every batch of messages (the executor and resilience tests do)
+VALIDATE_ENV = "DISTRIBUTED_VALIDATE"
+
+# -- task states -------------------------------------------------------------------
+
+RELEASED = "released"
+WAITING = "waiting"
+NO_WORKER = "no-worker"
+QUEUED = "queued"
+PROCESSING = "processing"
+MEMORY = "memory"
+ERRED = "erred"
+FORGOTTEN = "forgotten"  # the task is dropped from ``Scheduler.tasks``
+
+#: every allowed change of state, ``(start, finish): when it happens``.  How
+#: can a task go from A to B?  Look up ``(A, B)``; absent means never (an
+#: attempt raises :class:`InvalidTransition`).
+TRANSITIONS = {
+    (RELEASED, WAITING): "a client (or a waiting dependent) wants it",
+    (RELEASED, MEMORY): "a worker turns out to hold it, or a client scattered it",
+    (RELEASED, ERRED): "it has no task to compute it (scattered data lost), or "
+                       "a dependency erred, or missing-data retries ran out",
+    (RELEASED, FORGOTTEN): "nothing wants it nor depends on it any more",
+    (WAITING, PROCESSING): "its dependencies are in memory: sent to a worker",
+    (WAITING, QUEUED): "its dependencies are in memory: held for a busy worker",
+    (WAITING, NO_WORKER): "its dependencies are in memory, but no worker may run it",
+    (WAITING, MEMORY): "a worker turns out to hold it, or a client scattered it",
+    (WAITING, ERRED): "a dependency erred",
+    (WAITING, RELEASED): "nobody wants it any more",
+    (NO_WORKER, PROCESSING): "a worker that may run it arrived",
+    (NO_WORKER, QUEUED): "a worker that may run it arrived, busy",
+    (NO_WORKER, WAITING): "an input was lost",
+    (NO_WORKER, MEMORY): "a worker turns out to hold it, or a client scattered it",
+    (NO_WORKER, ERRED): "a dependency erred",
+    (NO_WORKER, RELEASED): "nobody wants it any more",
+    (QUEUED, PROCESSING): "its worker has a free slot",
+    (QUEUED, WAITING): "an input was lost",
+    (QUEUED, MEMORY): "a worker turns out to hold it, or a client scattered it",
+    (QUEUED, ERRED): "a dependency erred",
+    (QUEUED, RELEASED): "nobody wants it any more, or its worker left",
+    (PROCESSING, MEMORY): "a worker finished it (or a client scattered it)",
+    (PROCESSING, ERRED): "it raised, or killed too many workers",
+    (PROCESSING, RELEASED): "nobody wants it any more (it may still finish), its "
+                            "worker left, or it could not fetch its inputs",
+    (MEMORY, RELEASED): "nobody wants it any more, or every holder lost it",
+    (ERRED, RELEASED): "a client retries it",
+    (ERRED, MEMORY): "a client scattered data under its key",
+    (ERRED, FORGOTTEN): "nothing wants it nor depends on it any more",
+}
+
+#: the states a task in ``Scheduler.tasks`` can be in
+STATES = frozenset(s for pair in TRANSITIONS for s in pair) - {FORGOTTEN}
+#: wanted, not in memory yet: the scheduler is working on it
+PENDING = frozenset({WAITING, NO_WORKER, QUEUED, PROCESSING})
+#: ready to run, not sent to a worker yet
+READY = frozenset({NO_WORKER, QUEUED})
+#: erred with a dependency: every state that has not run (yet)
+NOT_STARTED = frozenset({RELEASED, WAITING, NO_WORKER, QUEUED})
+#: nothing more happens to it unless wanted again: may be forgotten
+FINISHED = frozenset(start for start, finish in TRANSITIONS if finish == FORGOTTEN)
+#: data for it arriving is welcome (if wanted): not in memory, not erred
+NOT_IN_MEMORY = frozenset({RELEASED}) | PENDING
+#: state -> the states it may go to (what ``_transition`` looks up)
+_NEXT = {start: frozenset(b for a, b in TRANSITIONS if a == start)
+         for start, _ in TRANSITIONS}
+_LOG_FIELDS = 6  # key, start, finish, cause, worker, time
+
+
+class InvalidTransition(RuntimeError):
+    """A change of state :data:`TRANSITIONS` does not allow: a scheduler bug."""
+
+
+class InvariantError(AssertionError):
+    """:meth:`Scheduler.validate` found the scheduler's tables inconsistent
+    about ``key``."""
+
+    def __init__(self, message, key=None):
+        super().__init__(message)
+        self.key = key
 
 
 class KilledWorker(Exception):
@@ -75,7 +165,7 @@ class TaskState:
 
     def __init__(self, key, run_spec=None, priority=(0,)):
         self.key = key
-        self.state = "released"
+        self.state = RELEASED
         self.run_spec = run_spec
         self.dependencies = set()
         self.dependents = set()
@@ -103,8 +193,7 @@ class TaskState:
 
 
 class WorkerState:
-    __slots__ = ("address", "ncores", "processing", "queue", "nbytes", "paused",
-                 "memory_exit")
+    __slots__ = ("address", "ncores", "processing", "queue", "paused", "memory_exit")
 
     def __init__(self, address, ncores):
         self.address = address
@@ -115,25 +204,53 @@ class WorkerState:
         self.memory_exit = None
         self.processing = set()  # tasks sent to the worker
         self.queue = []  # heap of (priority, seq, TaskState) held back
-        self.nbytes = 0
 
     def __repr__(self):
         return "<WorkerState %s: %d processing, %d queued>" % (
             self.address, len(self.processing), len(self.queue))
 
 
+class SchedulerPlugin:
+    """Watch a scheduler: subclass, override what you need, and
+    ``scheduler.add_plugin(plugin)``.  Methods are called synchronously,
+    after the change; an exception is logged and otherwise ignored.
+
+    >>> class Counter(SchedulerPlugin):
+    ...     def __init__(self):
+    ...         self.finished = 0
+    ...     def transition(self, key, start, finish, **info):
+    ...         self.finished += finish == "memory"
+    >>> s = Scheduler()
+    >>> s.add_plugin(Counter())
+    """
+
+    def transition(self, key, start, finish, cause=None, worker=None):
+        """``key`` went from state ``start`` to ``finish`` (see
+        :data:`TRANSITIONS`); ``cause`` says why, ``worker`` is the worker
+        involved (running it, reporting it) or None."""
+
+    def add_worker(self, address):
+        """A worker joined (it may now be sent tasks)."""
+
+    def remove_worker(self, address, cause=None):
+        """A worker left; ``cause`` says why (None: not known)."""
+
+
 class Scheduler:
     """See the module docstring.
 
-    ``who_has``, ``has_what`` and ``nbytes`` are the center's tables (shared,
-    so the center's handlers and the scheduler agree on where data is).
+    The scheduler owns every table about tasks and data: ``tasks``,
+    ``workers``, ``clients``, and ``who_has`` ``{key: {address}}``,
+    ``has_what`` ``{address: {key}}``, ``nbytes`` ``{key: int}``.  The center
+    reads them and changes them only through the scheduler's methods
+    (:meth:`add_replicas`, :meth:`remove_replicas`, ...).
     """
 
-    def __init__(self, who_has=None, has_what=None, nbytes=None,
-                 allowed_failures=ALLOWED_FAILURES, saturation=2):
-        self.who_has = who_has if who_has is not None else defaultdict(set)
-        self.has_what = has_what if has_what is not None else defaultdict(set)
-        self.nbytes = nbytes if nbytes is not None else {}
+    def __init__(self, allowed_failures=ALLOWED_FAILURES, saturation=2,
+                 transition_log_length=TRANSITION_LOG_LENGTH):
+        self.who_has = defaultdict(set)
+        self.has_what = defaultdict(set)
+        self.nbytes = {}
         self.tasks = {}
         self.workers = {}
         self.clients = {}  # client -> set of keys it wants
@@ -150,24 +267,104 @@ class Scheduler:
         # few removals): a death reported afterwards as caused by the data
         # held, not the tasks, takes that back (forgive_death)
         self._counted_deaths = OrderedDict()
+        # the latest transitions, flat: key, start, finish, cause, worker,
+        # time, key, ... (no tuple per transition for the garbage collector
+        # to count and scan: see transition_log)
+        self._log = deque(maxlen=_LOG_FIELDS * transition_log_length)
+        self.plugins = []
+
+    # -- the one place a task changes state --------------------------------------
+
+    def _transition(self, ts, finish, cause, worker=None):
+        """Move ``ts`` to state ``finish``; ``cause`` (a short text) and
+        ``worker`` (an address, or None) go into the log and to the plugins.
+
+        Only the pairs in :data:`TRANSITIONS` are allowed; the callers do
+        the work that goes with a change (messages, tables).
+        """
+        start = ts.state
+        if finish not in _NEXT.get(start, ()):
+            raise InvalidTransition(
+                "scheduler bug: task %r cannot go from %r to %r (%s); allowed from %r: "
+                "%s" % (ts.key, start, finish, cause, start, sorted(_NEXT.get(start, ()))))
+        if finish != FORGOTTEN:
+            ts.state = finish
+        self._log.extend((ts.key, start, finish, cause, worker, time()))
+        if self.plugins:
+            self._tell_plugins("transition", ts.key, start, finish, cause=cause,
+                               worker=worker)
+
+    def story(self, *keys):
+        """What happened to ``keys`` and why, oldest first (as far back as
+        the log reaches, :data:`TRANSITION_LOG_LENGTH` transitions of all
+        keys): a list of dicts ``{'key', 'start', 'finish', 'cause',
+        'worker', 'time'}``.
+
+        >>> s = Scheduler()
+        >>> s.add_worker('w1:1')
+        >>> s.update_graph('c1', tasks={'x': 'spec'}, dependencies={}, keys=['x'])
+        >>> [(e['start'], e['finish']) for e in s.story('x')]
+        [('released', 'waiting'), ('waiting', 'processing')]
+        """
+        keys = set(keys)
+        return [{"key": key, "start": start, "finish": finish, "cause": cause,
+                 "worker": worker, "time": t}
+                for key, start, finish, cause, worker, t in self.transition_log
+                if key in keys]
+
+    @property
+    def transition_log(self):
+        """The latest transitions (of all keys), oldest first: a list of
+        ``(key, start, finish, cause, worker, time)``."""
+        log = list(self._log)
+        return [tuple(log[i:i + _LOG_FIELDS]) for i in range(0, len(log), _LOG_FIELDS)]
+
+    def add_plugin(self, plugin):
+        """Tell ``plugin`` (a :class:`SchedulerPlugin`) of every transition
+        and every worker added or removed from now on."""
+        self.plugins.append(plugin)
+
+    def remove_plugin(self, plugin):
+        self.plugins.remove(plugin)
+
+    def _tell_plugins(self, method, *args, **kwargs):
+        for plugin in self.plugins:
+            try:
+                getattr(plugin, method)(*args, **kwargs)
+            except Exception:
+                logger.exception("scheduler plugin %r failed in %s%r", plugin, method,
+                                 args)
 
     # -- workers and clients ------------------------------------------------------
 
     def add_worker(self, address, ncores=1):
+        """``address`` may be sent tasks now.  The keys it registered with
+        (:meth:`add_replicas`) are merged with their tasks first (see
+        :meth:`add_keys`), so that a task waiting for one it holds is not
+        sent to it."""
         if address in self.workers:
             return
+        held = self.has_what.get(address)
+        if held:
+            self.add_keys(address, list(held), self.nbytes)
         ws = self.workers[address] = WorkerState(address, ncores or 1)
-        for ts in sorted(self.unrunnable, key=lambda t: t.priority):
-            if ts.state == "no-worker":
+        if self.plugins:
+            self._tell_plugins("add_worker", address)
+        for ts in sorted(self.unrunnable, key=_priority):
+            if ts.state == NO_WORKER:
                 self.unrunnable.discard(ts)
-                self._ready(ts)
+                self._ready(ts, "worker %s arrived" % address)
         self._fill(ws)  # takes queued work from busy workers
 
-    def remove_worker(self, address, keys=(), cause=None):
-        """The worker left; ``keys`` are the keys it held (already removed
-        from ``who_has`` by the center); ``cause`` says why, for the errors
-        of the tasks that erred for it ("its connection closed: ...")."""
+    def remove_worker(self, address, cause=None):
+        """The worker left, with the keys it held; ``cause`` says why, for
+        the errors of the tasks that erred for it ("its connection closed:
+        ...").  Works for an address that only registered keys, too."""
+        keys = self.has_what.pop(address, set())
+        self.remove_replicas(address, keys)
         ws = self.workers.pop(address, None)
+        if ws is not None and self.plugins:
+            self._tell_plugins("remove_worker", address, cause=cause)
         self.to_workers.pop(address, None)
         # transfers already waiting on it (a cut link sends no FIN) are dropped
         news = {"op": "worker-removed", "address": address}
@@ -183,7 +380,7 @@ class Scheduler:
             innocent = ws.memory_exit == "data"
             counted = []
             for ts in list(ws.processing):
-                if ts.state != "processing" or ts.processing_on is not ws:
+                if ts.state != PROCESSING or ts.processing_on is not ws:
                     continue
                 ts.processing_on = None
                 if innocent:
@@ -200,7 +397,7 @@ class Scheduler:
                 else:
                     to_reschedule.append(ts)
             for _, _, ts in ws.queue:
-                if ts.state == "queued" and ts.processing_on is ws:
+                if ts.state == QUEUED and ts.processing_on is ws:
                     ts.processing_on = None
                     to_reschedule.append(ts)
             if counted:
@@ -208,34 +405,38 @@ class Scheduler:
                 while len(self._counted_deaths) > 100:
                     self._counted_deaths.popitem(last=False)
         recompute = self._lost(keys, "it was scattered to %s, which was removed (%s)"
-                             % (address, cause or "it left"))
+                               % (address, cause or "it left"), address)
         for ts in to_reschedule:
-            ts.state = "released"
-            recompute.append(ts)
+            # (one whose input was lost meanwhile waits for it again)
+            if ts.state in (PROCESSING, QUEUED):
+                self._transition(ts, RELEASED, "worker %s was removed: %s"
+                                 % (address, cause or "it left"), address)
+                recompute.append(ts)
         self._request(recompute)
 
-    def _lost(self, keys, how):
+    def _lost(self, keys, how, worker=None):
         """Of ``keys`` (which lost a holder), those in memory nowhere now:
         released, their clients told; returns those to recompute.  Scattered
-        ones (no task) are erred with ``LostData``, saying ``how``."""
+        ones (no task) are erred with ``LostData``, saying ``how`` it was
+        lost (``worker``: the worker that lost it, if one did)."""
         lost = []
         for key in keys:
             ts = self.tasks.get(key)
-            if ts is None or ts.state != "memory" or self.who_has.get(key):
+            if ts is None or ts.state != MEMORY or self.who_has.get(key):
                 continue
             lost.append(ts)
         recompute = []
         for ts in lost:
-            ts.state = "released"
+            self._transition(ts, RELEASED, "data lost: " + how, worker)
             self.nbytes.pop(ts.key, None)
             for client in ts.who_wants:
                 self.to_clients[client].append({"op": "lost-data", "key": ts.key})
             for dep in ts.waiters:
-                if dep.state in ("queued", "no-worker"):
-                    dep.state = "waiting"
+                if dep.state in READY:
+                    self._transition(dep, WAITING, "input %r lost" % (ts.key,), worker)
                     self.unrunnable.discard(dep)
                     dep.processing_on = None
-                if dep.state == "waiting":
+                if dep.state == WAITING:
                     dep.waiting_on.add(ts)
             if ts.run_spec is None:
                 exc = LostData(
@@ -246,8 +447,26 @@ class Scheduler:
                 recompute.append(ts)
         return recompute
 
+    def add_replicas(self, address, keys=(), nbytes=None):
+        """``address`` holds ``keys`` (``nbytes``: ``{key: size}`` of some of
+        them): the tables only, no task changes state.  The center's
+        ``register`` and ``add_keys`` rpc, the metadata store; keys that
+        tasks need are merged with them when the worker's stream opens
+        (:meth:`add_worker`).  ``keys=()`` just lists the address."""
+        held = self.has_what[address]
+        who_has = self.who_has
+        for key in keys:
+            held.add(key)
+            who_has[key].add(address)
+        if nbytes:
+            for key, n in nbytes.items():
+                if key in held:
+                    self.nbytes[key] = n
+
     def remove_replicas(self, address, keys):
-        """``address`` holds ``keys`` no more (in the shared tables only)."""
+        """``address`` holds ``keys`` no more: the tables only (a task in
+        memory left with no holder is the caller's business: see
+        :meth:`remove_keys`)."""
         held = self.has_what.get(address)
         for key in keys:
             if held is not None:
@@ -258,6 +477,29 @@ class Scheduler:
                 if not holders:
                     del self.who_has[key]
                     self.nbytes.pop(key, None)
+
+    def remove_keys(self, address, keys=()):
+        """``address`` dropped ``keys`` (the center's ``remove_keys`` rpc):
+        forget those replicas; a key of a task now held nowhere is
+        recomputed if wanted (or, scattered, erred with ``LostData``)."""
+        self.remove_replicas(address, keys)
+        self._request(self._lost(keys, "%s dropped it" % address, address))
+
+    def delete_keys(self, keys):
+        """Forget every replica of ``keys`` (the center's ``delete_data``);
+        returns ``{address: [key]}``, the holders to tell.  Tasks in memory
+        are released (and recomputed if still wanted)."""
+        by_worker = defaultdict(list)
+        for key in keys:
+            for address in self.who_has.get(key, ()):
+                by_worker[address].append(key)
+        for address, ks in by_worker.items():
+            self.remove_replicas(address, ks)
+        for key in keys:
+            self.nbytes.pop(key, None)
+        self._request(self._lost(keys, "it was deleted (delete_data)"))
+        self._flush_releases()
+        return by_worker
 
     def missing_keys(self, address, keys=()):
         """``address`` was asked for ``keys`` and has not got them (deleted
@@ -271,7 +513,7 @@ class Scheduler:
                        address, len(keys), keys[0])
         self.remove_replicas(address, keys)
         self._request(self._lost(keys, "it was scattered to %s, which lost it"
-                                 % address))
+                                 % address, address))
 
     def memory_exit(self, address, blame=None):
         """The worker is exiting past its memory limit; ``blame``: ``'data'``
@@ -286,7 +528,7 @@ class Scheduler:
         says so): the tasks that were running on it have that death taken
         off their count (those it already made fail stay failed)."""
         for ts in self._counted_deaths.pop(address, ()):
-            if ts.state != "erred" and ts.suspicious > 0:
+            if ts.state != ERRED and ts.suspicious > 0:
                 ts.suspicious -= 1
 
     def set_paused(self, address, paused=True):
@@ -345,12 +587,12 @@ class Scheduler:
                 if self.who_has.get(key):
                     # registered by a worker before this graph came (a center
                     # restart): in memory, and now with its lineage
-                    ts.state = "memory"
+                    self._transition(ts, MEMORY, "a worker holds it (registered)")
                     ts.nbytes = self.nbytes.get(key)
                     merged.append(ts)
                 else:
                     new.append(ts)
-            elif ts.state == "released" and ts.run_spec is None:
+            elif ts.state == RELEASED and ts.run_spec is None:
                 ts.run_spec = spec
             ts.priority = priority.get(key, ts.priority)
             if key in restrictions:
@@ -375,6 +617,8 @@ class Scheduler:
             self._report_state(ts, client)
         for key, deps in missing_deps.items():
             ts = self.tasks[key]
+            if ts.state == MEMORY:
+                continue  # computed already: its lineage is incomplete, no more
             exc = LostData("task %r depends on %s, which the scheduler does not "
                            "know (released or lost)" % (key, deps))
             self._erred(ts, exc, None, str(exc), blob=False)
@@ -385,9 +629,6 @@ class Scheduler:
         for ts in merged:  # held by a worker, but needed by nobody
             self._maybe_release(ts)
         self._flush_releases()
-
-    def client_desires_keys(self, client, keys):
-        self.update_graph(client, keys=keys)
 
     def client_releases_keys(self, client, keys, _known=True):
         wants = self.clients.get(client, set()) if _known else set(keys)
@@ -412,22 +653,22 @@ class Scheduler:
         self.add_client(client)
         stack, rerun = [], []
         for ts in self._want(client, keys):
-            if ts.state == "erred":
+            if ts.state == ERRED:
                 stack.append(ts)
-            elif ts.state == "released":  # sent again to a restarted center
+            elif ts.state == RELEASED:  # sent again to a restarted center
                 rerun.append(ts)
             else:
                 self._report_state(ts, client)  # in memory: says so; else it will
         roots, seen = [], set()
         while stack:
             ts = stack.pop()
-            if ts in seen or ts.state != "erred":
+            if ts in seen or ts.state != ERRED:
                 continue
             seen.add(ts)
             roots.append(ts)
             stack.extend(ts.dependencies)
         for ts in roots:
-            self._forget_error(ts)
+            self._forget_error(ts, "retried by client %s" % (client,))
         self._request(roots + rerun)
         self._flush_releases()
 
@@ -444,8 +685,8 @@ class Scheduler:
             wanted.append(ts)
         return wanted
 
-    def _forget_error(self, ts):
-        ts.state = "released"
+    def _forget_error(self, ts, cause):
+        self._transition(ts, RELEASED, cause)
         ts.exception = ts.traceback = ts.text = None
         ts.retries = ts.suspicious = 0
 
@@ -467,8 +708,9 @@ class Scheduler:
                 confirm[addr].append(key)
             ts.who_wants.add(client)
             self.clients[client].add(key)
-            if ts.state != "memory":
-                self._set_memory(ts, type=None)
+            if ts.state != MEMORY:
+                self._set_memory(ts, "scattered by client %s" % (client,),
+                                 addresses[0] if addresses else None)
         self._flush_releases()
         for addr, keys in confirm.items():
             self.to_workers[addr].append({"op": "confirm-data", "keys": keys})
@@ -482,7 +724,10 @@ class Scheduler:
         for client in self.clients:
             self.to_clients[client].append({"op": "restart"})
             self.clients[client] = set()
-        for key in list(self.tasks):
+        for key, ts in self.tasks.items():
+            if ts.state not in FINISHED:
+                self._transition(ts, RELEASED, "restart")
+            self._transition(ts, FORGOTTEN, "restart")
             self.who_has.pop(key, None)
             self.nbytes.pop(key, None)
         for address in self.has_what:
@@ -502,9 +747,9 @@ class Scheduler:
         they need not fetch it."""
         ts = self.tasks.get(key)
         ws = self.workers.get(address)
-        if ws is not None and ts is not None:
-            ws.processing.discard(ts)
-        if ts is None or ts.state in ("released", "erred"):
+        if ws is not None:
+            self._ran(ws, key, ts)
+        if ts is None or ts.state in FINISHED:
             # nobody wants it any more: the worker drops it
             self.to_workers[address].append({"op": "delete-data", "keys": [key]})
             if ts is not None:
@@ -513,12 +758,12 @@ class Scheduler:
             if startstops:
                 self._record_duration(ts.prefix, startstops[1] - startstops[0])
             self._add_replica(ts, address, nbytes)
-            if ts.state != "memory":
+            if ts.state != MEMORY:
                 other = ts.processing_on
                 if other is not None and other is not ws:
                     other.processing.discard(ts)  # it may still report: a replica
                 ts.processing_on = None
-                self._set_memory(ts, type, value)
+                self._set_memory(ts, "task-finished", address, type, value)
         if ws is not None:
             self._fill(ws)
         self._flush_releases()
@@ -526,11 +771,12 @@ class Scheduler:
     def task_erred(self, address, key, exception=None, traceback=None, text=None):
         ts = self.tasks.get(key)
         ws = self.workers.get(address)
-        if ws is not None and ts is not None:
-            ws.processing.discard(ts)
-        if ts is not None and ts.state == "processing" and ts.processing_on is ws:
+        if ws is not None:
+            self._ran(ws, key, ts)
+        if ts is not None and ts.state == PROCESSING and ts.processing_on is ws:
             ts.processing_on = None
-            self._erred(ts, exception, traceback, text, blob=True)
+            self._erred(ts, exception, traceback, text, blob=True, cause="task-erred",
+                        worker=address)
         if ws is not None:
             self._fill(ws)
         self._flush_releases()
@@ -539,19 +785,21 @@ class Scheduler:
         """A worker could not fetch ``missing`` inputs of ``key``."""
         ts = self.tasks.get(key)
         ws = self.workers.get(address)
-        if ws is not None and ts is not None:
-            ws.processing.discard(ts)
+        if ws is not None:
+            self._ran(ws, key, ts)
         for bad in bad_workers:
             self.remove_replicas(bad, missing)
-        recompute = self._lost(missing, "no holder could hand it over to %s" % address)
-        if ts is None or ts.state != "processing" or ts.processing_on is not ws:
+        recompute = self._lost(missing, "no holder could hand it over to %s" % address,
+                               address)
+        if ts is None or ts.state != PROCESSING or ts.processing_on is not ws:
             self._request(recompute)
             if ws is not None:
                 self._fill(ws)
             return
         ts.processing_on = None
         ts.retries += 1
-        ts.state = "released"
+        self._transition(ts, RELEASED, "missing-data: could not fetch %s"
+                         % (list(missing),), address)
         if ts.retries > MISSING_DATA_RETRIES:
             # holders that answer but cannot hand the data over (a value
             # that does not serialize) would otherwise be asked forever
@@ -559,7 +807,8 @@ class Scheduler:
                 "task %r could not get its inputs %s from %s after %d tries; a "
                 "value that cannot be serialized does this"
                 % (key, list(missing), list(bad_workers), ts.retries))
-            self._erred(ts, exc, None, str(exc), blob=False)
+            self._erred(ts, exc, None, str(exc), blob=False, cause="missing-data "
+                        "retries ran out", worker=address)
         self._request([ts] + [d for d in recompute if d.who_wants or d.waiters])
         if ws is not None:
             self._fill(ws)
@@ -579,14 +828,14 @@ class Scheduler:
             if ts is None:
                 self.has_what[address].add(key)
                 self.who_has[key].add(address)
-            elif ts.state == "memory":
+            elif ts.state == MEMORY:
                 self._add_replica(ts, address, nbytes.get(key))
             elif self._welcome(ts):
                 self._add_replica(ts, address, nbytes.get(key))
                 # a queue entry goes stale; a run under way reports a replica
                 ts.processing_on = None
                 self.unrunnable.discard(ts)
-                self._set_memory(ts, ts.type)
+                self._set_memory(ts, "a worker got it (add-keys)", address, ts.type)
             else:  # released or erred meanwhile
                 unwanted.append(key)
         if unwanted:
@@ -610,17 +859,29 @@ class Scheduler:
     @staticmethod
     def _welcome(ts):
         """Is data for ``ts``, not in memory now, wanted?"""
-        return (ts.state in ("released", "waiting", "queued", "no-worker", "processing")
-                and bool(ts.who_wants or ts.waiters))
+        return ts.state in NOT_IN_MEMORY and bool(ts.who_wants or ts.waiters)
+
+    @staticmethod
+    def _ran(ws, key, ts):
+        """``ws`` reported on ``key``: out of its processing set.  A task
+        released while running there and forgotten before the report (then
+        perhaps submitted again, a new ``ts``) is found by its key: it
+        would hold one of the worker's slots forever."""
+        processing = ws.processing
+        if ts is not None and ts in processing:
+            processing.discard(ts)
+        else:
+            for stale in [t for t in processing if t.key == key]:
+                processing.discard(stale)
 
     # -- transitions --------------------------------------------------------------
 
     def _report_state(self, ts, client):
-        if ts.state == "memory":
+        if ts.state == MEMORY:
             self.to_clients[client].append({
                 "op": "key-in-memory", "key": ts.key, "type": ts.type,
                 "workers": list(self.who_has.get(ts.key, ()))})
-        elif ts.state == "erred":
+        elif ts.state == ERRED:
             self.to_clients[client].append(self._erred_msg(ts))
 
     def _unknown_key_msg(self, key):
@@ -639,32 +900,32 @@ class Scheduler:
         # collect the released tasks that must run: roots and released deps
         order = []
         seen = set()
-        stack = [ts for ts in roots if ts.state == "released"]
+        stack = [ts for ts in roots if ts.state == RELEASED]
         while stack:
             ts = stack.pop()
-            if ts in seen or ts.state != "released":
+            if ts in seen or ts.state != RELEASED:
                 continue
             seen.add(ts)
             order.append(ts)
             for dep in ts.dependencies:
-                if dep.state == "released" and dep not in seen:
+                if dep.state == RELEASED and dep not in seen:
                     stack.append(dep)
         for ts in order:
             if ts.run_spec is None:
                 exc = LostData("%r has no data and no task to compute it" % (ts.key,))
-                self._erred(ts, exc, None, str(exc), blob=False)
+                self._erred(ts, exc, None, str(exc), blob=False, cause="no task")
         # dependencies first, so that ready tasks find their inputs placed
         for ts in reversed(order):
-            if ts.state != "released":
+            if ts.state != RELEASED:
                 continue
-            ts.state = "waiting"
+            self._transition(ts, WAITING, "wanted")
             ts.waiting_on = set()
             erred_dep = None
             for dep in ts.dependencies:
                 dep.waiters.add(ts)
-                if dep.state == "memory":
+                if dep.state == MEMORY:
                     continue
-                if dep.state == "erred":
+                if dep.state == ERRED:
                     erred_dep = dep
                     break
                 ts.waiting_on.add(dep)
@@ -673,21 +934,24 @@ class Scheduler:
             elif not ts.waiting_on:
                 self._ready(ts)
 
-    def _ready(self, ts):
+    def _ready(self, ts, cause="inputs in memory"):
+        """``ts`` (waiting or no-worker) may run: send it, queue it, or keep
+        it for a worker that may run it."""
         ws = self._choose_worker(ts)
         if ws is None:
-            ts.state = "no-worker"
+            if ts.state != NO_WORKER:
+                self._transition(ts, NO_WORKER, cause)
             self.unrunnable.add(ts)
             return
         if len(ws.processing) < self._limit(ws):
-            self._send(ws, ts)
+            self._send(ws, ts, cause)
         else:
-            ts.state = "queued"
+            self._transition(ts, QUEUED, cause, ws.address)
             ts.processing_on = ws
             heapq.heappush(ws.queue, (ts.priority, next(self._seq), ts))
 
-    def _send(self, ws, ts):
-        ts.state = "processing"
+    def _send(self, ws, ts, cause):
+        self._transition(ts, PROCESSING, cause, ws.address)
         ts.processing_on = ws
         ws.processing.add(ts)
         who_has = {}
@@ -711,8 +975,8 @@ class Scheduler:
                 if not queue:
                     return
             _, _, ts = heapq.heappop(queue)
-            if ts.state == "queued" and ts.processing_on is ws:
-                self._send(ws, ts)
+            if ts.state == QUEUED and ts.processing_on is ws:
+                self._send(ws, ts, "a slot is free")
 
     def _limit(self, ws):
         """Tasks in flight on ``ws``: its cores plus enough to cover a round
@@ -734,7 +998,7 @@ class Scheduler:
         kept, moved = [], 0
         for item in victim.queue:
             ts = item[2]
-            if ts.state != "queued" or ts.processing_on is not victim:
+            if ts.state != QUEUED or ts.processing_on is not victim:
                 continue  # stale entry: drop it
             if moved < take and (ts.restrictions is None or ws.address in ts.restrictions
                                  or ts.loose_restrictions):
@@ -792,8 +1056,8 @@ class Scheduler:
         self.who_has[ts.key].add(address)
         self.has_what[address].add(ts.key)
 
-    def _set_memory(self, ts, type=None, value=None):
-        ts.state = "memory"
+    def _set_memory(self, ts, cause, worker=None, type=None, value=None):
+        self._transition(ts, MEMORY, cause, worker)
         ts.type = type
         workers = list(self.who_has.get(ts.key, ()))
         for client in ts.who_wants:
@@ -802,7 +1066,7 @@ class Scheduler:
                 msg["value"] = value
             self.to_clients[client].append(msg)
         for dts in ts.waiters:
-            if dts.state == "waiting":
+            if dts.state == WAITING:
                 dts.waiting_on.discard(ts)
                 if not dts.waiting_on:
                     self._ready(dts)
@@ -811,27 +1075,30 @@ class Scheduler:
             self._maybe_release(dep)
         self._maybe_release(ts)
 
-    def _erred(self, ts, exception, traceback, text, blob):
-        """``ts`` failed; so does everything waiting on it."""
-        if ts.state == "erred":
+    def _erred(self, ts, exception, traceback, text, blob, cause=None, worker=None):
+        """``ts`` failed (``cause``: how, for its story); so does everything
+        waiting on it."""
+        if ts.state == ERRED:
             return
         ts.exception = exception
         ts.traceback = traceback
         ts.text = text
-        self._set_erred(ts)
+        self._set_erred(ts, cause or text, worker)
         stack = list(ts.waiters)
+        why = "dependency %r erred" % (ts.key,)
         while stack:
             dts = stack.pop()
-            if dts.state in ("waiting", "queued", "no-worker", "released"):
+            if dts.state in NOT_STARTED:
                 dts.exception, dts.traceback, dts.text = exception, traceback, text
-                self._set_erred(dts)
+                self._set_erred(dts, why)
                 stack.extend(dts.waiters)
 
     def _erred_from(self, ts, dep):
-        self._erred(ts, dep.exception, dep.traceback, dep.text, blob=None)
+        self._erred(ts, dep.exception, dep.traceback, dep.text, blob=None,
+                    cause="dependency %r erred" % (dep.key,))
 
-    def _set_erred(self, ts):
-        ts.state = "erred"
+    def _set_erred(self, ts, cause, worker=None):
+        self._transition(ts, ERRED, cause, worker)
         ts.processing_on = None
         self.unrunnable.discard(ts)
         for client in ts.who_wants:
@@ -846,14 +1113,14 @@ class Scheduler:
         if ts.who_wants or ts.waiters:
             return
         state = ts.state
-        if state == "memory":
+        if state == MEMORY:
             for address in self.who_has.pop(ts.key, ()):
                 self.has_what.get(address, set()).discard(ts.key)
                 self._release_batch[address].append(ts.key)
             self.nbytes.pop(ts.key, None)
-            ts.state = "released"
-        elif state in ("waiting", "queued", "no-worker", "processing"):
-            ts.state = "released"
+            self._transition(ts, RELEASED, "nobody needs it")
+        elif state in PENDING:
+            self._transition(ts, RELEASED, "nobody needs it")
             self.unrunnable.discard(ts)
             for dep in ts.dependencies:
                 dep.waiters.discard(ts)
@@ -865,18 +1132,19 @@ class Scheduler:
         stack = [ts]
         while stack:
             ts = stack.pop()
-            if ts.state not in ("released", "erred") or ts.who_wants or ts.dependents:
+            if ts.state not in FINISHED or ts.who_wants or ts.dependents:
                 continue
             if self.tasks.get(ts.key) is not ts:
                 continue
             if ts.processing_on is not None and ts in ts.processing_on.processing:
                 continue  # still running somewhere; forgotten when it reports
+            self._transition(ts, FORGOTTEN, "nothing needs it")
             del self.tasks[ts.key]
             for dep in ts.dependencies:
                 dep.dependents.discard(ts)
                 dep.waiters.discard(ts)
                 if not dep.who_wants and not dep.waiters:
-                    if dep.state == "memory":
+                    if dep.state == MEMORY:
                         self._maybe_release(dep)
                     else:
                         stack.append(dep)
@@ -909,6 +1177,104 @@ class Scheduler:
     def task_states(self):
         return {key: ts.state for key, ts in self.tasks.items()}
 
+    # -- invariants -----------------------------------------------------------------
+
+    def validate(self):
+        """Check the invariants the scheduler relies on; raise
+        :class:`InvariantError` naming the first broken one (and the key).
+
+        The scheduler tests call it after every step; the center after every
+        batch when ``$DISTRIBUTED_VALIDATE`` is set.  O(tasks + replicas).
+        """
+        tasks, workers = self.tasks, self.workers
+        for key, ts in tasks.items():
+            _check(ts.key == key, key, "is filed under another key %r", ts.key)
+            _check(ts.state in STATES, key, "is in unknown state %r", ts.state)
+            self._validate_task(ts)
+        for address, ws in workers.items():
+            _check(ws.address == address, address, "worker filed under another address")
+            for ts in ws.processing:
+                # a task released while running stays here until it reports
+                # (forgotten meanwhile, it is found by its key: see _ran)
+                _check(tasks.get(ts.key) is ts or ts.state in FINISHED, ts.key,
+                       "is in the processing set of %s, %s, but not a known task",
+                       address, ts.state)
+            for _, _, ts in ws.queue:
+                _check(tasks.get(ts.key) is ts or ts.state != QUEUED, ts.key,
+                       "is queued on %s but not a known task", address)
+        for ts in self.unrunnable:
+            _check(ts.state == NO_WORKER, ts.key, "is unrunnable in state %r", ts.state)
+            _check(tasks.get(ts.key) is ts, ts.key, "is unrunnable but not a known task")
+        for key, holders in self.who_has.items():
+            for address in holders:
+                _check(key in self.has_what.get(address, ()), key,
+                       "who_has names %s, whose has_what lacks it", address)
+        for address, keys in self.has_what.items():
+            for key in keys:
+                _check(address in self.who_has.get(key, ()), key,
+                       "is in has_what of %s, but who_has lacks it", address)
+        for key in self.nbytes:
+            _check(self.who_has.get(key), key, "has nbytes but no holder")
+        for client, keys in self.clients.items():
+            for key in keys:
+                ts = tasks.get(key)
+                _check(ts is not None and client in ts.who_wants, key,
+                       "client %s wants it but the task does not list it", client)
+
+    def _validate_task(self, ts):
+        key, state, workers = ts.key, ts.state, self.workers
+        for dep in ts.dependencies:
+            _check(self.tasks.get(dep.key) is dep, key,
+                   "depends on %r, not a known task", dep.key)
+            _check(ts in dep.dependents, key, "not among the dependents of %r", dep.key)
+        for dts in ts.dependents:
+            _check(ts in dts.dependencies, key,
+                   "lists dependent %r, which does not depend on it", dts.key)
+        for dts in ts.waiters:
+            _check(ts in dts.dependencies, key, "waiter %r does not depend on it", dts.key)
+            _check(dts.state in PENDING, key,
+                   "waiter %r is %s, not pending", dts.key, dts.state)
+        for client in ts.who_wants:
+            _check(key in self.clients.get(client, ()), key,
+                   "wanted by %s, which does not list it", client)
+        if state in PENDING:
+            for dep in ts.dependencies:
+                _check(ts in dep.waiters, key,
+                       "is %s, but not among the waiters of its dependency %r",
+                       state, dep.key)
+        if state == WAITING:
+            not_in_memory = {d for d in ts.dependencies if d.state != MEMORY}
+            _check(ts.waiting_on == not_in_memory, key,
+                   "waits on %s, but the dependencies not in memory are %s",
+                   sorted(d.key for d in ts.waiting_on),
+                   sorted(d.key for d in not_in_memory))
+            _check(ts.waiting_on, key, "is waiting on nothing")
+        elif state in READY:
+            for dep in ts.dependencies:
+                _check(dep.state == MEMORY, key, "is %s, but dependency %r is %s",
+                       state, dep.key, dep.state)
+        if state == PROCESSING:
+            ws = ts.processing_on
+            _check(ws is not None and workers.get(ws.address) is ws, key,
+                   "is processing on %r, not a known worker", ws)
+            _check(ts in ws.processing, key,
+                   "is processing on %s but not in its processing set", ws.address)
+        elif state == QUEUED:
+            ws = ts.processing_on
+            _check(ws is not None and workers.get(ws.address) is ws, key,
+                   "is queued on %r, not a known worker", ws)
+            _check(any(t is ts for _, _, t in ws.queue), key,
+                   "is queued on %s but not in its queue", ws.address)
+        elif state == NO_WORKER:
+            _check(ts in self.unrunnable, key, "is no-worker but not unrunnable")
+        elif state == MEMORY:
+            _check(self.who_has.get(key), key, "is in memory but no worker holds it")
+        elif state == RELEASED:
+            # a released task still running somewhere is not wanted either
+            _check(not ts.who_wants and not ts.waiters, key,
+                   "is released, yet wanted (by %s) or waited for (by %s)",
+                   sorted(map(str, ts.who_wants)), sorted(d.key for d in ts.waiters))
+
 
 def _check_graph(tasks, dependencies, keys, restrictions, priority):
     """Refuse a malformed graph whole, before any state changes."""
@@ -935,3 +1301,10 @@ def _load(ws):
     if ws.paused:
         return float("inf")
     return (len(ws.processing) + len(ws.queue)) / ws.ncores
+
+
+def _check(condition, key, message, *args):
+    """``validate``'s assertion: :class:`InvariantError` naming ``key``."""
+    if not condition:
+        raise InvariantError("scheduler invariant broken for %r: %s"
+                             % (key, message % args if args else message), key)

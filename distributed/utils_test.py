@@ -106,7 +106,8 @@ async def wait_for(predicate, timeout=5, interval=0.01):
 
 
 async def start_cluster(ncores, heartbeat_timeout=60, **worker_kwargs):
-    center = Center("127.0.0.1", heartbeat_timeout=heartbeat_timeout)
+    # the scheduler's invariants are checked after every batch (end_cluster)
+    center = Center("127.0.0.1", heartbeat_timeout=heartbeat_timeout, validate=True)
     center.listen(0)
     workers = [Worker(center.ip, center.port, ip="127.0.0.1", ncores=n, **worker_kwargs)
                for n in ncores]
@@ -118,6 +119,8 @@ async def start_cluster(ncores, heartbeat_timeout=60, **worker_kwargs):
 async def end_cluster(center, workers):
     await asyncio.gather(*[w._close(timeout=1) for w in workers], return_exceptions=True)
     center.close()
+    assert not center.invariant_errors, (
+        "the center's scheduler broke its invariants: %s" % center.invariant_errors)
 
 
 def named_like(test, func):

@@ -415,3 +415,54 @@ def test_allowed_failures_reaches_the_scheduler():
     assert Center("127.0.0.1", allowed_failures=1).scheduler.allowed_failures == 1
     assert Center("127.0.0.1").scheduler.allowed_failures == 3
     assert make_parser().parse_args(["--allowed-failures", "5"]).allowed_failures == 5
+
+
+# ---------------------------------------------------------------------------
+# the scheduler's story and invariants, through the center
+
+
+@gen_cluster()
+async def test_story_over_rpc(c, a, b):
+    from distributed.executor import Executor
+
+    async with Executor(c.address, start=False) as e:
+        x = e.submit(sum, [1, 2], key="story-x")
+        assert await x == 3
+        story = await rpc(c.address).story(keys=["story-x"])
+        assert await e._story(x) == story
+    assert [(s["start"], s["finish"]) for s in story][:3] == [
+        ("released", "waiting"), ("waiting", "processing"), ("processing", "memory")]
+    assert story[2]["worker"] in (a.address, b.address)
+
+
+@with_center()
+async def test_validation_failure_is_logged_and_reported(c):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("distributed.center").addHandler(handler)
+    try:
+        c.validate = True
+        await fake_worker(c).register(address=A, ncores=1, keys=["x"])
+        c.send_scheduler_messages()
+        assert c.invariant_errors == []
+        c.scheduler.who_has["k"].add(A)  # behind the scheduler's back
+        c.send_scheduler_messages()
+    finally:
+        logging.getLogger("distributed.center").removeHandler(handler)
+    [error] = c.invariant_errors
+    assert "'k'" in error and "has_what" in error
+    [record] = [r for r in records if r.levelno == logging.CRITICAL]
+    assert "INVARIANT" in record.getMessage() and "'k'" in record.getMessage()
+    assert (await rpc(c.address).identity())["invariant_errors"] == [error]
+
+
+@with_center()
+async def test_center_tables_are_the_schedulers(c):
+    assert c.who_has is c.scheduler.who_has
+    assert c.has_what is c.scheduler.has_what
+    assert c.nbytes is c.scheduler.nbytes
+    with pytest.raises(AttributeError):
+        c.who_has = {}

@@ -27,6 +27,8 @@ from distributed import (
     progress,
     wait,
 )
+from distributed.core import rpc
+from distributed.scheduler import VALIDATE_ENV
 from distributed.utils_test import add, free_port, inc, poll, slowinc, throws
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -128,6 +130,8 @@ def _cluster_env():
 def cluster():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", _cluster_env())
+        # the center checks the scheduler's invariants after every batch
+        mp.setenv(VALIDATE_ENV, "1")
         c = LocalCluster(n_workers=2, threads_per_worker=1)
     try:
         yield c
@@ -135,13 +139,28 @@ def cluster():
         c.close()
 
 
+def invariant_errors(cluster):
+    """What the center's scheduler validation found so far (``identity``)."""
+    async def ask():
+        r = rpc(cluster.center_address, security=cluster.security)
+        try:
+            return (await r.identity())["invariant_errors"]
+        finally:
+            r.close_streams()
+
+    return asyncio.run(ask())
+
+
 @pytest.fixture
 def e(cluster):
+    before = len(invariant_errors(cluster))
     e = Executor(cluster.center_address)
     try:
         yield e
     finally:
         e.shutdown()
+    errors = invariant_errors(cluster)[before:]
+    assert not errors, "the center's scheduler broke its invariants: %s" % errors
 
 
 @pytest.fixture
@@ -1312,3 +1331,16 @@ def test_compute_graph_dict(e):
     assert set(futures) == {"a", "b", "c"}
     assert futures["c"].result() == 3
     assert e.compute({"x": (inc, 10)}, sync=True) == {"x": 11}
+
+
+def test_story_of_a_future(e):
+    x = e.submit(inc, 1)
+    y = e.submit(inc, x)
+    assert y.result() == 3
+    story = e.story(x)
+    assert [(s["start"], s["finish"]) for s in story][:3] == [
+        ("released", "waiting"), ("waiting", "processing"), ("processing", "memory")]
+    assert story[2]["worker"] in e.ncores()
+    both = e.story(x, y.key)
+    assert {s["key"] for s in both} == {x.key, y.key}
+    assert e.story("never-submitted-" + uid()) == []

@@ -15,7 +15,7 @@ import pytest
 
 from distributed import Executor
 from distributed.process import Process
-from distributed.scheduler import LostData
+from distributed.scheduler import VALIDATE_ENV, LostData
 from distributed.utils_test import add, free_port, inc, poll, slowinc
 
 PY = sys.executable
@@ -24,13 +24,17 @@ PY = sys.executable
 
 @contextmanager
 def processes():
+    """``start(args, wait_for)`` starts a process, stopped on exit.  Centers
+    check their scheduler's invariants (``$DISTRIBUTED_VALIDATE``); one
+    that logged a broken invariant fails the test."""
+    started = []
     with ExitStack() as stack:
-        started = []
 
         def start(args, wait_for):
             # the workers import this module's functions by reference
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+            env[VALIDATE_ENV] = "1"
             p = Process([PY, "-m"] + args, env=env)
             stack.callback(p.stop)
             started.append(p)
@@ -38,6 +42,9 @@ def processes():
             return p
 
         yield start
+    for p in started:
+        p.drained.wait(5)
+        assert "SCHEDULER INVARIANT BROKEN" not in p.output.text(), p.output.text()
 
 
 def start_center(start, port, *args):

@@ -1,5 +1,8 @@
 """The scheduler state machine, driven directly: no sockets, no loop.
 
+Every public call on any ``Scheduler`` made in these tests is followed by
+``Scheduler.validate()`` (the ``validate_every_step`` fixture).
+
 ``Sim`` plays the center and the workers around a ``Scheduler``: it pops the
 ``compute-task`` messages the scheduler queued for a worker, runs the spec
 (here a ``(function, [dependency keys])`` pair, opaque to the scheduler) on
@@ -7,17 +10,47 @@ the data of the holders named in the message's ``who_has`` and reports
 ``task_finished``, and applies ``delete-data`` messages to the worker's data.
 """
 
+import functools
+
 import pytest
 
 from distributed.scheduler import (
     MAX_EXTRA,
     MISSING_DATA_RETRIES,
+    TRANSITIONS,
+    InvalidTransition,
+    InvariantError,
     KilledWorker,
     LostData,
     Scheduler,
+    SchedulerPlugin,
 )
 
 pytestmark = pytest.mark.pure  # no sockets, no processes: in the fast loop
+
+
+@pytest.fixture(autouse=True)
+def validate_every_step(monkeypatch):
+    """Each public ``Scheduler`` method validates the tables when it returns
+    (the outermost call only: a method calling another is one step)."""
+    depth = [0]
+
+    def wrap(method):
+        @functools.wraps(method)
+        def step(self, *args, **kwargs):
+            depth[0] += 1
+            try:
+                result = method(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                self.validate()
+            return result
+        return step
+
+    for name, method in list(vars(Scheduler).items()):
+        if callable(method) and not name.startswith("_") and name != "validate":
+            monkeypatch.setattr(Scheduler, name, wrap(method))
 
 
 def inc(x):
@@ -51,17 +84,9 @@ class Sim:
         self.s.add_worker(address, ncores=ncores)
 
     def kill(self, address, cause=None):
-        """What the center does when a worker dies: tables first, then tell the scheduler."""
-        s = self.s
-        keys = s.has_what.pop(address, set())
-        for key in keys:
-            holders = s.who_has.get(key)
-            if holders is not None:
-                holders.discard(address)
-                if not holders:
-                    del s.who_has[key]
+        """What the center does when a worker dies."""
         self.data.pop(address, None)
-        s.remove_worker(address, keys, cause=cause)
+        self.s.remove_worker(address, cause=cause)
 
     def scatter(self, client, address, key, value, nbytes=10):
         self.data[address][key] = value
@@ -1165,3 +1190,210 @@ def test_nanny_report_blaming_data_forgives_a_death(sim):
     sim.add_worker("w2:1")
     sim.run_all()
     assert sim.result("t") == 1
+
+
+# ---------------------------------------------------------------------------
+# the transition table, story, validate, plugins
+
+
+def test_validate_runs_after_every_step():
+    s = Scheduler()
+    s.add_worker("w1:1")
+    s.who_has["x"].add("w1:1")  # behind the scheduler's back: has_what lacks it
+    with pytest.raises(InvariantError, match="'x'.*has_what of w1:1|'x'.*has_what"):
+        s.add_client("c1")
+
+
+def test_validate_finds_a_processing_task_missing_from_its_worker(sim):
+    s = sim.s
+    sim.add_worker("w1:1")
+    submit(s, "c1", ["x"], x=(const(1), []))
+    ts = s.tasks["x"]
+    ts.processing_on.processing.discard(ts)
+    with pytest.raises(InvariantError, match="'x'.*not in its processing set"):
+        s.validate()
+
+
+def test_illegal_transition_raises_naming_key_and_states():
+    s = Scheduler()
+    s.add_worker("w1:1")
+    s.update_graph("c1", tasks={"x": "spec"}, dependencies={}, keys=["x"])
+    with pytest.raises(InvalidTransition, match="'x'.*'processing'.*'waiting'"):
+        s._transition(s.tasks["x"], "waiting", "test")
+    assert s.tasks["x"].state == "processing"
+
+
+def test_transition_table_names_only_known_states():
+    from distributed import scheduler
+
+    states = {scheduler.RELEASED, scheduler.WAITING, scheduler.NO_WORKER,
+              scheduler.QUEUED, scheduler.PROCESSING, scheduler.MEMORY,
+              scheduler.ERRED, scheduler.FORGOTTEN}
+    assert {s for pair in TRANSITIONS for s in pair} == states
+    assert all(isinstance(why, str) and why for why in TRANSITIONS.values())
+    assert scheduler.FINISHED == {scheduler.RELEASED, scheduler.ERRED}
+
+
+def test_story_says_what_happened_and_why(sim):
+    s = sim.s
+    sim.add_worker("w1:1")
+    submit(s, "c1", ["y"], x=(const(1), []), y=(inc, ["x"]))
+    sim.run_all()
+    story = s.story("x")
+    assert [(e["start"], e["finish"]) for e in story] == [
+        ("released", "waiting"), ("waiting", "processing"),
+        ("processing", "memory"), ("memory", "released")]  # y holds its lineage
+    assert story[1]["worker"] == "w1:1" and story[2]["cause"] == "task-finished"
+    assert all(e["key"] == "x" for e in story)
+    assert [e["time"] for e in story] == sorted(e["time"] for e in story)
+    s.client_releases_keys("c1", ["y"])
+    assert [e["finish"] for e in s.story("x")][-1] == "forgotten"
+    both = s.story("x", "y")
+    assert {e["key"] for e in both} == {"x", "y"} and len(both) == 5 + 5
+
+
+def test_story_after_a_worker_died(sim):
+    s = sim.s
+    sim.add_worker("w1:1")
+    submit(s, "c1", ["t"], t=(const(1), []))
+    sim.kill("w1:1", cause="it stopped answering")
+    last = s.story("t")[-3:]
+    assert [(e["start"], e["finish"]) for e in last] == [
+        ("processing", "released"), ("released", "waiting"), ("waiting", "no-worker")]
+    assert "w1:1" in last[0]["cause"] and "stopped answering" in last[0]["cause"]
+    assert s.tasks["t"].state == "no-worker"
+
+
+def test_story_log_is_bounded():
+    s = Scheduler(transition_log_length=10)
+    s.add_worker("w1:1")
+    s.update_graph("c1", tasks={"k%d" % i: "spec" for i in range(20)},
+                   dependencies={}, keys=["k%d" % i for i in range(20)])
+    assert len(s.transition_log) == 10
+    assert s.story("k0") == []
+
+
+class Recorder(SchedulerPlugin):
+    def __init__(self):
+        self.events = []
+
+    def transition(self, key, start, finish, **info):
+        self.events.append((key, start, finish, info["worker"]))
+
+    def add_worker(self, address):
+        self.events.append(("add", address))
+
+    def remove_worker(self, address, cause=None):
+        self.events.append(("remove", address, cause))
+
+
+def test_plugin_sees_transitions_and_workers(sim):
+    s = sim.s
+    plugin = Recorder()
+    s.add_plugin(plugin)
+    sim.add_worker("w1:1")
+    submit(s, "c1", ["x"], x=(const(1), []))
+    sim.run_all()
+    sim.kill("w1:1", cause="gone")
+    assert plugin.events == [
+        ("add", "w1:1"),
+        ("x", "released", "waiting", None),
+        ("x", "waiting", "processing", "w1:1"),
+        ("x", "processing", "memory", "w1:1"),
+        ("remove", "w1:1", "gone"),
+        ("x", "memory", "released", "w1:1"),
+        ("x", "released", "waiting", None),
+        ("x", "waiting", "no-worker", None),
+    ]
+    s.remove_plugin(plugin)
+    sim.add_worker("w2:1")
+    assert plugin.events[-1] == ("x", "waiting", "no-worker", None)
+
+
+def test_a_failing_plugin_does_not_break_the_scheduler(sim, caplog):
+    class Broken(SchedulerPlugin):
+        def transition(self, key, start, finish, **info):
+            raise ValueError("plugin bug")
+
+        def add_worker(self, address):
+            raise ValueError("plugin bug")
+
+    s = sim.s
+    s.add_plugin(Broken())
+    plugin = Recorder()
+    s.add_plugin(plugin)
+    sim.add_worker("w1:1")
+    submit(s, "c1", ["x"], x=(const(1), []))
+    sim.run_all()
+    assert sim.result("x") == 1
+    assert ("x", "processing", "memory", "w1:1") in plugin.events
+    assert "plugin bug" in caplog.text
+
+
+def test_base_plugin_methods_do_nothing(sim):
+    s = sim.s
+    s.add_plugin(SchedulerPlugin())
+    sim.add_worker("w1:1")
+    submit(s, "c1", ["x"], x=(const(1), []))
+    sim.run_all()
+    sim.kill("w1:1")
+    assert s.tasks["x"].state == "no-worker"
+
+
+def test_registered_keys_merge_when_the_worker_joins():
+    """A worker registers its keys (tables only); its stream opening
+    (add_worker) merges them with the tasks that want them."""
+    s = Scheduler()
+    s.add_replicas("w1:1", ["x", "stray"], nbytes={"x": 5, "other": 7})
+    assert s.who_has == {"x": {"w1:1"}, "stray": {"w1:1"}}
+    assert s.nbytes == {"x": 5}  # sizes of keys it does not hold are not kept
+    s.update_graph("c1", tasks={"y": "spec"}, dependencies={}, keys=["y"])
+    s.add_worker("w1:1")
+    s.remove_keys("w1:1", ["stray"])
+    assert "stray" not in s.who_has and s.has_what["w1:1"] == {"x"}
+    s.remove_worker("w1:1", cause="test")
+    assert not s.who_has and "w1:1" not in s.has_what and not s.nbytes
+
+
+def test_delete_keys_releases_and_recomputes_wanted_ones(sim):
+    s = sim.s
+    sim.add_worker("w1:1")
+    submit(s, "c1", ["x"], x=(const(1), []))
+    sim.run_all()
+    assert s.delete_keys(["x", "unknown"]) == {"w1:1": ["x"]}
+    assert s.tasks["x"].state == "processing"  # still wanted: computed again
+    assert [m["op"] for m in sim.client_msgs("c1")] == ["key-in-memory", "lost-data"]
+
+
+def test_released_run_forgotten_before_it_reports_frees_its_slot(sim):
+    """Found by validate(): a task released while running on w1, submitted
+    again (run on w2) and forgotten before w1 reports held a slot of w1
+    forever (w1's processing set kept the forgotten task)."""
+    s = sim.s
+    sim.add_worker("w1:1")
+    sim.add_worker("w2:1")
+    submit(s, "c1", ["x"], x=(const(1), []))
+    [first] = sim.pop("w1:1")
+    s.client_releases_keys("c1", ["x"])
+    assert s.tasks["x"].state == "released"  # still running on w1
+    submit(s, "c1", ["x"], x=(const(1), []))
+    [again] = sim.pop("w2:1")
+    sim.run("w2:1", again)
+    s.client_releases_keys("c1", ["x"])
+    assert "x" not in s.tasks
+    sim.run("w1:1", first)  # the old run reports at last
+    assert not s.workers["w1:1"].processing
+
+
+def test_internals_doc_diagram_is_the_transition_table():
+    """docs/internals.md draws TRANSITIONS (a mermaid diagram): same edges."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "internals.md")
+    with open(path) as f:
+        text = f.read()
+    names = {"no_worker": "no-worker", "[*]": "forgotten"}
+    edges = {(names.get(a, a), names.get(b, b))
+             for a, b in re.findall(r"^    (\S+) --> (\S+):", text, re.M)}
+    assert edges == set(TRANSITIONS)
