@@ -409,7 +409,7 @@ class Worker(Server):
         self.status = "closed"
 
     def terminate(self, stream=None, report=True):
-        self.loop.add_callback(self._close, report=report)
+        self.loop.spawn_callback(self._close, report=report)
         return b"OK"
 
     # -- data ----------------------------------------------------------------
