@@ -723,6 +723,7 @@ def test_decoder_stays_in_step_after_unloadable_pickle():
     assert d.pending == 0
 
 
+@pytest.mark.processes
 @pytest.mark.xfail(strict=True, reason=(
     "CPython's C unpickler grows its memo to any index a PUT/BINPUT/LONG_BINPUT "
     "names: a 37-byte message (LONG_BINPUT 2**25) makes the receiver allocate "
@@ -1239,12 +1240,14 @@ def _live_fuzz(n_messages):
         return logs
 
 
+@pytest.mark.processes
 def test_live_fuzz():
     """~5,000 hostile messages to a live cluster while it computes."""
     logs = _live_fuzz(5_000)
     assert not any(logs.values()), logs
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_live_fuzz_100k():
