@@ -196,7 +196,7 @@ class Scheduler:
                         "task %r was running on %d workers that were lost; not "
                         "trying again. The last, %s: %s"
                         % (ts.key, ts.suspicious, address, cause or "it was removed"))
-                    self._erred(ts, exc, None, str(exc), blob=False)
+                    self._erred(ts, exc, None, str(exc))
                 else:
                     to_reschedule.append(ts)
             for _, _, ts in ws.queue:
@@ -241,7 +241,7 @@ class Scheduler:
                 exc = LostData(
                     "the data of %r was lost: %s; scattered data has no lineage "
                     "to recompute it from" % (ts.key, how))
-                self._erred(ts, exc, None, str(exc), blob=False)
+                self._erred(ts, exc, None, str(exc))
             elif ts.who_wants or ts.waiters:
                 recompute.append(ts)
         return recompute
@@ -377,7 +377,7 @@ class Scheduler:
             ts = self.tasks[key]
             exc = LostData("task %r depends on %s, which the scheduler does not "
                            "know (released or lost)" % (key, deps))
-            self._erred(ts, exc, None, str(exc), blob=False)
+            self._erred(ts, exc, None, str(exc))
         if lineage_only:
             new = []
         new.sort(key=_priority)  # ready tasks go out in priority order
@@ -530,7 +530,7 @@ class Scheduler:
             ws.processing.discard(ts)
         if ts is not None and ts.state == "processing" and ts.processing_on is ws:
             ts.processing_on = None
-            self._erred(ts, exception, traceback, text, blob=True)
+            self._erred(ts, exception, traceback, text)
         if ws is not None:
             self._fill(ws)
         self._flush_releases()
@@ -559,7 +559,7 @@ class Scheduler:
                 "task %r could not get its inputs %s from %s after %d tries; a "
                 "value that cannot be serialized does this"
                 % (key, list(missing), list(bad_workers), ts.retries))
-            self._erred(ts, exc, None, str(exc), blob=False)
+            self._erred(ts, exc, None, str(exc))
         self._request([ts] + [d for d in recompute if d.who_wants or d.waiters])
         if ws is not None:
             self._fill(ws)
@@ -652,7 +652,7 @@ class Scheduler:
         for ts in order:
             if ts.run_spec is None:
                 exc = LostData("%r has no data and no task to compute it" % (ts.key,))
-                self._erred(ts, exc, None, str(exc), blob=False)
+                self._erred(ts, exc, None, str(exc))
         # dependencies first, so that ready tasks find their inputs placed
         for ts in reversed(order):
             if ts.state != "released":
@@ -811,7 +811,7 @@ class Scheduler:
             self._maybe_release(dep)
         self._maybe_release(ts)
 
-    def _erred(self, ts, exception, traceback, text, blob):
+    def _erred(self, ts, exception, traceback, text):
         """``ts`` failed; so does everything waiting on it."""
         if ts.state == "erred":
             return
@@ -828,7 +828,7 @@ class Scheduler:
                 stack.extend(dts.waiters)
 
     def _erred_from(self, ts, dep):
-        self._erred(ts, dep.exception, dep.traceback, dep.text, blob=None)
+        self._erred(ts, dep.exception, dep.traceback, dep.text)
 
     def _set_erred(self, ts):
         ts.state = "erred"
