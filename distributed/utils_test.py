@@ -35,6 +35,7 @@ import psutil
 from tornado.ioloop import IOLoop
 
 from .center import Center
+from .core import rpc
 from .process import Process, popen, wait_for_line
 from .worker import Worker
 
@@ -53,6 +54,7 @@ __all__ = [
     "poll",
     "free_port",
     "run",
+    "call",
     "record_sends",
     "uid",
     "gone",
@@ -69,7 +71,6 @@ PYTHON = sys.executable
 #: the repository's tests/ folder: child processes import test modules from it
 TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "tests")
-
 
 
 def inc(x):
@@ -129,6 +130,16 @@ def gone(pid):
         return True
 
 
+def call(address, op, security=None, **kwargs):
+    """One rpc call ``op(**kwargs)`` to ``address`` from a synchronous test."""
+
+    async def f():
+        with rpc(address, security=security) as r:
+            return await r.call(op, timeout=10, **kwargs)
+
+    return run(f())
+
+
 def record_sends(executor):
     """The list of messages ``executor`` sends to the center from now on."""
     sent = []
@@ -140,6 +151,26 @@ def record_sends(executor):
 
     executor._send = send
     return sent
+
+
+async def read_handshake(reader):
+    """One auth-handshake message, ``(kind, body)``, from an asyncio stream."""
+    from . import security as sec
+
+    kind, length = sec.parse_header(await reader.readexactly(sec.HEADER_SIZE))
+    return kind, (await reader.readexactly(length) if length else b"")
+
+
+async def authenticate(reader, writer, token):
+    """The client side of the auth handshake, on raw asyncio streams (for
+    tests that send hand-made bytes to a server)."""
+    from . import security as sec
+
+    nonce = sec.new_nonce()
+    writer.write(sec.hello_message(nonce))
+    server_nonce = sec.check_challenge(token, nonce, *await read_handshake(reader))
+    writer.write(sec.proof_message(token, nonce, server_nonce))
+    sec.check_accepted(*await read_handshake(reader))
 
 
 def free_port():

@@ -1,6 +1,5 @@
 """dcenter and dworker as real processes (free ports only)."""
 
-import asyncio
 import json
 import os
 import re
@@ -13,8 +12,7 @@ import urllib.request
 
 import pytest
 
-from distributed.core import rpc
-from distributed.utils_test import add, free_port, poll, popen, wait_for_line
+from distributed.utils_test import add, call, free_port, poll, popen, wait_for_line
 
 pytestmark = pytest.mark.processes
 
@@ -33,18 +31,6 @@ def script(name):
 DCENTER = script("dcenter")
 DWORKER = script("dworker")
 
-
-def call(address, op, **kwargs):
-    """One rpc call from this (synchronous) test."""
-
-    async def f():
-        r = rpc(address)
-        try:
-            return await r.call(op, timeout=10, **kwargs)
-        finally:
-            r.close_streams()
-
-    return asyncio.run(f())
 
 
 

@@ -66,7 +66,7 @@ from distributed.protocol import (
     loads,
     serialize,
 )
-from distributed.utils_test import add, inc
+from distributed.utils_test import add, authenticate, inc, read_handshake
 
 SEED = int(os.environ.get("DISTRIBUTED_FUZZ_SEED", "20261127"))
 
@@ -1017,24 +1017,6 @@ async def read_to_eof(reader, timeout=15):
         data += chunk
 
 
-async def _read_handshake(reader):
-    from distributed import security as sec
-
-    kind, length = sec.parse_header(await reader.readexactly(sec.HEADER_SIZE))
-    return kind, (await reader.readexactly(length) if length else b"")
-
-
-async def authenticate(reader, writer, token):
-    """The client side of the auth handshake, on asyncio streams."""
-    from distributed import security as sec
-
-    nonce = sec.new_nonce()
-    writer.write(sec.hello_message(nonce))
-    server_nonce = sec.check_challenge(token, nonce, *await _read_handshake(reader))
-    writer.write(sec.proof_message(token, nonce, server_nonce))
-    sec.check_accepted(*await _read_handshake(reader))
-
-
 async def unauthenticated_session(rng, addr, stats, token):
     """A peer without the token: refused before any message is read."""
     from distributed import security as sec
@@ -1053,7 +1035,7 @@ async def unauthenticated_session(rng, addr, stats, token):
             label = "wrong-proof"
             nonce = sec.new_nonce()
             writer.write(sec.hello_message(nonce))
-            kind, body = await _read_handshake(reader)
+            kind, body = await read_handshake(reader)
             writer.write(sec.proof_message(token + "x", nonce, body[:sec.NONCE_SIZE]))
         elif r < 0.85:
             label = "mutated-hello"

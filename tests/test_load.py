@@ -28,7 +28,7 @@ import pytest
 
 from distributed import core
 from distributed.protocol import Decoder, dumps, frames_to_bytes
-from distributed.utils_test import inc, popen, wait_for_line
+from distributed.utils_test import authenticate, inc, popen, wait_for_line
 
 N_CONNECTIONS = 1000
 OPENING_AT_ONCE = 100  # the listen backlog is 128
@@ -62,23 +62,6 @@ async def read_one(reader, timeout=30):
         if out:
             assert len(out) == 1 and d.pending == 0
             return out[0]
-
-
-async def read_handshake(reader):
-    from distributed import security as sec
-
-    kind, length = sec.parse_header(await reader.readexactly(sec.HEADER_SIZE))
-    return kind, (await reader.readexactly(length) if length else b"")
-
-
-async def authenticate(reader, writer, token):
-    from distributed import security as sec
-
-    nonce = sec.new_nonce()
-    writer.write(sec.hello_message(nonce))
-    server_nonce = sec.check_challenge(token, nonce, *await read_handshake(reader))
-    writer.write(sec.proof_message(token, nonce, server_nonce))
-    sec.check_accepted(*await read_handshake(reader))
 
 
 def source_addresses(n):

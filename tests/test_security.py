@@ -39,8 +39,8 @@ from distributed.protocol import (
     parse_count,
 )
 from distributed.security import Security
-from distributed.utils_test import (child_env, hold_gil, inc, popen, run, wait_for,
-                                    wait_for_line)
+from distributed.utils_test import (call, child_env, end_cluster, hold_gil, inc, popen, run,
+                                    wait_for, wait_for_line)
 
 TOKEN = "correct horse battery staple"
 
@@ -499,11 +499,6 @@ async def cluster_with(security, n=2):
     return c, workers
 
 
-async def close_cluster(c, workers):
-    await asyncio.gather(*[w._close(timeout=1) for w in workers], return_exceptions=True)
-    c.close()
-
-
 async def end_to_end(c, security):
     e = Executor(c.address, start=False, security=security)
     await e._start()
@@ -532,7 +527,7 @@ def test_center_worker_executor_with_token():
                 await rpc(workers[0].address, security=Security()).run(
                     function=os.getpid, timeout=5)
         finally:
-            await close_cluster(c, workers)
+            await end_cluster(c, workers)
 
     run(f())
 
@@ -781,7 +776,7 @@ def test_center_worker_executor_over_tls_with_token(certs):
             with pytest.raises(AuthenticationError):
                 await rpc(c.address, security=Security(**certs["ca"])).ncores(timeout=5)
         finally:
-            await close_cluster(c, workers)
+            await end_cluster(c, workers)
 
     run(f())
 
@@ -798,14 +793,6 @@ def dcenter(args, env=None):
 def dworker(center, args, env=None):
     return popen([sys.executable, "-m", "distributed.cli.dworker", center,
                   "--connect-timeout", "10"] + args, env=env)
-
-
-def call(address, op, security, **kwargs):
-    async def f():
-        with rpc(address, security=security) as r:
-            return await r.call(op, timeout=10, **kwargs)
-
-    return run(f())
 
 
 @pytest.mark.processes
