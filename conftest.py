@@ -61,37 +61,53 @@ class ChildProcessRefused(RuntimeError):
     pass
 
 
-@pytest.fixture(autouse=True)
-def _refuse_child_processes(request):
-    """Make a test not marked ``processes`` fail if it starts a process.
+#: where a test's guard notes the processes started from other threads
+_ATTEMPTS = pytest.StashKey()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Make a test not marked ``processes`` fail if it starts a process, in
+    its setup (module-scoped fixtures included), call or teardown.
 
     Every way Python starts one goes through ``_posixsubprocess.fork_exec``
     (subprocess's own reference to it, multiprocessing's spawn),
-    ``os.posix_spawn`` or ``os.fork``.
+    ``os.posix_spawn`` or ``os.fork``: they raise ``ChildProcessRefused``.
+    Except in the watch thread of a ``LocalCluster`` started before (by a
+    marked test or a process fixture): a worker it replaces belongs to it.
     """
-    if request.node.get_closest_marker("processes"):
-        yield
-        return
-    attempts = []
+    if item.get_closest_marker("processes"):
+        return (yield)
+    attempts = item.stash[_ATTEMPTS] = []
 
-    def refuse(name):
+    def refuse(name, original):
         def refused(*args, **kwargs):
+            if threading.current_thread().name == "distributed-local-cluster-watch":
+                return original(*args, **kwargs)
             if threading.current_thread() is not threading.main_thread():
                 attempts.append(name)  # the error may be lost in that thread
             raise ChildProcessRefused(
                 "%s starts a child process (%s) but is not marked processes: add "
                 "@pytest.mark.processes to it, or pytestmark to its module "
-                "(see CONTRIBUTING.md)" % (request.node.nodeid, name))
+                "(see CONTRIBUTING.md)" % (item.nodeid, name))
         return refused
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_posixsubprocess, "fork_exec", refuse("fork_exec"))
-        mp.setattr(subprocess, "_fork_exec", refuse("fork_exec"))
+        mp.setattr(_posixsubprocess, "fork_exec",
+                   refuse("fork_exec", _posixsubprocess.fork_exec))
+        mp.setattr(subprocess, "_fork_exec", refuse("fork_exec", subprocess._fork_exec))
         for name in ("fork", "posix_spawn", "posix_spawnp"):
             if hasattr(os, name):
-                mp.setattr(os, name, refuse("os." + name))
-        yield
-    if attempts:
+                mp.setattr(os, name, refuse("os." + name, getattr(os, name)))
+        return (yield)
+
+
+@pytest.fixture(autouse=True)
+def _no_child_processes_from_other_threads(request):
+    """Fail an unmarked test whose threads tried to start a process (the
+    refusal was raised in that thread, not in the test)."""
+    yield
+    if request.node.stash.get(_ATTEMPTS, None):
         pytest.fail("%s started a child process but is not marked processes "
                     "(see CONTRIBUTING.md)" % request.node.nodeid, pytrace=False)
 

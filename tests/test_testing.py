@@ -5,6 +5,7 @@ child-process helper (distributed/process.py)."""
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -25,6 +26,50 @@ def test_unmarked_test_cannot_start_a_process():
 @pytest.mark.processes
 def test_marked_test_starts_processes():
     assert subprocess.run([PYTHON, "-c", "pass"]).returncode == 0
+
+
+GUARDED = textwrap.dedent("""
+    import subprocess, sys, threading
+    import pytest
+
+    def start():
+        return subprocess.run([sys.executable, "-c", "pass"]).returncode
+
+    @pytest.fixture(scope="module")
+    def started():
+        return start()
+
+    def test_module_fixture(started):
+        pass
+
+    def test_thread():
+        def target():
+            try:
+                start()
+            except Exception:
+                pass  # lost in the thread: the guard still fails the test
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+
+    @pytest.mark.processes
+    def test_marked():
+        assert start() == 0
+""")
+
+
+@pytest.mark.processes
+def test_guard_covers_module_fixtures_and_threads(tmp_path):
+    (tmp_path / "test_guarded.py").write_text(GUARDED)
+    root = os.path.dirname(TESTS_DIR)
+    out = subprocess.run(
+        [PYTHON, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-rA",
+         "test_guarded.py"], cwd=tmp_path, env=child_env(PYTHONPATH=root),
+        capture_output=True, text=True, timeout=60).stdout
+    assert "ERROR test_guarded.py::test_module_fixture" in out, out
+    assert "not marked processes" in out, out
+    assert "ERROR test_guarded.py::test_thread" in out, out
+    assert "PASSED test_guarded.py::test_marked" in out, out
 
 
 def test_tests_of_process_fixtures_are_marked(request):
