@@ -174,8 +174,7 @@ class Process:
                 line = self.lines.get(timeout=max(0.01, deadline - time.time()))
             except queue.Empty:
                 return lines
-            if line is None:
-                self.lines.put(None)
+            if line is None:  # the output ended (and stays ended for the next get)
                 return lines
             lines.append(line)
 
@@ -248,7 +247,6 @@ def wait_for_line(proc, pattern, timeout=20):
                 % (pattern, proc.args[:4], timeout, "".join(seen))
             ) from None
         if line is None:
-            proc.lines.put(None)
             raise EOFError(
                 "%s ended before printing a line matching %r; output:\n%s"
                 % (proc.args[:4], pattern, proc.output.text())
