@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .core import rpc
-from .utils_test import popen, wait_for_line
+from .process import popen, wait_for_line
 
 
 def say(*args):

@@ -6,6 +6,9 @@
     line = p.wait_for_line('Start center at')      # 'Start center at 127.0.0.1:41234'
     p.stop()                                        # SIGTERM, then SIGKILL
 
+    with popen([sys.executable, '-m', 'distributed.cli.dcenter', '--port', '0']) as p:
+        ...                                         # stopped at the end, even on error
+
 A daemon thread drains the output, so a chatty child never blocks on a full
 pipe.  Only a bounded tail of it is kept (``p.output``, the last
 :data:`TAIL_LINES` lines or :data:`TAIL_CHARS` characters): a task that
@@ -28,10 +31,11 @@ import sys
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 
 import psutil
 
-__all__ = ["Process", "Tail", "wait_for_line", "exit_with_parent"]
+__all__ = ["Process", "Tail", "popen", "wait_for_line", "exit_with_parent"]
 
 #: lines of a child's output kept in memory (``Process.output``)
 TAIL_LINES = 1000
@@ -160,8 +164,37 @@ class Process:
         """Wait for an output line matching ``pattern``; return it stripped."""
         return wait_for_line(self, pattern, timeout)
 
+    def unread_lines(self, timeout=0.5):
+        """The lines :meth:`wait_for_line` did not read yet, until the output
+        ends or ``timeout`` s pass."""
+        deadline = time.time() + timeout
+        lines = []
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.time()))
+            except queue.Empty:
+                return lines
+            if line is None:  # the output ended (and stays ended for the next get)
+                return lines
+            lines.append(line)
+
+    def read(self, timeout=20):
+        """Everything kept of the output (:attr:`output`), once the process
+        ended; ``subprocess.TimeoutExpired`` if it runs ``timeout`` s more."""
+        self.proc.wait(timeout)
+        self.drained.wait(timeout)
+        return self.output.text()
+
     def poll(self):
         return self.proc.poll()
+
+    def wait(self, timeout=None):
+        """Wait for the process to end and return its exit code."""
+        return self.proc.wait(timeout)
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
 
     def send_signal(self, sig):
         if self.proc.poll() is None:
@@ -190,6 +223,17 @@ class Process:
         self.proc.wait()
 
 
+@contextmanager
+def popen(args, env=None, **kwargs):
+    """``with popen(args) as p:`` a :class:`Process`, stopped (the whole
+    process group) when the block ends, even by an error."""
+    p = Process(args, env=env, **kwargs)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
 def wait_for_line(proc, pattern, timeout=20):
     """Wait for a line of ``proc`` (a :class:`Process`) matching ``pattern``."""
     deadline = time.time() + timeout
@@ -203,7 +247,6 @@ def wait_for_line(proc, pattern, timeout=20):
                 % (pattern, proc.args[:4], timeout, "".join(seen))
             ) from None
         if line is None:
-            proc.lines.put(None)
             raise EOFError(
                 "%s ended before printing a line matching %r; output:\n%s"
                 % (proc.args[:4], pattern, proc.output.text())

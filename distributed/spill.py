@@ -4,14 +4,15 @@ A worker with a memory limit keeps its data in a ``SpillBuffer`` instead of
 a dict.  It is a mutable mapping ``{key: value}`` whose values live either
 in memory (``fast``) or in files of ``directory`` (``slow``)::
 
-    >>> buf = SpillBuffer('/tmp/spill', target=100 * 2**20)
+    >>> import numpy as np, tempfile
+    >>> buf = SpillBuffer(tempfile.mkdtemp(), target=100 * 2**20)
     >>> buf['x'] = np.ones(10**6)          # in memory
     >>> buf.evict_until(0)                 # spill least recently used first
     8000000
     >>> 'x' in buf.slow, buf.spilled_bytes
     (True, 8000000)
-    >>> buf['x']                           # read back: in memory again
-    array([1., 1., ...])
+    >>> buf['x'][:3]                       # read back: in memory again
+    array([1., 1., 1.])
 
 Setting, deleting and looking up keys held in memory are dict-speed
 operations.  Disk I/O happens only in :meth:`evict_until` (writing),

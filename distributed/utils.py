@@ -178,12 +178,4 @@ def new_id():
     return uuid.uuid4().hex
 
 
-def ensure_bytes(s):
-    if isinstance(s, bytes):
-        return s
-    if isinstance(s, (bytearray, memoryview)):
-        return bytes(s)
-    return str(s).encode()
-
-
 PY_VERSION = "%d.%d.%d" % sys.version_info[:3]

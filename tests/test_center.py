@@ -12,15 +12,11 @@ from tornado.httpclient import AsyncHTTPClient
 from distributed.center import Center
 from distributed.core import connect, rpc
 from distributed.http import HTTPCenter
-from distributed.utils_test import gen_cluster, named_like, wait_for
+from distributed.utils_test import gen_cluster, named_like, run, wait_for
 
 A = "127.0.0.1:50001"
 B = "127.0.0.1:50002"
 C = "127.0.0.1:50003"
-
-
-def run(coro, timeout=20):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def with_center(**center_kwargs):

@@ -16,7 +16,9 @@ import pytest
 
 import distributed
 from distributed.core import rpc
-from distributed.utils_test import add, free_port, poll, popen, wait_for_line
+from distributed.utils_test import add, call, free_port, poll, popen, wait_for_line
+
+pytestmark = pytest.mark.processes
 
 
 def script(name):
@@ -34,21 +36,9 @@ DCENTER = script("dcenter")
 DWORKER = script("dworker")
 
 
-def call(address, op, **kwargs):
-    """One rpc call from this (synchronous) test."""
-
-    async def f():
-        r = rpc(address)
-        try:
-            return await r.call(op, timeout=10, **kwargs)
-        finally:
-            r.close_streams()
-
-    return asyncio.run(f())
 
 
-
-def start_center(proc):
+def center_address(proc):
     line = wait_for_line(proc, "Start center at")
     m = re.fullmatch(r"Start center at (127\.0\.0\.1:(\d+))", line)
     assert m, line
@@ -56,7 +46,7 @@ def start_center(proc):
     return m.group(1)
 
 
-def start_worker(proc, center):
+def worker_address(proc, center):
     line = wait_for_line(proc, "Start worker at: ")
     m = re.fullmatch(r"Start worker at: (127\.0\.0\.1:\d+)", line)
     assert m, line
@@ -71,11 +61,11 @@ def workers_of(center):
 
 def test_center_and_workers():
     with popen(DCENTER + ["--port", "0"]) as c:
-        center = start_center(c)
+        center = center_address(c)
         with popen(DWORKER + [center, "--ncores", "1", "--name", "alice"]) as pa, \
                 popen(DWORKER + [center, "--ncores", "2", "--name", "bob"]) as pb:
-            alice = start_worker(pa, center)
-            bob = start_worker(pb, center)
+            alice = worker_address(pa, center)
+            bob = worker_address(pb, center)
             assert alice != bob
             assert call(center, "ncores") == {alice: 1, bob: 2}
 
@@ -97,7 +87,7 @@ def test_center_and_workers():
             with popen(DWORKER + [center, "--name", "alice"]) as dup:
                 dup.wait(20)
                 assert dup.returncode != 0
-                out = dup.stdout.read()
+                out = dup.read()
                 assert "alice" in out
             assert call(center, "ncores") == {alice: 1, bob: 2}
 
@@ -113,9 +103,9 @@ NANNY_MODES = pytest.mark.parametrize("mode", [[], ["--no-nanny"]], ids=["nanny"
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_worker_stops_on_signal(sig, mode):
     with popen(DCENTER + ["--port", "0"]) as c:
-        center = start_center(c)
+        center = center_address(c)
         with popen(DWORKER + [center, "--ncores", "1"] + mode) as p:
-            w = start_worker(p, center)
+            w = worker_address(p, center)
             assert w in workers_of(center)
             call(w, "update_data", data={"x": 1})
             start = time.time()
@@ -134,10 +124,10 @@ def test_worker_stops_on_signal(sig, mode):
 @NANNY_MODES
 def test_worker_killed(mode):
     with popen(DCENTER + ["--port", "0"]) as c:
-        center = start_center(c)
+        center = center_address(c)
         with popen(DWORKER + [center] + mode) as pa, popen(DWORKER + [center] + mode) as pb:
-            a = start_worker(pa, center)
-            b = start_worker(pb, center)
+            a = worker_address(pa, center)
+            b = worker_address(pb, center)
             call(a, "update_data", data={"x": 1, "shared": 0})
             call(b, "update_data", data={"y": 2, "shared": 0})
             pb.send_signal(signal.SIGKILL)
@@ -181,7 +171,7 @@ def test_bad_arguments():
 
 def test_nprocs():
     with popen(DCENTER + ["--port", "0"]) as c:
-        center = start_center(c)
+        center = center_address(c)
         with popen(DWORKER + [center, "--nprocs", "2", "--name", "w"]) as p:
             # the two children's lines interleave
             lines = [wait_for_line(p, "Start worker at: |Registered with center at: ")
@@ -206,12 +196,12 @@ def get_json(url):
 
 def test_http_ports():
     with popen(DCENTER + ["--port", "0", "--http-port", "0"]) as c:
-        center = start_center(c)
+        center = center_address(c)
         line = wait_for_line(c, "HTTP status at")
         url = line.split()[-1]
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/info\.json", url)
         with popen(DWORKER + [center, "--http-port", "0"]) as p:
-            w = start_worker(p, center)
+            w = worker_address(p, center)
             info = get_json(url)
             assert info["address"] == center
             assert info["workers"] == [w]
@@ -244,18 +234,18 @@ def test_worker_without_center_fails(mode):
     with popen(DWORKER + ["127.0.0.1:%d" % port, "--connect-timeout", "1"] + mode) as p:
         assert p.wait(20) != 0
         assert time.time() - start < 15
-        out = p.stdout.read()
+        out = p.read()
     assert "could not register with the center at 127.0.0.1:%d" % port in out
     assert "Traceback" not in out  # one clear line, not a stack dump
 
 
 def test_center_port_in_use():
     with popen(DCENTER + ["--port", "0"]) as c:
-        center = start_center(c)
+        center = center_address(c)
         port = center.split(":")[1]
         with popen(DCENTER + ["--port", port]) as c2:
             assert c2.wait(20) != 0
-            assert "in use" in c2.stdout.read().lower()
+            assert "in use" in c2.read().lower()
 
 
 # -- the options tables: one row per flag drives parser, constructor, children ---

@@ -27,7 +27,7 @@ from distributed.core import (
     write,
 )
 from distributed.protocol import Decoder, dumps, frames_to_bytes
-from distributed.utils_test import free_port, named_like, wait_for
+from distributed.utils_test import free_port, named_like, run, wait_for
 
 
 class MyError(Exception):
@@ -91,10 +91,6 @@ HANDLERS = {
     "fail_unpicklable": fail_unpicklable,
     "unserializable_reply": unserializable_reply,
 }
-
-
-def run(coro, timeout=20):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def with_server(handlers=HANDLERS, **kwargs):

@@ -1,7 +1,7 @@
 """Inputs that used to hang or leak (issue 8, "Hangs"): cyclic graphs,
 tasks raising BaseExceptions or hostile exception objects, erred futures
 that could not be released, tuple keys, tasks over the center's message
-limit.  Real processes: the ``cluster`` fixture of test_executor (a
+limit.  Real processes: the ``cluster`` fixture of conftest.py (a
 LocalCluster whose workers import this module).
 """
 
@@ -9,16 +9,13 @@ import asyncio
 import gc
 import os
 import time
-import uuid
 
 import pytest
 
-from distributed import Executor, LocalCluster
+from distributed import Executor
 from distributed.graph import CycleError, get_dependencies, toposort
-from distributed.utils_test import free_port, inc, poll, slowinc
-
-from test_executor import _cluster_env, _record_sends, cluster, e  # noqa: F401 (fixtures)
-from test_resilience import processes, start_center, start_worker
+from distributed.utils_test import (free_port, inc, local_cluster, poll, processes,
+                                    record_sends, slowinc, start_center, start_worker, uid)
 
 
 # ---------------------------------------------------------------------------
@@ -93,10 +90,6 @@ def wait_for_file(path, value):
     return value
 
 
-def uid():
-    return uuid.uuid4().hex
-
-
 # ---------------------------------------------------------------------------
 # cycles
 
@@ -135,7 +128,7 @@ def test_toposort_200000_keys_quickly():
 
 
 def test_cyclic_graph_raises_before_sending(e):
-    sent = _record_sends(e)
+    sent = record_sends(e)
     with pytest.raises(ValueError, match="the graph has a cycle: a -> b -> a"):
         e.get({"a": (inc, "b"), "b": (inc, "a")}, "a")
     with pytest.raises(CycleError):
@@ -148,7 +141,7 @@ def test_cyclic_graph_raises_before_sending(e):
 
 
 def test_large_cyclic_graph_raises_quickly(e):
-    sent = _record_sends(e)
+    sent = record_sends(e)
     start = time.time()
     with pytest.raises(CycleError):
         e.get(_chain(200000, cyclic=True), ("x", 0))
@@ -323,6 +316,7 @@ def test_erred_dependency_released_with_its_dependent(e, tmp_path):
     assert e.submit(inc, x).result(timeout=10) == 43
 
 
+@pytest.mark.processes
 def test_center_restart_pending_completes_and_erred_can_be_retried(tmp_path):
     """Across a center restart: a pending future completes (its task is sent
     again), and a future that erred before the restart can be retried on the
@@ -373,7 +367,7 @@ def test_tuple_keys_everywhere(e):
 
 
 def test_map_duplicate_keys(e):
-    sent = _record_sends(e)
+    sent = record_sends(e)
     with pytest.raises(ValueError, match=r"duplicate keys.*'a'"):
         e.map(inc, [1, 2, 3], key=["a", "b", "a"])
     assert sent == []
@@ -385,14 +379,8 @@ def test_map_duplicate_keys(e):
 
 @pytest.fixture(scope="module")
 def small_cluster():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", _cluster_env())
-        mp.setenv("DISTRIBUTED_MAX_MESSAGE_SIZE", str(2**20))
-        c = LocalCluster(n_workers=1, threads_per_worker=1)
-    try:
+    with local_cluster({"DISTRIBUTED_MAX_MESSAGE_SIZE": str(2**20)}, n_workers=1) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_task_over_message_limit_fails_alone(small_cluster):

@@ -1,6 +1,6 @@
 """The Executor against real clusters: a LocalCluster shared by the module
 (center and two single-threaded workers in subprocesses) and an Executor per
-test.
+test: the ``cluster``, ``e`` and ``e2`` fixtures of conftest.py.
 
 The functions below are sent to the workers by reference, so the worker
 processes get this directory on their PYTHONPATH and import this module.
@@ -13,7 +13,6 @@ import os
 import threading
 import time
 import traceback
-import uuid
 
 import pytest
 from tornado import gen
@@ -22,16 +21,19 @@ from distributed import (
     CancelledError,
     Executor,
     Future,
-    LocalCluster,
     as_completed,
     progress,
     wait,
 )
 from distributed.core import rpc
 from distributed.scheduler import VALIDATE_ENV
-from distributed.utils_test import add, free_port, inc, poll, slowinc, throws
+from distributed.utils_test import (add, free_port, inc, poll, record_sends, slowinc, throws,
+                                    uid)
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.processes
+
+#: environment variables of the module's ``cluster`` (see conftest.py)
+CLUSTER_ENV = {}
 
 
 # ---------------------------------------------------------------------------
@@ -115,66 +117,10 @@ def big(n, seed):
 
 
 # ---------------------------------------------------------------------------
-# fixtures
-
-
-def _cluster_env():
-    # this module is importable in the workers as test_executor (pytest's
-    # default import mode) or as tests.test_executor
-    paths = [TESTS_DIR, os.path.dirname(TESTS_DIR)]
-    old = os.environ.get("PYTHONPATH")
-    return os.pathsep.join(paths + ([old] if old else []))
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", _cluster_env())
-        # the center checks the scheduler's invariants after every batch
-        mp.setenv(VALIDATE_ENV, "1")
-        c = LocalCluster(n_workers=2, threads_per_worker=1)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def invariant_errors(cluster):
-    """What the center's scheduler validation found so far (``identity``)."""
-    async def ask():
-        r = rpc(cluster.center_address, security=cluster.security)
-        try:
-            return (await r.identity())["invariant_errors"]
-        finally:
-            r.close_streams()
-
-    return asyncio.run(ask())
-
-
-@pytest.fixture
-def e(cluster):
-    before = len(invariant_errors(cluster))
-    e = Executor(cluster.center_address)
-    try:
-        yield e
-    finally:
-        e.shutdown()
-    errors = invariant_errors(cluster)[before:]
-    assert not errors, "the center's scheduler broke its invariants: %s" % errors
-
-
-@pytest.fixture
-def e2(cluster):
-    e = Executor(cluster.center_address)
-    try:
-        yield e
-    finally:
-        e.shutdown()
-
-
-def uid():
-    return uuid.uuid4().hex
-
+# fixtures: cluster, e and e2 come from conftest.py; this module's center
+# checks the scheduler's invariants after every batch, and conftest's ``e``
+# fails a test during which it found a broken one
+CLUSTER_ENV = {VALIDATE_ENV: "1"}
 
 
 # ---------------------------------------------------------------------------
@@ -758,20 +704,8 @@ def test_allow_other_workers(e, cluster):
 # what cannot be sent
 
 
-def _record_sends(e):
-    sent = []
-    original = e._send
-
-    def send(msg):
-        sent.append(msg)
-        return original(msg)
-
-    e._send = send
-    return sent
-
-
 def test_unpicklable_argument(e):
-    sent = _record_sends(e)
+    sent = record_sends(e)
     before = set(e.futures)
     lock = threading.Lock()
     with pytest.raises(TypeError, match="serialize"):
@@ -790,7 +724,7 @@ def test_unpicklable_argument(e):
 
 
 def test_unpicklable_function(e):
-    sent = _record_sends(e)
+    sent = record_sends(e)
     lock = threading.Lock()
 
     def f(x):

@@ -66,7 +66,7 @@ from distributed.protocol import (
     loads,
     serialize,
 )
-from distributed.utils_test import add, inc
+from distributed.utils_test import add, authenticate, inc, read_handshake
 
 SEED = int(os.environ.get("DISTRIBUTED_FUZZ_SEED", "20261127"))
 
@@ -723,6 +723,7 @@ def test_decoder_stays_in_step_after_unloadable_pickle():
     assert d.pending == 0
 
 
+@pytest.mark.processes
 @pytest.mark.xfail(strict=True, reason=(
     "CPython's C unpickler grows its memo to any index a PUT/BINPUT/LONG_BINPUT "
     "names: a 37-byte message (LONG_BINPUT 2**25) makes the receiver allocate "
@@ -1016,24 +1017,6 @@ async def read_to_eof(reader, timeout=15):
         data += chunk
 
 
-async def _read_handshake(reader):
-    from distributed import security as sec
-
-    kind, length = sec.parse_header(await reader.readexactly(sec.HEADER_SIZE))
-    return kind, (await reader.readexactly(length) if length else b"")
-
-
-async def authenticate(reader, writer, token):
-    """The client side of the auth handshake, on asyncio streams."""
-    from distributed import security as sec
-
-    nonce = sec.new_nonce()
-    writer.write(sec.hello_message(nonce))
-    server_nonce = sec.check_challenge(token, nonce, *await _read_handshake(reader))
-    writer.write(sec.proof_message(token, nonce, server_nonce))
-    sec.check_accepted(*await _read_handshake(reader))
-
-
 async def unauthenticated_session(rng, addr, stats, token):
     """A peer without the token: refused before any message is read."""
     from distributed import security as sec
@@ -1052,7 +1035,7 @@ async def unauthenticated_session(rng, addr, stats, token):
             label = "wrong-proof"
             nonce = sec.new_nonce()
             writer.write(sec.hello_message(nonce))
-            kind, body = await _read_handshake(reader)
+            kind, body = await read_handshake(reader)
             writer.write(sec.proof_message(token + "x", nonce, body[:sec.NONCE_SIZE]))
         elif r < 0.85:
             label = "mutated-hello"
@@ -1239,12 +1222,14 @@ def _live_fuzz(n_messages):
         return logs
 
 
+@pytest.mark.processes
 def test_live_fuzz():
     """~5,000 hostile messages to a live cluster while it computes."""
     logs = _live_fuzz(5_000)
     assert not any(logs.values()), logs
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_live_fuzz_100k():

@@ -17,17 +17,15 @@ import pytest
 from distributed import Executor, LocalCluster
 from distributed.process import Process, Tail
 from distributed.scheduler import KilledWorker
-from distributed.utils_test import free_port, poll
+from distributed.utils_test import child_env, free_port, gone, hold_gil, poll
 
 PY = sys.executable
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 MB = 2**20
 
 
 @pytest.fixture
 def on_path(monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
 
 
 def print_lines(megabytes, marker):
@@ -39,23 +37,8 @@ def print_lines(megabytes, marker):
     return megabytes
 
 
-def hold_gil(seconds):
-    """Sleep in C without releasing the GIL: no thread of this process runs."""
-    import ctypes
-
-    ctypes.PyDLL(None).sleep(int(seconds))
-    return seconds
-
-
 def rss(pid=None):
     return psutil.Process(pid).memory_info().rss
-
-
-def gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def kill_all(pids):
@@ -80,6 +63,7 @@ def test_tail_keeps_the_last_lines_within_its_bounds():
     assert len(t) == 2 and t.text(1) == "abcd\n"
 
 
+@pytest.mark.processes
 def test_chatty_task_costs_the_client_little_memory(on_path):
     """An ``Executor()``-style cluster in this process: its workers' output
     passes through here, and only its tail stays."""
@@ -95,6 +79,7 @@ def test_chatty_task_costs_the_client_little_memory(on_path):
         assert len(worker.output) <= 1000
 
 
+@pytest.mark.processes
 @pytest.mark.timeout(120)  # the nanny echoes each line: ~10 s on an idle machine
 def test_chatty_task_costs_the_nanny_little_memory(on_path):
     port = free_port()
@@ -117,6 +102,7 @@ def test_chatty_task_costs_the_nanny_little_memory(on_path):
         center.stop()
 
 
+@pytest.mark.processes
 def test_death_report_carries_the_tail_of_the_output(on_path, caplog):
     with LocalCluster(n_workers=1) as cluster, Executor(cluster.center_address) as e:
         (worker,) = cluster.workers
@@ -131,6 +117,7 @@ def test_death_report_carries_the_tail_of_the_output(on_path, caplog):
 # -- file descriptors -------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_executor_shutdown_closes_its_file_descriptors():
     me = psutil.Process()
     with LocalCluster(n_workers=1) as cluster:
@@ -155,6 +142,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.processes
 def test_local_cluster_exits_with_a_killed_client():
     client = Process([PY, "-c", CLIENT])
     pids = []
@@ -173,6 +161,7 @@ def test_local_cluster_exits_with_a_killed_client():
         kill_all(pids)
 
 
+@pytest.mark.processes
 def test_worker_exits_with_a_killed_nanny():
     port = free_port()
     center = Process([PY, "-m", "distributed.cli.dcenter", "--port", str(port)])
@@ -192,6 +181,7 @@ def test_worker_exits_with_a_killed_nanny():
             kill_all([worker.pid])
 
 
+@pytest.mark.processes
 def test_child_behind_a_wrapper_keeps_running_while_its_parent_lives():
     """A shell between us and the center (it forks: ``; true``) is not taken
     for a dead parent; the center exits once the shell is killed."""
@@ -213,6 +203,7 @@ def test_child_behind_a_wrapper_keeps_running_while_its_parent_lives():
 # -- missed heartbeats, center options --------------------------------------------
 
 
+@pytest.mark.processes
 def test_local_cluster_passes_center_options():
     with pytest.raises(TypeError, match="heartbeat_timeout"):
         LocalCluster(n_workers=0, heartbeat_timout=3)
@@ -227,6 +218,7 @@ def test_local_cluster_passes_center_options():
             assert identity["allowed_failures"] == 0
 
 
+@pytest.mark.processes
 def test_gil_holding_task_is_reported_as_missed_heartbeats(on_path):
     """A worker without a nanny that holds the GIL longer than the heartbeat
     timeout is removed; its task's error and the center's log say why, not

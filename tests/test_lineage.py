@@ -1,15 +1,13 @@
 """Keys that must stay findable: invalid keys refused, lost keys healed.
 
-The cluster is the LocalCluster of ``test_executor`` (real worker
-processes); the center-restart and frozen-worker cases, which need
+The cluster is the ``cluster`` fixture of conftest.py (a LocalCluster, real
+worker processes); the center-restart and frozen-worker cases, which need
 processes of their own, are in ``test_resilience.py``.
 """
 
 import pytest
 
-from distributed.utils_test import add, inc, poll
-
-from test_executor import cluster, e, uid  # noqa: F401  (fixtures)
+from distributed.utils_test import add, inc, poll, uid
 
 NAN = float("nan")
 

@@ -28,7 +28,7 @@ import pytest
 
 from distributed import core
 from distributed.protocol import Decoder, dumps, frames_to_bytes
-from distributed.utils_test import inc, output_so_far, popen, wait_for_line
+from distributed.utils_test import authenticate, inc, popen, wait_for_line
 
 N_CONNECTIONS = 1000
 OPENING_AT_ONCE = 100  # the listen backlog is 128
@@ -64,23 +64,6 @@ async def read_one(reader, timeout=30):
             return out[0]
 
 
-async def read_handshake(reader):
-    from distributed import security as sec
-
-    kind, length = sec.parse_header(await reader.readexactly(sec.HEADER_SIZE))
-    return kind, (await reader.readexactly(length) if length else b"")
-
-
-async def authenticate(reader, writer, token):
-    from distributed import security as sec
-
-    nonce = sec.new_nonce()
-    writer.write(sec.hello_message(nonce))
-    server_nonce = sec.check_challenge(token, nonce, *await read_handshake(reader))
-    writer.write(sec.proof_message(token, nonce, server_nonce))
-    sec.check_accepted(*await read_handshake(reader))
-
-
 def source_addresses(n):
     """Loopback addresses to connect from, so that no one of them has more
     connections open than half the center's per-peer limit."""
@@ -89,6 +72,7 @@ def source_addresses(n):
     return ["127.0.0.%d" % (2 + i) for i in range(math.ceil(n / per_ip))]
 
 
+@pytest.mark.processes
 @pytest.mark.timeout(300)
 def test_thousand_connections_to_the_center():
     from distributed.executor import Executor
@@ -242,6 +226,7 @@ def cluster_env(**extra):
     return env
 
 
+@pytest.mark.processes
 @pytest.mark.timeout(120)
 def test_unauthenticated_flood_does_not_lock_out_the_cluster():
     """720 idle connections without the token, 520 of them from 127.0.0.1
@@ -278,12 +263,13 @@ def test_unauthenticated_flood_does_not_lock_out_the_cluster():
             finally:
                 for s in socks:
                     s.close()
-        lines = output_so_far(center, settle=1.0)
+        lines = center.unread_lines(1.0)
     # a handful of rate-limited lines, not one per connection
     assert len(lines) < 30, "".join(lines)
     assert any("have not authenticated yet" in line for line in lines), lines
 
 
+@pytest.mark.processes
 @pytest.mark.timeout(120)
 def test_center_out_of_file_descriptors_backs_off():
     """A center (without a token: nothing else bounds its connections) at a
@@ -321,6 +307,6 @@ def test_center_out_of_file_descriptors_backs_off():
                 if time.time() > deadline:
                     raise
                 time.sleep(0.5)
-        lines = output_so_far(center, settle=1.0)
+        lines = center.unread_lines(1.0)
     assert len(lines) < 30, "".join(lines[:50])
     assert any("cannot accept connections" in line for line in lines), lines

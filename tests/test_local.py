@@ -10,15 +10,9 @@ import pytest
 
 from distributed import Executor, LocalCluster
 from distributed.scheduler import LostData
-from distributed.utils_test import inc, poll, slowinc
+from distributed.utils_test import gone, inc, poll, slowinc
 
-
-
-def gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+pytestmark = pytest.mark.processes
 
 
 def kill(cluster, process):

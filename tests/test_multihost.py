@@ -34,6 +34,8 @@ import pytest
 
 from distributed.process import Process
 
+pytestmark = pytest.mark.processes
+
 PY = sys.executable
 NET = "10.213.0"
 CENTER_IP = NET + ".1"

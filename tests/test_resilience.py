@@ -6,63 +6,24 @@ free ports, stopped even when a test fails.
 
 import os
 import signal
-import sys
 import time
-from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import pytest
 
 from distributed import Executor
-from distributed.process import Process
 from distributed.scheduler import VALIDATE_ENV, LostData
-from distributed.utils_test import add, free_port, inc, poll, slowinc
+from distributed import utils_test
+from distributed.utils_test import (add, free_port, hold_gil, inc, poll, slowinc, start_center,
+                                    start_worker)
 
-PY = sys.executable
+pytestmark = pytest.mark.processes
 
 
-
-@contextmanager
 def processes():
-    """``start(args, wait_for)`` starts a process, stopped on exit.  Centers
-    check their scheduler's invariants (``$DISTRIBUTED_VALIDATE``); one
-    that logged a broken invariant fails the test."""
-    started = []
-    with ExitStack() as stack:
-
-        def start(args, wait_for):
-            # the workers import this module's functions by reference
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-            env[VALIDATE_ENV] = "1"
-            p = Process([PY, "-m"] + args, env=env)
-            stack.callback(p.stop)
-            started.append(p)
-            p.wait_for_line(wait_for)
-            return p
-
-        yield start
-    for p in started:
-        p.drained.wait(5)
-        assert "SCHEDULER INVARIANT BROKEN" not in p.output.text(), p.output.text()
-
-
-def start_center(start, port, *args):
-    return start(["distributed.cli.dcenter", "--port", str(port)] + list(args),
-                 "Start center at")
-
-
-def start_worker(start, port, *args):
-    return start(["distributed.cli.dworker", "127.0.0.1:%d" % port] + list(args),
-                 "Registered with center")
-
-
-def hold_gil(seconds):
-    """Sleep in C without releasing the GIL: no thread of this process runs."""
-    import ctypes
-
-    ctypes.PyDLL(None).sleep(int(seconds))
-    return seconds
+    """Processes whose centers check the scheduler's invariants after every
+    batch; one that logged a broken invariant fails the test."""
+    return utils_test.processes(env={VALIDATE_ENV: "1"})
 
 
 def test_center_restart_keeps_data():

@@ -39,13 +39,10 @@ from distributed.protocol import (
     parse_count,
 )
 from distributed.security import Security
-from distributed.utils_test import inc, output_so_far, popen, wait_for, wait_for_line
+from distributed.utils_test import (call, child_env, end_cluster, hold_gil, inc, popen, run,
+                                    wait_for, wait_for_line)
 
 TOKEN = "correct horse battery staple"
-
-
-def run(coro, timeout=20):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def handshake(token_client, token_server):
@@ -502,11 +499,6 @@ async def cluster_with(security, n=2):
     return c, workers
 
 
-async def close_cluster(c, workers):
-    await asyncio.gather(*[w._close(timeout=1) for w in workers], return_exceptions=True)
-    c.close()
-
-
 async def end_to_end(c, security):
     e = Executor(c.address, start=False, security=security)
     await e._start()
@@ -535,7 +527,7 @@ def test_center_worker_executor_with_token():
                 await rpc(workers[0].address, security=Security()).run(
                     function=os.getpid, timeout=5)
         finally:
-            await close_cluster(c, workers)
+            await end_cluster(c, workers)
 
     run(f())
 
@@ -560,6 +552,7 @@ def test_worker_with_wrong_token_fails_to_register_at_once():
     run(f())
 
 
+@pytest.mark.processes
 def test_executor_local_cluster_has_a_token():
     e = Executor(n_workers=1)
     try:
@@ -748,11 +741,12 @@ def test_tls_failures_name_tls_and_the_peer(certs, case):
     run(f())
 
 
+@pytest.mark.processes
 def test_cli_tls_failures_name_tls_and_the_center(certs):
     flags = ["--tls-cert", certs["ca"]["tls_cert"], "--tls-key", certs["ca"]["tls_key"],
              "--tls-ca", certs["ca"]["tls_ca"]]
     env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
-    with start_center(flags, env=env) as center:
+    with dcenter(flags, env=env) as center:
         address = wait_for_line(center, "Start center at").split()[-1]
         other = certs["other-ca"]
         for worker_flags, expected in [
@@ -782,7 +776,7 @@ def test_center_worker_executor_over_tls_with_token(certs):
             with pytest.raises(AuthenticationError):
                 await rpc(c.address, security=Security(**certs["ca"])).ncores(timeout=5)
         finally:
-            await close_cluster(c, workers)
+            await end_cluster(c, workers)
 
     run(f())
 
@@ -791,7 +785,7 @@ def test_center_worker_executor_over_tls_with_token(certs):
 # Command lines
 
 
-def start_center(args, env=None):
+def dcenter(args, env=None):
     return popen([sys.executable, "-m", "distributed.cli.dcenter", "--port", "0"] + args,
                  env=env)
 
@@ -801,17 +795,10 @@ def dworker(center, args, env=None):
                   "--connect-timeout", "10"] + args, env=env)
 
 
-def call(address, op, security, **kwargs):
-    async def f():
-        with rpc(address, security=security) as r:
-            return await r.call(op, timeout=10, **kwargs)
-
-    return run(f())
-
-
+@pytest.mark.processes
 def test_cli_auth_token_and_environment_variable():
     env = {k: v for k, v in os.environ.items() if k != "DISTRIBUTED_AUTH_TOKEN"}
-    with start_center([], env=dict(env, DISTRIBUTED_AUTH_TOKEN=TOKEN)) as center:
+    with dcenter([], env=dict(env, DISTRIBUTED_AUTH_TOKEN=TOKEN)) as center:
         address = wait_for_line(center, "Start center at").split()[-1]
         # a worker under a nanny, with the option
         with dworker(address, ["--auth-token", TOKEN], env=env) as worker:
@@ -836,11 +823,12 @@ def test_cli_auth_token_and_environment_variable():
             assert worker.wait(10) == 1
 
 
+@pytest.mark.processes
 def test_cli_tls(certs):
     tls = Security(**certs["ca"])
     flags = ["--tls-cert", certs["ca"]["tls_cert"], "--tls-key", certs["ca"]["tls_key"],
              "--tls-ca", certs["ca"]["tls_ca"]]
-    with start_center(flags + ["--auth-token", TOKEN]) as center:
+    with dcenter(flags + ["--auth-token", TOKEN]) as center:
         address = wait_for_line(center, "Start center at").split()[-1]
         # settings from the environment: the worker, under a nanny, gets them too
         with dworker(address, [], env=tls.with_token(TOKEN).child_env()) as worker:
@@ -848,8 +836,9 @@ def test_cli_tls(certs):
             assert len(call(address, "ncores", tls.with_token(TOKEN))) == 1
 
 
+@pytest.mark.processes
 def test_cli_bad_tls_file_is_a_usage_error(tmp_path):
-    with start_center(["--tls-cert", str(tmp_path / "missing.pem")]) as center:
+    with dcenter(["--tls-cert", str(tmp_path / "missing.pem")]) as center:
         line = wait_for_line(center, "error")
         assert "cannot load the TLS certificate" in line
         assert center.wait(10) == 2
@@ -864,12 +853,13 @@ def collect_until(proc, pattern):
             return lines
 
 
+@pytest.mark.processes
 def test_non_loopback_warning():
     env = {k: v for k, v in os.environ.items() if k != "DISTRIBUTED_AUTH_TOKEN"}
-    with start_center(["--host", "0.0.0.0"], env=env) as center:
+    with dcenter(["--host", "0.0.0.0"], env=env) as center:
         lines = collect_until(center, "Start center at")
     assert any("anyone who can reach this port can run code" in line for line in lines)
-    with start_center(["--host", "0.0.0.0"], env=dict(env, DISTRIBUTED_AUTH_TOKEN=TOKEN)) \
+    with dcenter(["--host", "0.0.0.0"], env=dict(env, DISTRIBUTED_AUTH_TOKEN=TOKEN)) \
             as center:
         lines = collect_until(center, "Start center at")
     assert not any("anyone" in line for line in lines), lines
@@ -890,22 +880,11 @@ def test_warn_if_exposed(caplog):
 # Every connection a node opens uses that node's settings (flags, not only env)
 
 
-def hold_gil(seconds):
-    """Sleep in C without releasing the GIL: the worker's own heartbeats stop."""
-    import ctypes
-
-    ctypes.PyDLL(None).sleep(int(seconds))
-    return seconds
-
-
 def env_without_security():
-    env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
-    # the worker imports this module's hold_gil by reference
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__),
-                                         env.get("PYTHONPATH", "")])
-    return env
+    return child_env({k: v for k, v in os.environ.items() if k not in sec._ENV_VARS})
 
 
+@pytest.mark.processes
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("which", ["token", "tls"])
 def test_nanny_uses_its_own_flags(which, request):
@@ -920,7 +899,7 @@ def test_nanny_uses_its_own_flags(which, request):
                  certs["ca"]["tls_key"], "--tls-ca", certs["ca"]["tls_ca"]]
         security = Security(**certs["ca"])
     env = env_without_security()
-    with start_center(flags + ["--heartbeat-timeout", "2"], env=env) as center:
+    with dcenter(flags + ["--heartbeat-timeout", "2"], env=env) as center:
         address = wait_for_line(center, "Start center at").split()[-1]
         with dworker(address, flags + ["--ncores", "1"], env=env) as worker:
             wait_for_line(worker, "Registered with center", timeout=30)
@@ -933,7 +912,7 @@ def test_nanny_uses_its_own_flags(which, request):
                     assert time.time() - t0 < 30
                     time.sleep(0.25)
                 assert f.result() == 5
-        lines = output_so_far(center)
+        lines = center.unread_lines()
     assert not [line for line in lines if "refused" in line or "closing connection" in line
                 or "opened a TLS" in line or "no heartbeat" in line], lines
 
@@ -953,11 +932,12 @@ async def send_raw(address, data, linger=1.0):
     writer.close()
 
 
+@pytest.mark.processes
 def test_peer_text_is_escaped_in_the_log():
     forged = "\nFAKE RECORD 2026-01-01 distributed.center WARNING: all is well"
     env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
     env["DISTRIBUTED_REFUSAL_LOG_INTERVAL"] = "0"  # log every refusal
-    with start_center(["--auth-token", TOKEN], env=env) as center:
+    with dcenter(["--auth-token", TOKEN], env=env) as center:
         address = wait_for_line(center, "Start center at").split()[-1]
         # a refusal as the first message, and one instead of the proof
         run(send_raw(address, sec.refusal_message(forged)))
@@ -965,10 +945,10 @@ def test_peer_text_is_escaped_in_the_log():
                      + sec.refusal_message(forged)))
         lines = collect_until(center, "refused connection from")
         lines += collect_until(center, "refused connection from")
-        lines += output_so_far(center)
+        lines += center.unread_lines()
     # a cluster without a token trusts its peers, but its log is still one line
     # per record
-    with start_center([], env=env) as center:
+    with dcenter([], env=env) as center:
         address = wait_for_line(center, "Start center at").split()[-1]
 
         async def died():
@@ -977,7 +957,7 @@ def test_peer_text_is_escaped_in_the_log():
 
         run(died())
         lines += collect_until(center, "died")
-        lines += output_so_far(center)
+        lines += center.unread_lines()
     assert not [line for line in lines if line.startswith("FAKE")], lines
     assert sum("\\nFAKE RECORD" in line for line in lines) >= 1, lines
 
@@ -1001,29 +981,31 @@ def test_log_safe():
 # A cluster without a token says once that local users can run code on it
 
 
+@pytest.mark.processes
 def test_tokenless_cluster_prints_one_hint():
     env = {k: v for k, v in os.environ.items() if k not in sec._ENV_VARS}
-    with start_center([], env=env) as center:
+    with dcenter([], env=env) as center:
         center_lines = collect_until(center, "Start center at")
         address = center_lines[-1].split()[-1]
-        center_lines += output_so_far(center)
+        center_lines += center.unread_lines()
         with dworker(address, [], env=env) as worker:  # under a nanny
             worker_lines = collect_until(worker, "Registered with center")
-            worker_lines += output_so_far(worker)
+            worker_lines += worker.unread_lines()
         with dworker(address, ["--no-nanny"], env=env) as worker:
             plain_worker_lines = collect_until(worker, "Registered with center")
-            plain_worker_lines += output_so_far(worker)
+            plain_worker_lines += worker.unread_lines()
     for lines in (center_lines, worker_lines, plain_worker_lines):
         hints = [line for line in lines if "without an auth token" in line]
         assert len(hints) == 1, lines
         assert "any user of this machine can run code" in hints[0]
         assert "--auth-token" in hints[0] and "DISTRIBUTED_AUTH_TOKEN" in hints[0]
     # with a token: no hint
-    with start_center(["--auth-token", TOKEN], env=env) as center:
-        lines = collect_until(center, "Start center at") + output_so_far(center)
+    with dcenter(["--auth-token", TOKEN], env=env) as center:
+        lines = collect_until(center, "Start center at") + center.unread_lines()
     assert not [line for line in lines if "without an auth token" in line], lines
 
 
+@pytest.mark.processes
 def test_local_cluster_prints_no_hint(capfd, monkeypatch):
     """``Executor()``'s local cluster has a token: none of its processes hints."""
     from distributed.local import LocalCluster

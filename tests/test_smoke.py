@@ -1,5 +1,7 @@
 from operator import add
 
+import pytest
+
 from distributed.core import rpc
 from distributed.utils_test import gen_cluster, popen, wait_for_line
 
@@ -14,6 +16,7 @@ async def test_compute_fetches_from_peer(c, a, b):
     assert a.address in c.who_has[meta["key"]]
 
 
+@pytest.mark.processes
 def test_dcenter_starts():
     with popen(["dcenter", "--port", "0"]) as p:
         line = wait_for_line(p, "Start center at")

@@ -27,12 +27,10 @@ from distributed.http import HTTPWorker
 from distributed.nanny import describe_exit
 from distributed.scheduler import KilledWorker
 from distributed.spill import SpillBuffer, read_value, write_value
-from distributed.utils_test import (_line_queue, free_port, inc, popen, wait_for,
-                                   wait_for_line)
+from distributed.utils_test import child_env, free_port, inc, popen, wait_for, wait_for_line
 from distributed.worker import MEMORY_EXIT_CODE
 
 PY = sys.executable
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 MB = 2**20
 
 
@@ -573,11 +571,6 @@ def hog(nbytes=10**9):
     return len(chunks)
 
 
-def env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
-
-
 @contextmanager
 def memory_cluster(port, local_dir, memory_limit, worker_args=(), center_args=(),
                    worker_env=None):
@@ -585,16 +578,17 @@ def memory_cluster(port, local_dir, memory_limit, worker_args=(), center_args=()
     unless ``worker_args`` say ``--no-nanny``) with an Executor on them;
     yields ``(center, worker, executor)``, the first two as processes."""
     with popen([PY, "-m", "distributed.cli.dcenter", "--port", str(port),
-                *center_args], env=env()) as center:
+                *center_args], env=child_env()) as center:
         wait_for_line(center, "Start center at")
         with popen([PY, "-m", "distributed.cli.dworker", "127.0.0.1:%d" % port,
                     "--memory-limit", memory_limit, *worker_args,
-                    "--local-dir", str(local_dir)], env=worker_env or env()) as worker:
+                    "--local-dir", str(local_dir)], env=worker_env or child_env()) as worker:
             wait_for_line(worker, "Registered with center")
             with Executor("127.0.0.1:%d" % port, timeout=10) as e:
                 yield center, worker, e
 
 
+@pytest.mark.processes
 def test_dworker_past_memory_limit_is_restarted(tmp_path):
     """A task allocating ~1 GB on a worker limited to 300 MB: the worker exits
     with status 75 each time, its nanny reports "memory limit exceeded" (to
@@ -626,9 +620,10 @@ def test_dworker_past_memory_limit_is_restarted(tmp_path):
                     if d.startswith("worker-")]) == 1
 
 
+@pytest.mark.processes
 def test_dworker_spills_to_local_dir(tmp_path):
     port = free_port()
-    e_ = dict(env(), DISTRIBUTED_MEMORY_TARGET="0.01")  # 20 MB of a 2 GB limit
+    e_ = dict(child_env(), DISTRIBUTED_MEMORY_TARGET="0.01")  # 20 MB of a 2 GB limit
     with memory_cluster(port, str(tmp_path), "2GB",
                         worker_args=["--ncores", "1", "--no-nanny"],
                         worker_env=e_) as (center, worker, e):
@@ -659,18 +654,7 @@ def fresh_array(i):
     return np.random.default_rng(i).random(n)
 
 
-def output_of(proc):
-    """Every line ``proc`` (ended, from ``popen``) printed that was not read yet."""
-    q = _line_queue(proc)
-    lines = []
-    while True:
-        line = q.get(timeout=10)
-        if line is None:
-            q.put(None)
-            return "".join(lines)
-        lines.append(line)
-
-
+@pytest.mark.processes
 def test_dworker_fast_producer_fits_on_disk(tmp_path):
     """A worker limited to 400 MB and tasks producing ~2x that in 20-50 MiB
     arrays, all held by futures: storing a result above the target spills
@@ -692,7 +676,7 @@ def test_dworker_fast_producer_fits_on_disk(tmp_path):
             assert (x == fresh_array(j)).all()
         del got
         assert list(e.ncores()) == [address]  # never restarted
-    output = output_of(worker)
+    output = "".join(worker.unread_lines(timeout=10))
     assert "died" not in output and "exceeded its memory limit" not in output, output
 
 
@@ -719,6 +703,7 @@ def sized_array(i):
     return np.random.default_rng(i).random((8 + i % 9) * MB // 8)
 
 
+@pytest.mark.processes
 def test_dworker_full_spill_directory_gives_up_cleanly(tiny_disk):
     """Spilling into a 20 MB tmpfs soon fails with ENOSPC.  The worker does
     not pause for ever waiting for a disk that stays full: the results that
@@ -748,7 +733,7 @@ def test_dworker_full_spill_directory_gives_up_cleanly(tiny_disk):
         del futures, f
         assert e.submit(inc, 1, pure=False).result(timeout=10) == 2
         assert list(e.ncores()) == [address]  # it never died
-    output = output_of(worker)
+    output = "".join(worker.unread_lines(timeout=10))
     assert "exceeded its memory limit" not in output, output
     assert output.count("could not spill") == 1, output
     assert len([line for line in output.splitlines()
@@ -759,6 +744,7 @@ def allocate(nbytes, seed):
     return np.random.default_rng(seed).random(nbytes // 8)
 
 
+@pytest.mark.processes
 def test_memory_death_caused_by_data_held_does_not_count_against_tasks(tmp_path):
     """A worker without spilling holds scattered data; a task then takes it
     past its memory limit.  Most of the memory was the data held, so the
@@ -766,7 +752,7 @@ def test_memory_death_caused_by_data_held_does_not_count_against_tasks(tmp_path)
     task is rescheduled without counting toward KilledWorker: with
     ``--allowed-failures 0`` it still completes (on the restarted worker)."""
     port = free_port()
-    e_ = dict(env(), DISTRIBUTED_MEMORY_TARGET="off", DISTRIBUTED_MEMORY_PAUSE="off")
+    e_ = dict(child_env(), DISTRIBUTED_MEMORY_TARGET="off", DISTRIBUTED_MEMORY_PAUSE="off")
     with memory_cluster(port, str(tmp_path), "300MB",
                         worker_args=["--ncores", "1"], center_args=["--allowed-failures", "0"],
                         worker_env=e_) as (center, worker, e):

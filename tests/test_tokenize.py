@@ -2,7 +2,8 @@
 
 The tests marked ``pure`` start no cluster (one short subprocess at most):
 ``python -m pytest -m pure``.  The last ones send the same look-alike pairs
-through submit, map and scatter on a real LocalCluster.
+through submit, map and scatter on a real LocalCluster (the ``e`` fixture
+of conftest.py).
 """
 
 import copy
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from distributed.tokenize import Normalized, by_reference, normalize_token, tokenize
-from test_executor import cluster, e  # noqa: F401  (the LocalCluster fixtures)
+from distributed.utils_test import TESTS_DIR, child_env
 
 pure = pytest.mark.pure
 
@@ -475,13 +476,13 @@ def test_dict_and_set_order_do_not_matter(d):
 
 
 @pure
+@pytest.mark.processes
 def test_stable_across_processes():
     code = ("from distributed.tokenize import tokenize\n"
             "from tests.test_tokenize import PLAIN\n"
             "print(tokenize(PLAIN))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.pathsep.join(
-        [root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")]))
+    root = os.path.dirname(TESTS_DIR)
+    env = child_env(PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, timeout=50,
                          check=True, capture_output=True, text=True).stdout
     assert out.strip() == tokenize(PLAIN)

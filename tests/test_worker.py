@@ -25,14 +25,11 @@ from distributed.utils_test import (
     free_port,
     gen_cluster,
     inc,
+    run,
     throws,
     wait_for,
 )
 from distributed.worker import Worker
-
-
-def run(coro, timeout=20):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 # ---------------------------------------------------------------------------
