@@ -486,7 +486,7 @@ class WorkerMemoryManager:
             return "tasks"
         return blame(rss, held, self.limit, self.pause_fraction, self.terminate_fraction)
 
-    def _announce_exit(self, cause, timeout=1):
+    def _announce_exit(self, cause, timeout=3):
         """Tell the center on the worker stream, ahead of its closing, that
         this worker exits for memory and who is to blame; then close the
         stream, so that nothing more gets out (errors of tasks whose files
