@@ -492,6 +492,10 @@ class WorkerMemoryManager:
         stream, so that nothing more gets out (errors of tasks whose files
         are being removed).  Waits ``timeout`` seconds at most for the loop
         (a task may hold the GIL), then shuts the socket from here."""
+        # the stream's end must not look like a lost center: a worker that
+        # registered again before the exit would be given the rescheduled
+        # tasks and die with them counted against them
+        self.worker.status = "closing"
         batched = self.worker.batched
         if batched is None or batched.closed:
             return

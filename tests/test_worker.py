@@ -567,3 +567,16 @@ def test_worker_await_form():
             c.close()
 
     run(main())
+
+
+@gen_cluster(ncores=[1])
+async def test_worker_announcing_a_memory_exit_does_not_reconnect(center, w):
+    """Between announcing its memory exit (which closes its stream) and
+    exiting, the worker does not register again: the center would give the
+    new registration the tasks it just rescheduled, and the exit would then
+    count against them (KilledWorker with ``--allowed-failures 0``)."""
+    w.memory.terminate = lambda rss: None  # no os._exit here
+    await asyncio.get_running_loop().run_in_executor(None, w.memory._announce_exit, "data")
+    await asyncio.sleep(0.5)
+    assert w.address not in center.ncores
+    assert w.status == "closing"
