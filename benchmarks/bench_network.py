@@ -513,7 +513,6 @@ def print_report(args, lat, raw_lat, xfer, raw):
     nbytes = args.size_mib * 2**20
     mb = nbytes / 1e6
     w = 52
-    row3 = "  %-*s %10s %10s %10s"
 
     def line(name, values, fmt):
         print("  %-*s " % (w - 2, name) + " ".join(fmt % v for v in values))

@@ -110,7 +110,6 @@ class Center(Server):
             "worker-stream": self.worker_stream,
             "register-client": self.client_stream,
             "restart": self.restart,
-            "processing": self.get_processing,
             "task_states": self.get_task_states,
             "story": self.story,
             "worker_died": self.worker_died,
@@ -390,9 +389,6 @@ class Center(Server):
                 logger.warning("nanny %s could not restart its worker: %s", log_safe(nanny),
                                log_safe(result))
         return b"OK"
-
-    def get_processing(self, stream=None):
-        return self.scheduler.processing()
 
     def worker_died(self, stream=None, address=None, cause=None, blame=None):
         """A nanny tells why its worker died ("memory limit exceeded", ...).

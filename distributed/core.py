@@ -1017,7 +1017,6 @@ class rpc:
         )
         self.timeout = timeout
         self.limits = limits or DEFAULT_LIMITS
-        self._own_pool = pool is None
         self.pool = pool if pool is not None else ConnectionPool(security=security)
 
     def __getattr__(self, op):

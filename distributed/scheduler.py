@@ -393,7 +393,7 @@ class Scheduler:
                         "task %r was running on %d workers that were lost; not "
                         "trying again. The last, %s: %s"
                         % (ts.key, ts.suspicious, address, cause or "it was removed"))
-                    self._erred(ts, exc, None, str(exc), blob=False)
+                    self._erred(ts, exc, None, str(exc))
                 else:
                     to_reschedule.append(ts)
             for _, _, ts in ws.queue:
@@ -442,7 +442,7 @@ class Scheduler:
                 exc = LostData(
                     "the data of %r was lost: %s; scattered data has no lineage "
                     "to recompute it from" % (ts.key, how))
-                self._erred(ts, exc, None, str(exc), blob=False)
+                self._erred(ts, exc, None, str(exc))
             elif ts.who_wants or ts.waiters:
                 recompute.append(ts)
         return recompute
@@ -577,7 +577,7 @@ class Scheduler:
             for key in keys:
                 self.to_clients[client].append({
                     "op": "task-erred", "key": key, "exception": exc,
-                    "traceback": None, "text": str(exc), "blob": False})
+                    "traceback": None, "text": str(exc)})
             return
         new, merged = [], []
         for key, spec in tasks.items():
@@ -621,7 +621,7 @@ class Scheduler:
                 continue  # computed already: its lineage is incomplete, no more
             exc = LostData("task %r depends on %s, which the scheduler does not "
                            "know (released or lost)" % (key, deps))
-            self._erred(ts, exc, None, str(exc), blob=False)
+            self._erred(ts, exc, None, str(exc))
         if lineage_only:
             new = []
         new.sort(key=_priority)  # ready tasks go out in priority order
@@ -775,7 +775,7 @@ class Scheduler:
             self._ran(ws, key, ts)
         if ts is not None and ts.state == PROCESSING and ts.processing_on is ws:
             ts.processing_on = None
-            self._erred(ts, exception, traceback, text, blob=True, cause="task-erred",
+            self._erred(ts, exception, traceback, text, cause="task-erred",
                         worker=address)
         if ws is not None:
             self._fill(ws)
@@ -807,7 +807,7 @@ class Scheduler:
                 "task %r could not get its inputs %s from %s after %d tries; a "
                 "value that cannot be serialized does this"
                 % (key, list(missing), list(bad_workers), ts.retries))
-            self._erred(ts, exc, None, str(exc), blob=False, cause="missing-data "
+            self._erred(ts, exc, None, str(exc), cause="missing-data "
                         "retries ran out", worker=address)
         self._request([ts] + [d for d in recompute if d.who_wants or d.waiters])
         if ws is not None:
@@ -888,12 +888,11 @@ class Scheduler:
         return {"op": "task-erred", "key": key,
                 "exception": LostData("key %r is not known to the scheduler; it "
                                       "was released or never existed" % (key,)),
-                "traceback": None, "blob": False}
+                "traceback": None}
 
     def _erred_msg(self, ts):
         return {"op": "task-erred", "key": ts.key, "exception": ts.exception,
-                "traceback": ts.traceback, "text": ts.text,
-                "blob": type(ts.exception) is bytes}
+                "traceback": ts.traceback, "text": ts.text}
 
     def _request(self, roots):
         """Make sure every task in ``roots`` is, or will be, in memory."""
@@ -913,7 +912,7 @@ class Scheduler:
         for ts in order:
             if ts.run_spec is None:
                 exc = LostData("%r has no data and no task to compute it" % (ts.key,))
-                self._erred(ts, exc, None, str(exc), blob=False, cause="no task")
+                self._erred(ts, exc, None, str(exc), cause="no task")
         # dependencies first, so that ready tasks find their inputs placed
         for ts in reversed(order):
             if ts.state != RELEASED:
@@ -1075,7 +1074,7 @@ class Scheduler:
             self._maybe_release(dep)
         self._maybe_release(ts)
 
-    def _erred(self, ts, exception, traceback, text, blob, cause=None, worker=None):
+    def _erred(self, ts, exception, traceback, text, cause=None, worker=None):
         """``ts`` failed (``cause``: how, for its story); so does everything
         waiting on it."""
         if ts.state == ERRED:
@@ -1094,7 +1093,7 @@ class Scheduler:
                 stack.extend(dts.waiters)
 
     def _erred_from(self, ts, dep):
-        self._erred(ts, dep.exception, dep.traceback, dep.text, blob=None,
+        self._erred(ts, dep.exception, dep.traceback, dep.text,
                     cause="dependency %r erred" % (dep.key,))
 
     def _set_erred(self, ts, cause, worker=None):
@@ -1170,9 +1169,6 @@ class Scheduler:
         self.to_workers = defaultdict(list)
         self.to_clients = defaultdict(list)
         return tw, tc
-
-    def processing(self):
-        return {a: [ts.key for ts in ws.processing] for a, ws in self.workers.items()}
 
     def task_states(self):
         return {key: ts.state for key, ts in self.tasks.items()}

@@ -1,7 +1,6 @@
 """Small helpers shared by every node: addresses, keys, tracebacks, sizes."""
 
 import socket
-import sys
 import traceback as _traceback
 import uuid
 
@@ -177,5 +176,3 @@ def log_safe(value, limit=LOG_SAFE_LIMIT):
 def new_id():
     return uuid.uuid4().hex
 
-
-PY_VERSION = "%d.%d.%d" % sys.version_info[:3]

@@ -32,7 +32,6 @@ import uuid
 from contextlib import ExitStack, contextmanager
 
 import psutil
-from tornado.ioloop import IOLoop
 
 from .center import Center
 from .core import rpc
@@ -253,10 +252,6 @@ def gen_cluster(ncores=(1, 2), timeout=20, **cluster_kwargs):
         return named_like(test, func)
 
     return decorator
-
-
-def current_loop():
-    return IOLoop.current()
 
 
 def child_env(env=None, **variables):

@@ -231,7 +231,6 @@ class Worker(Server):
         self.executor = concurrent.futures.ThreadPoolExecutor(
             self.ncores, thread_name_prefix="distributed-worker"
         )
-        self._own_local_dir = local_dir
         if local_dir:
             os.makedirs(local_dir, exist_ok=True)
         self.local_dir = tempfile.mkdtemp(prefix="worker-", dir=local_dir)

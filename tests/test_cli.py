@@ -1,6 +1,5 @@
 """dcenter and dworker as real processes (free ports only)."""
 
-import asyncio
 import inspect
 import json
 import os
@@ -15,7 +14,6 @@ import urllib.request
 import pytest
 
 import distributed
-from distributed.core import rpc
 from distributed.utils_test import add, call, free_port, poll, popen, wait_for_line
 
 pytestmark = pytest.mark.processes

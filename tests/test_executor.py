@@ -25,7 +25,6 @@ from distributed import (
     progress,
     wait,
 )
-from distributed.core import rpc
 from distributed.scheduler import VALIDATE_ENV
 from distributed.utils_test import (add, free_port, inc, poll, record_sends, slowinc, throws,
                                     uid)
