@@ -774,8 +774,7 @@ class Executor:
         if state is not None and state.status != "cancelled":
             state.finish(type or state.type, workers, value)
 
-    def _task_erred(self, key=None, exception=None, traceback=None, text=None,
-                    blob=None):
+    def _task_erred(self, key=None, exception=None, traceback=None, text=None):
         state = self.futures.get(key)
         if state is not None and state.status != "cancelled":
             state.set_error(exception, traceback, text)

@@ -230,3 +230,27 @@ def test_poison_task_ends_as_killed_worker():
         # allowed_failures=3: erred at the 4th death
         poll(lambda: len(e.cluster.deaths) == 4, timeout=30)
         assert e.submit(inc, 1).result(timeout=20) == 2
+
+
+def test_run_on_a_stopped_worker_fails_when_it_is_removed():
+    """``Executor.run`` waits for the function as long as it runs, but not
+    for a worker that stopped answering: once the center removes it (no
+    heartbeat), the call fails with an error naming the worker, and the
+    other worker's answer is not what hangs."""
+    port = free_port()
+    with processes() as start:
+        start_center(start, port, "--heartbeat-timeout", "2")
+        start_worker(start, port, "--ncores", "1")
+        start_worker(start, port, "--ncores", "1")
+        with Executor("127.0.0.1:%d" % port) as e:
+            pids = e.run(os.getpid)
+            victim, other = sorted(pids)
+            os.kill(pids[victim], signal.SIGSTOP)
+            try:
+                t = time.time()
+                with pytest.raises(Exception, match="%s closed before the reply to 'run'" % victim):
+                    e.run(os.getpid)
+                assert time.time() - t < 15
+                assert e.run(os.getpid, workers=[other]) == {other: pids[other]}
+            finally:
+                os.kill(pids[victim], signal.SIGCONT)
