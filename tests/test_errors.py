@@ -332,7 +332,7 @@ def test_center_restart_pending_completes_and_erred_can_be_retried(tmp_path):
                 erred.result(timeout=10)
             gate = tmp_path / uid()
             x = e.submit(wait_for_file, str(gate), 10)
-            poll(lambda: any(e.sync(e.center.processing).values()), timeout=10)
+            poll(lambda: "processing" in e.sync(e.center.task_states).values(), timeout=10)
             center.kill()
             start_center(start, port)
             gate.touch()

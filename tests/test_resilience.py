@@ -85,7 +85,7 @@ def test_center_restart_resubmits_pending():
             x = e.submit(slowinc, 1, delay=2)
             z = e.submit(add, x, 10)
             ys = e.map(inc, range(20))
-            poll(lambda: any(e.sync(e.center.processing).values()))
+            poll(lambda: "processing" in e.sync(e.center.task_states).values())
             center.kill()
             start_center(start, port)
             assert z.result(timeout=30) == 12
