@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 import distributed
+from distributed.cli.utils import DASHBOARD_STARTED
 from distributed.utils_test import add, call, free_port, poll, popen, wait_for_line
 
 pytestmark = pytest.mark.processes
@@ -195,9 +196,10 @@ def get_json(url):
 def test_http_ports():
     with popen(DCENTER + ["--port", "0", "--http-port", "0"]) as c:
         center = center_address(c)
-        line = wait_for_line(c, "HTTP status at")
-        url = line.split()[-1]
-        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/info\.json", url)
+        line = wait_for_line(c, DASHBOARD_STARTED)  # was "HTTP status at .../info.json"
+        status = line.split()[-1]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/status", status)
+        url = status.replace("/status", "/info.json")
         with popen(DWORKER + [center, "--http-port", "0"]) as p:
             w = worker_address(p, center)
             info = get_json(url)

@@ -1,0 +1,133 @@
+"""What the dashboard remembers of the scheduler's work: a scheduler plugin.
+
+It keeps only bounded, cheap state, updated in O(1) per transition (a few
+dict look-ups and integer increments, nothing allocated per transition):
+
+* ``groups``: ``{prefix: [waiting, processing, memory, erred, done]}``, the
+  tasks of each task group (key prefix, ``inc-1a2b`` -> ``inc``) in each
+  column of its progress bar; ``done`` counts the tasks ever computed;
+* ``stream``: the latest finished tasks, ``(seq, key, prefix, worker,
+  thread, start, stop, transfer_start, transfer_stop)``;
+* ``events``: the latest workers added, removed (with why), restarts and
+  errors (with their traceback text), ``(seq, time, kind, subject, text)``.
+
+::
+
+    >>> from distributed.scheduler import Scheduler
+    >>> s = Scheduler()
+    >>> plugin = DashboardPlugin(s)
+    >>> s.add_plugin(plugin)
+    >>> s.add_worker('w1:1')
+    >>> s.update_graph('c1', tasks={'inc-a1b2c3d4': 'spec'}, dependencies={}, keys=['inc-a1b2c3d4'])
+    >>> plugin.groups['inc']
+    [0, 1, 0, 0, 0]
+    >>> s.task_finished('w1:1', 'inc-a1b2c3d4', nbytes=8, startstops=(1.0, 2.0), thread=7)
+    >>> plugin.groups['inc'], plugin.stream[-1][1:7]
+    ([0, 0, 1, 0, 1], ('inc-a1b2c3d4', 'inc', 'w1:1', 7, 1.0, 2.0))
+    >>> [e[2] for e in plugin.events]
+    ['worker-added']
+"""
+
+import itertools
+import time
+from collections import deque
+
+from ..scheduler import (
+    ERRED,
+    MEMORY,
+    NO_WORKER,
+    PROCESSING,
+    QUEUED,
+    WAITING,
+    SchedulerPlugin,
+)
+from ..utils import key_split
+
+__all__ = ["DashboardPlugin", "COLUMNS"]
+
+#: the columns of a task group's progress bar, and the states each shows
+COLUMNS = ("waiting", "processing", "memory", "erred")
+_COLUMN = {WAITING: 0, NO_WORKER: 0, QUEUED: 0, PROCESSING: 1, MEMORY: 2, ERRED: 3}
+_DONE = 4  # index of the count of tasks ever computed
+#: how many finished tasks the task stream keeps
+STREAM_LENGTH = 10000
+#: how many events the event log keeps
+EVENTS_LENGTH = 1000
+#: how many task groups are kept; beyond, groups with no task left are dropped
+MAX_GROUPS = 1000
+#: the longest error text an event keeps (tracebacks can be huge)
+MAX_TEXT = 4000
+
+
+class DashboardPlugin(SchedulerPlugin):
+    """See the module docstring.  ``scheduler``: the one it watches (to find
+    a task's prefix and error text without computing them again)."""
+
+    def __init__(self, scheduler=None, stream_length=STREAM_LENGTH,
+                 events_length=EVENTS_LENGTH):
+        self.scheduler = scheduler
+        self.groups = {}
+        self.stream = deque(maxlen=stream_length)
+        self.events = deque(maxlen=events_length)
+        self._seq = itertools.count()
+
+    def _prefix(self, key):
+        ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+        return ts.prefix if ts is not None else key_split(key)
+
+    def transition(self, key, start, finish, cause=None, worker=None):
+        old = _COLUMN.get(start)
+        new = _COLUMN.get(finish)
+        if old is None and new is None:
+            return
+        prefix = self._prefix(key)
+        counts = self.groups.get(prefix)
+        if counts is None:
+            counts = self.groups[prefix] = [0, 0, 0, 0, 0]
+            if len(self.groups) > MAX_GROUPS:
+                self._drop_empty_groups()
+        if old is not None and counts[old] > 0:
+            counts[old] -= 1
+        if new is not None:
+            counts[new] += 1
+            if new == 2 and start == PROCESSING:
+                counts[_DONE] += 1
+            elif new == 3 and start == PROCESSING:  # it failed, not a dependency
+                self._task_erred(key, worker, cause)
+
+    def _drop_empty_groups(self):
+        for prefix in [p for p, c in self.groups.items() if not any(c[:_DONE])]:
+            if len(self.groups) <= MAX_GROUPS // 2:
+                break
+            del self.groups[prefix]
+
+    def _task_erred(self, key, worker, cause):
+        ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+        text = (ts.text or cause or "") if ts is not None else (cause or "")
+        if len(text) > MAX_TEXT:
+            text = "...\n" + text[-MAX_TEXT:]
+        self._event("task-erred", str(key), "on %s:\n%s" % (worker, text))
+
+    def task_finished(self, key, worker, startstops=None, thread=None, transfer=None):
+        if not startstops:
+            return
+        t0, t1 = transfer if transfer else (None, None)
+        self.stream.append((next(self._seq), str(key), self._prefix(key), worker,
+                            thread, startstops[0], startstops[1], t0, t1))
+
+    def add_worker(self, address):
+        self._event("worker-added", address, "")
+
+    def remove_worker(self, address, cause=None):
+        self._event("worker-removed", address, cause or "")
+
+    def restart(self):
+        self.groups.clear()
+        self._event("restart", "", "every task was forgotten")
+
+    def _event(self, kind, subject, text):
+        self.events.append((next(self._seq), time.time(), kind, subject, text))
+
+    def counts(self):
+        """``{prefix: {'waiting': n, ..., 'done': n}}`` of every group."""
+        return {prefix: dict(zip(COLUMNS + ("done",), c)) for prefix, c in self.groups.items()}

@@ -1,0 +1,222 @@
+"""The dashboard: its plugin (pure), its HTTP routes (in-process cluster, no
+browser) and the page in a real headless Chromium (real processes)."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from contextlib import asynccontextmanager
+from urllib.parse import urlparse
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from tornado.websocket import websocket_connect
+
+from distributed import Executor
+from distributed.center import Center
+from distributed.dashboard import DashboardPlugin
+from distributed.http import HTTPCenter
+from distributed.scheduler import Scheduler
+from distributed.security import Security
+from distributed.utils_test import inc, local_cluster, poll, slowinc, wait_for
+from distributed.worker import Worker
+
+TOKEN = "dashboard-test-token"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# -- the plugin, pure ------------------------------------------------------------
+
+
+@pytest.mark.pure
+def test_plugin_counts_groups_and_stream():
+    s = Scheduler()
+    plugin = DashboardPlugin(s, stream_length=3)
+    s.add_plugin(plugin)
+    s.add_worker("w1:1", ncores=1)
+    s.add_client("c")
+    keys = ["inc-%08x" % i for i in range(5)]
+    s.update_graph("c", tasks={k: "spec" for k in keys}, dependencies={}, keys=keys)
+    c = plugin.counts()["inc"]
+    assert c["waiting"] + c["processing"] == 5 and c["memory"] == 0
+    for i, k in enumerate(keys):
+        s.task_finished("w1:1", k, nbytes=1, startstops=(i, i + 0.5), thread=1)
+    assert plugin.counts()["inc"] == {"waiting": 0, "processing": 0, "memory": 5,
+                                      "erred": 0, "done": 5}
+    assert [e[1] for e in plugin.stream] == keys[2:]  # bounded: the latest 3
+    s.remove_worker("w1:1", cause="it was killed")
+    kinds = [(e[2], e[3], e[4]) for e in plugin.events]
+    assert kinds == [("worker-added", "w1:1", ""), ("worker-removed", "w1:1", "it was killed")]
+
+
+@pytest.mark.pure
+def test_plugin_records_errors_with_their_text():
+    s = Scheduler()
+    plugin = DashboardPlugin(s)
+    s.add_plugin(plugin)
+    s.add_worker("w1:1", ncores=1)
+    s.add_client("c")
+    s.update_graph("c", tasks={"x": "spec", "y": "spec"}, dependencies={"y": ["x"]},
+                   keys=["y"])
+    s.task_erred("w1:1", "x", exception=b"...", traceback=None,
+                 text="Traceback ...\nZeroDivisionError: division by zero\n")
+    counts = plugin.counts()
+    assert counts["x"]["erred"] == 1 and counts["y"]["erred"] == 1
+    erred = [e for e in plugin.events if e[2] == "task-erred"]
+    assert len(erred) == 1  # the task that raised, not its dependent
+    assert erred[0][3] == "x" and "ZeroDivisionError" in erred[0][4]
+
+
+# -- the HTTP routes, on an in-process cluster ---------------------------------
+
+
+@asynccontextmanager
+async def dashboard_cluster(n_workers=2, token=None):
+    """A center with its dashboard on a free port and ``n_workers`` workers."""
+    security = Security(token=token)
+    c = Center("127.0.0.1", services={"http": HTTPCenter}, service_ports={"http": 0},
+               security=security, validate=True)
+    c.listen(0)
+    workers = [Worker(c.ip, c.port, ip="127.0.0.1", ncores=1, security=security,
+                      heartbeat_interval=0.2)
+               for _ in range(n_workers)]
+    try:
+        await asyncio.gather(*[w._start(0) for w in workers])
+        await wait_for(lambda: len(c.metrics) == n_workers)
+        yield c, workers
+    finally:
+        await asyncio.gather(*[w._close(timeout=1) for w in workers],
+                             return_exceptions=True)
+        c.close()
+    assert not c.invariant_errors
+
+
+def url(c, path):
+    return "http://127.0.0.1:%d%s" % (c.service_ports["http"], path)
+
+
+async def fetch(c, path, **kwargs):
+    kwargs.setdefault("raise_error", False)
+    kwargs.setdefault("follow_redirects", False)
+    return await AsyncHTTPClient().fetch(url(c, path), **kwargs)
+
+
+def test_json_health_metrics_and_pages():
+    async def main():
+        async with dashboard_cluster() as (c, workers):
+            async with Executor(c.address, start=False) as e:
+                futures = e.map(inc, range(20))
+                await e._gather(futures)
+                assert (await fetch(c, "/health")).body == b"ok"
+                counts = json.loads((await fetch(c, "/json/counts.json")).body)
+                assert counts == {"memory": 20}
+                status = json.loads((await fetch(c, "/json/status.json")).body)
+                assert sorted(w["address"] for w in status["workers"]) == sorted(
+                    w.address for w in workers)
+                assert all(w["memory"] > 0 and w["threads"] == 1 for w in status["workers"])
+                assert [(g["name"], g["memory"], g["done"]) for g in status["groups"]] == [
+                    ("inc", 20, 20)]
+                assert len(status["stream"]) == 20
+                assert {t[3] for t in status["stream"]} <= {w.address for w in workers}
+                assert all(t[5] <= t[6] for t in status["stream"])  # start <= stop
+                metrics = (await fetch(c, "/metrics")).body.decode()
+                assert "distributed_workers 2.0" in metrics
+                assert 'distributed_tasks{state="memory"} 20.0' in metrics
+                assert "distributed_worker_memory_bytes{" in metrics
+                assert 'distributed_tasks_computed_total{group="inc"} 20.0' in metrics
+                page = await fetch(c, "/")
+                assert page.code == 302 and page.headers["Location"] == "/status"
+                page = await fetch(c, "/status")
+                assert page.code == 200 and b"/static/dashboard.js" in page.body
+                assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+                assert (await fetch(c, "/static/dashboard.js")).code == 200
+                assert (await fetch(c, "/static/../center.py")).code in (403, 404)
+                worker = workers[0]
+                detail = json.loads((await fetch(c, "/json/worker/" + worker.address)).body)
+                assert detail["worker"]["address"] == worker.address
+                assert detail["nkeys"] == len(c.has_what[worker.address])
+                assert isinstance(detail["logs"], list)  # [] without get_logs
+                assert (await fetch(c, "/json/worker/127.0.0.1:1")).code == 404
+                assert e.dashboard_link == url(c, "/status")
+                info = await e._cluster_info()
+                assert (info["workers"], info["threads"]) == (2, 2)
+                assert info["memory"] > 0
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_routes_are_read_only():
+    async def main():
+        async with dashboard_cluster(n_workers=1) as (c, workers):
+            for path in ["/status", "/json/counts.json", "/metrics", "/health",
+                         "/info.json", "/json/worker/" + workers[0].address]:
+                assert (await fetch(c, path, method="HEAD")).code == 200, path
+                for method in ["POST", "PUT", "DELETE", "PATCH"]:
+                    body = None if method == "DELETE" else b"x"
+                    r = await fetch(c, path, method=method, body=body,
+                                    allow_nonstandard_methods=True)
+                    assert r.code == 405, (path, method, r.code)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_token_is_required_everywhere():
+    async def main():
+        async with dashboard_cluster(n_workers=1, token=TOKEN) as (c, workers):
+            for path in ["/status", "/json/counts.json", "/metrics", "/health", "/info.json",
+                         "/static/dashboard.js", "/json/worker/" + workers[0].address]:
+                r = await fetch(c, path)
+                assert r.code == 403, (path, r.code)
+                assert b"token" in r.body
+                r = await fetch(c, path + "?token=wrong")
+                assert r.code == 403
+                r = await fetch(c, path, headers={"Authorization": "Bearer " + TOKEN})
+                assert r.code == 200, (path, r.code)
+                r = await fetch(c, path, headers={"Authorization": "Bearer nope"})
+                assert r.code == 403
+            # the login: a cookie (not the token) and the page without the token
+            r = await fetch(c, "/status?token=" + TOKEN)
+            assert r.code == 302 and r.headers["Location"] == "/status"
+            cookie = r.headers["Set-Cookie"]
+            assert TOKEN not in cookie and "HttpOnly" in cookie
+            r = await fetch(c, "/json/counts.json",
+                            headers={"Cookie": cookie.split(";")[0]})
+            assert r.code == 200
+            # the WebSocket wants the cookie too
+            ws_url = url(c, "/ws").replace("http", "ws")
+            with pytest.raises(HTTPClientError) as info:
+                await websocket_connect(ws_url)
+            assert info.value.code == 403
+            ws = await websocket_connect(_request(ws_url, cookie.split(";")[0]))
+            update = json.loads(await asyncio.wait_for(ws.read_message(), 5))
+            assert update["workers"][0]["address"] == workers[0].address
+            ws.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def _request(ws_url, cookie):
+    from tornado.httpclient import HTTPRequest
+
+    return HTTPRequest(ws_url, headers={"Cookie": cookie}, connect_timeout=5,
+                       request_timeout=5)
+
+
+def test_websocket_pushes_updates():
+    async def main():
+        async with dashboard_cluster() as (c, workers):
+            ws = await websocket_connect(url(c, "/ws").replace("http", "ws"))
+            first = json.loads(await asyncio.wait_for(ws.read_message(), 5))
+            assert len(first["workers"]) == 2 and first["stream"] == []
+            async with Executor(c.address, start=False) as e:
+                futures = e.map(inc, range(10))
+                await e._gather(futures)
+                seen, deadline = 0, time.time() + 10
+                while seen < 10 and time.time() < deadline:
+                    update = json.loads(await asyncio.wait_for(ws.read_message(), 5))
+                    seen += len(update["stream"])  # only what is new each time
+                assert seen == 10
+            ws.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
