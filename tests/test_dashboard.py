@@ -20,7 +20,15 @@ from distributed.dashboard import DashboardPlugin
 from distributed.http import HTTPCenter
 from distributed.scheduler import Scheduler
 from distributed.security import Security
-from distributed.utils_test import inc, local_cluster, poll, slowinc, wait_for
+from distributed.utils_test import (
+    inc,
+    local_cluster,
+    poll,
+    slowadd,
+    slowinc,
+    throws,
+    wait_for,
+)
 from distributed.worker import Worker
 
 TOKEN = "dashboard-test-token"
@@ -220,3 +228,135 @@ def test_websocket_pushes_updates():
             ws.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# -- the page in a real browser (headless Chromium through Playwright) ----------
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+#: without these, Chromium hangs on a closed network trying to reach Google
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no Chromium at %s (apt-get install chromium, or set $CHROMIUM)"
+                    % CHROMIUM)
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60000)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(20000)
+    yield page
+    context.close()
+
+
+def listed_workers(page):
+    return sorted(page.eval_on_selector_all(
+        "#workers tbody tr[data-address]", "rows => rows.map(r => r.dataset.address)"))
+
+
+def group_counts(page, name):
+    return page.evaluate(
+        """name => { const g = document.querySelector(`#groups .group[data-name="${name}"]`);
+                     return g ? [+g.dataset.memory, +g.dataset.total] : null; }""", name)
+
+
+def screenshot(page, tmp_path, name, copy=True):
+    """Save a screenshot as a test artifact; ``$DASHBOARD_SCREENSHOT``: copy it
+    there too (how docs/dashboard.png is made)."""
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    if copy and os.environ.get("DASHBOARD_SCREENSHOT"):
+        shutil.copy(path, os.environ["DASHBOARD_SCREENSHOT"])
+    return path
+
+
+@pytest.mark.processes
+def test_browser_shows_workers_and_progress(page, tmp_path):
+    with local_cluster(n_workers=2) as cluster, Executor(cluster.center_address) as e:
+        link = e.dashboard_link
+        assert "?token=" in link  # a LocalCluster always has a token
+        page.goto(link)
+        assert urlparse(page.url).query == ""  # the token left the address bar
+        page.wait_for_selector("#connection.on")
+        poll(lambda: listed_workers(page) == sorted(cluster.worker_addresses), timeout=10,
+             msg="the workers table lists the live workers")
+        bad = e.submit(throws, 1)
+        futures = e.map(slowinc, range(300), delay=0.02)
+        pairs = e.map(slowadd, futures[::2], futures[1::2])  # some fetch from the other
+        seen, shot = set(), None
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            counts = group_counts(page, "slowinc")
+            if counts:
+                seen.add(counts[0])
+                if shot is None and 150 <= counts[0] < 300:  # mid-way: bars under way
+                    shot = screenshot(page, tmp_path, "dashboard.png")
+                if counts == [300, 300] and group_counts(page, "slowadd") == [150, 150]:
+                    break
+            time.sleep(0.2)
+        assert group_counts(page, "slowinc") == [300, 300]
+        assert group_counts(page, "slowadd") == [150, 150]
+        assert len([n for n in seen if 0 < n < 300]) >= 2, seen  # it moved on the way
+        assert e.gather(pairs)[:2] == [1 + 2, 3 + 4]
+        error = page.wait_for_selector('#events li[data-kind="task-erred"]')
+        assert "RuntimeError: hello!" in error.text_content()  # the traceback's text
+        assert bad.status == "error"
+        tasks = int(page.get_attribute("#stream", "data-tasks"))
+        assert tasks >= 450
+        assert int(page.get_attribute("#stream", "data-rows")) == 2  # two threads
+        summary = page.text_content("#summary")
+        assert summary.startswith("2 workers, 2 threads")
+        assert shot is not None and shot.stat().st_size > 10000
+        # a worker's page
+        address = cluster.worker_addresses[0]
+        page.click('#workers a[href="/worker/%s"]' % address.replace(":", "%3A"))
+        page.wait_for_selector("#worker tbody tr")
+        assert page.text_content("#address") == address
+        poll(lambda: page.text_content("#nkeys").split()[0].isdigit(), timeout=10)
+        screenshot(page, tmp_path, "worker.png", copy=False)
+
+
+@pytest.mark.processes
+def test_browser_shows_a_killed_worker_leave(page, tmp_path):
+    with local_cluster(n_workers=2, restart_dead_workers=False) as cluster, \
+            Executor(cluster.center_address) as e:
+        page.goto(e.dashboard_link)
+        poll(lambda: len(listed_workers(page)) == 2, timeout=10, msg="two workers listed")
+        victim = cluster.workers[0]
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        poll(lambda: listed_workers(page) == [cluster.workers[1].address], timeout=20,
+             msg="the killed worker disappears")
+        event = page.wait_for_selector(
+            '#events li[data-kind="worker-removed"][data-subject="%s"]' % victim.address)
+        assert "connection closed" in event.text_content()
+        screenshot(page, tmp_path, "killed.png")
+
+
+@pytest.mark.processes
+def test_browser_needs_the_token(page):
+    with local_cluster(n_workers=1) as cluster, Executor(cluster.center_address) as e:
+        bare = e.dashboard_link.split("?")[0]
+        response = page.goto(bare)
+        assert response.status == 403
+        assert "token" in page.text_content("body")
+        assert page.query_selector("#workers") is None
+        page.goto(bare + "?token=not-" + cluster.security.token)
+        assert page.query_selector("#workers") is None
+        page.goto(e.dashboard_link)
+        poll(lambda: listed_workers(page) == cluster.worker_addresses, timeout=10,
+             msg="the worker listed once logged in")
+        page.goto(bare)  # the cookie keeps the browser logged in
+        page.wait_for_selector("#workers tbody tr[data-address]")

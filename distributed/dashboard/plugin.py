@@ -106,7 +106,9 @@ class DashboardPlugin(SchedulerPlugin):
         text = (ts.text or cause or "") if ts is not None else (cause or "")
         if len(text) > MAX_TEXT:
             text = "...\n" + text[-MAX_TEXT:]
-        self._event("task-erred", str(key), "on %s:\n%s" % (worker, text))
+        lines = [line for line in text.splitlines() if line.strip()]
+        summary = lines[-1] if lines else "erred"  # "ZeroDivisionError: ..."
+        self._event("task-erred", str(key), "%s (on %s)\n%s" % (summary, worker, text))
 
     def task_finished(self, key, worker, startstops=None, thread=None, transfer=None):
         if not startstops:

@@ -36,13 +36,15 @@ var Dashboard = (function () {
     return new Date(t * 1000).toLocaleTimeString();
   }
 
-  // a stable colour per task group
+  // a stable colour per task group, never the red of transfers and errors
+  var PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
+                 "#9c755f", "#bab0ac", "#17becf", "#8c6d31", "#637939", "#7b4173"];
   var colours = {};
   function colour(prefix) {
     if (!colours[prefix]) {
       var h = 0;
-      for (var i = 0; i < prefix.length; i++) h = (h * 31 + prefix.charCodeAt(i)) % 360;
-      colours[prefix] = "hsl(" + ((h * 137) % 360) + ", 60%, 50%)";
+      for (var i = 0; i < prefix.length; i++) h = (h * 31 + prefix.charCodeAt(i)) >>> 0;
+      colours[prefix] = PALETTE[h % PALETTE.length];
     }
     return colours[prefix];
   }
@@ -144,13 +146,20 @@ var Dashboard = (function () {
   function drawStream() {
     var canvas = document.getElementById("stream");
     var width = canvas.clientWidth;
-    var rows = {}, names = [];
+    // one row per (worker, thread), labelled "worker · thread n"
+    var threads = {}, names = [], rows = {}, labels = [];
     stream.forEach(function (t) {
-      var row = t[3] + " #" + t[4];
-      if (!(row in rows)) { rows[row] = 0; names.push(row); }
+      var ids = threads[t[3]] || (threads[t[3]] = []);
+      if (ids.indexOf(t[4]) < 0) ids.push(t[4]);
     });
-    names.sort();
-    names.forEach(function (n, i) { rows[n] = i; });
+    Object.keys(threads).sort().forEach(function (w) {
+      threads[w].sort().forEach(function (id, i) {
+        rows[w + " " + id] = names.length;
+        names.push(w + " " + id);
+        labels.push(w + " · thread " + (i + 1));
+      });
+    });
+    var margin = 170;  // the labels
     var rowHeight = Math.max(8, Math.min(24, Math.floor(240 / Math.max(names.length, 1))));
     var height = Math.max(60, names.length * rowHeight + 20);
     var ratio = window.devicePixelRatio || 1;
@@ -161,29 +170,42 @@ var Dashboard = (function () {
     ctx.scale(ratio, ratio);
     ctx.clearRect(0, 0, width, height);
     var now = Date.now() / 1000 + clockSkew;
-    var left = now - STREAM_WINDOW;
-    var x = function (t) { return (t - left) / STREAM_WINDOW * width; };
+    // the window spans what there is to see: 5 s at least, STREAM_WINDOW at most
+    var earliest = now;
+    stream.forEach(function (t) { if (t[6] > now - STREAM_WINDOW) earliest = Math.min(earliest, t[7] !== null ? t[7] : t[5]); });
+    var span = Math.max(5, Math.min(STREAM_WINDOW, Math.ceil((now - earliest) * 1.1)));
+    var step = span <= 10 ? 1 : 5;
+    var left = now - span;
+    var x = function (t) { return margin + (t - left) / span * (width - margin); };
     ctx.strokeStyle = "#ddd";
     ctx.fillStyle = "#888";
     ctx.font = "10px sans-serif";
-    for (var s = 0; s <= STREAM_WINDOW; s += 5) {   // a tick every 5 s
+    for (var s = 0; s <= span; s += step) {
       var tx = x(now - s);
       ctx.beginPath(); ctx.moveTo(tx, 0); ctx.lineTo(tx, height - 12); ctx.stroke();
       ctx.fillText(s ? "-" + s + " s" : "now", Math.min(tx, width - 22), height - 2);
+      ctx.fillStyle = "#888";
     }
+    ctx.fillStyle = "#444";
+    ctx.font = Math.min(12, rowHeight - 2) + "px sans-serif";
+    labels.forEach(function (label, i) {
+      ctx.fillText(label, 0, i * rowHeight + rowHeight / 2 + 4, margin - 8);
+    });
     stream.forEach(function (t) {
       if (t[6] < left) return;
-      var y = rows[t[3] + " #" + t[4]] * rowHeight;
-      if (t[7] !== null) {  // fetching its inputs
+      var y = rows[t[3] + " " + t[4]] * rowHeight;
+      if (t[7] !== null && t[8] > left) {  // fetching its inputs
         ctx.fillStyle = "#e8443a";
-        ctx.fillRect(x(t[7]), y + 1, Math.max(1, x(t[8]) - x(t[7])), rowHeight - 2);
+        var x0 = Math.max(margin, x(t[7]));
+        ctx.fillRect(x0, y + 1, Math.max(1, x(t[8]) - x0), rowHeight - 2);
       }
       ctx.fillStyle = colour(t[2]);
-      ctx.fillRect(x(t[5]), y + 1, Math.max(1, x(t[6]) - x(t[5])), rowHeight - 2);
+      var x1 = Math.max(margin, x(t[5]));
+      ctx.fillRect(x1, y + 1, Math.max(1, x(t[6]) - x1), rowHeight - 2);
     });
     canvas.setAttribute("data-rows", names.length);
     canvas.setAttribute("data-tasks", stream.length);
-    document.getElementById("window").textContent = STREAM_WINDOW;
+    document.getElementById("window").textContent = span;
     var legend = document.getElementById("legend");
     legend.textContent = "";
     var seen = {};
@@ -266,7 +288,7 @@ var Dashboard = (function () {
     d.keys.forEach(function (k) {
       keys.appendChild(el("tr", {}, el("td", {text: k.key}), el("td", {text: bytes(k.nbytes)})));
     });
-    document.getElementById("logs").textContent = d.logs.map(function (r) {
+    document.getElementById("logs").textContent = !d.logs.length ? "No log records." : d.logs.map(function (r) {
       return clock(r.time) + " " + r.level + " " + r.name + ": " + r.message;
     }).join("\n");
   }
