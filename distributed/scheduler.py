@@ -298,9 +298,13 @@ class Scheduler:
         if finish != FORGOTTEN:
             ts.state = finish
         self._log.extend((ts.key, start, finish, cause, worker, time()))
-        if self.plugins:
-            self._tell_plugins("transition", ts.key, start, finish, cause=cause,
-                               worker=worker)
+        if self.plugins:  # _tell_plugins inlined: this runs for every transition
+            for plugin in self.plugins:
+                try:
+                    plugin.transition(ts.key, start, finish, cause=cause, worker=worker)
+                except Exception:
+                    logger.exception("scheduler plugin %r failed in transition(%r)",
+                                     plugin, ts.key)
 
     def story(self, *keys):
         """What happened to ``keys`` and why, oldest first (as far back as

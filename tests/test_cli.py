@@ -334,10 +334,13 @@ def test_every_dcenter_flag_reaches_the_center():
 
     args = parse_every_flag(dcenter)
     kwargs = dcenter.center_kwargs(args)
+    # --no-dashboard (a switch, so on here) wins over --http-port
     assert kwargs == {"ip": "127.0.0.2", "port": 8787 + 7, "allowed_failures": 3 + 7,
-                      "heartbeat_timeout": 60 + 2.5,
-                      "services": {"http": HTTPCenter}, "service_ports": {"http": 7}}
+                      "heartbeat_timeout": 60 + 2.5, "services": {}, "service_ports": {}}
     assert set(kwargs) <= explicit_parameters(Center)
+    args.no_dashboard = False
+    assert dcenter.center_kwargs(args)["services"] == {"http": HTTPCenter}
+    assert dcenter.center_kwargs(args)["service_ports"] == {"http": args.http_port}
 
     # what a LocalCluster gives its center parses back to the same values
     options = {o.dest: getattr(args, o.dest) for o in dcenter.OPTIONS

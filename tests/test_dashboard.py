@@ -2,11 +2,16 @@
 browser) and the page in a real headless Chromium (real processes)."""
 
 import asyncio
+import html
 import json
 import os
+import re
 import shutil
 import signal
+import sys
 import time
+import urllib.error
+import urllib.request
 from contextlib import asynccontextmanager
 from urllib.parse import urlparse
 
@@ -16,14 +21,17 @@ from tornado.websocket import websocket_connect
 
 from distributed import Executor
 from distributed.center import Center
+from distributed.cli.utils import CENTER_STARTED, DASHBOARD_STARTED
 from distributed.dashboard import DashboardPlugin
 from distributed.http import HTTPCenter
 from distributed.scheduler import Scheduler
 from distributed.security import Security
 from distributed.utils_test import (
+    child_env,
     inc,
     local_cluster,
     poll,
+    popen,
     slowadd,
     slowinc,
     throws,
@@ -360,3 +368,65 @@ def test_browser_needs_the_token(page):
              msg="the worker listed once logged in")
         page.goto(bare)  # the cookie keeps the browser logged in
         page.wait_for_selector("#workers tbody tr[data-address]")
+
+
+# -- on by default: dcenter, LocalCluster, the executor's reprs -----------------
+
+
+def dcenter(*args):
+    return popen([sys.executable, "-m", "distributed.cli.dcenter", "--port", "0"]
+                 + list(args), env=child_env())
+
+
+def get(url, token=None):
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", "Bearer " + token)
+    with urllib.request.urlopen(request, timeout=10) as f:
+        return f.status, f.read()
+
+
+@pytest.mark.processes
+def test_dcenter_serves_the_dashboard_by_default():
+    with dcenter() as a, dcenter() as b:
+        urls = []
+        for p in (a, b):
+            p.wait_for_line(CENTER_STARTED)
+            urls.append(p.wait_for_line(DASHBOARD_STARTED).split()[-1])
+        # the second center found the default port taken and took a free one
+        assert urls[0] != urls[1]
+        for url in urls:
+            assert re.fullmatch(r"http://127\.0\.0\.1:\d+/status", url)
+            assert get(url.replace("/status", "/health")) == (200, b"ok")
+            status, body = get(url.replace("/status", "/"))  # redirected
+            assert status == 200 and b"dashboard.js" in body
+
+
+@pytest.mark.processes
+def test_no_dashboard():
+    with dcenter("--no-dashboard") as p:
+        p.wait_for_line(CENTER_STARTED)
+        assert not [line for line in p.unread_lines(1) if DASHBOARD_STARTED in line]
+    with local_cluster(n_workers=1, no_dashboard=True) as cluster, \
+            Executor(cluster.center_address) as e:
+        assert cluster.dashboard_link is None and e.dashboard_link is None
+        assert "dashboard" not in e._repr_html_()
+
+
+@pytest.mark.processes
+def test_executor_reprs_show_workers_and_link():
+    with local_cluster(n_workers=2) as cluster, Executor(cluster.center_address) as e:
+        text = repr(e)
+        assert "workers=2 threads=2 memory=" in text
+        page = e._repr_html_()
+        assert "<th style='text-align:left'>workers</th><td style='text-align:left'>2" in page
+        link = e.dashboard_link
+        assert link.startswith(cluster.dashboard_address + "?token=")
+        assert "href='%s'" % html.escape(link, quote=True) in page
+        status, body = get(cluster.dashboard_address.replace("/status", "/json/counts.json"),
+                           token=cluster.security.token)
+        assert status == 200 and json.loads(body) == {}
+        with pytest.raises(urllib.error.HTTPError) as info:
+            get(cluster.dashboard_address.replace("/status", "/json/counts.json"))
+        assert info.value.code == 403
+    assert "workers=" not in repr(e)  # closed: no question asked

@@ -29,6 +29,7 @@ dict look-ups and integer increments, nothing allocated per transition):
 """
 
 import itertools
+from itertools import islice
 import time
 from collections import deque
 
@@ -49,6 +50,7 @@ __all__ = ["DashboardPlugin", "COLUMNS"]
 COLUMNS = ("waiting", "processing", "memory", "erred")
 _COLUMN = {WAITING: 0, NO_WORKER: 0, QUEUED: 0, PROCESSING: 1, MEMORY: 2, ERRED: 3}
 _DONE = 4  # index of the count of tasks ever computed
+_STREAM_FIELDS = 9  # seq, key, prefix, worker, thread, start, stop, t0, t1
 #: how many finished tasks the task stream keeps
 STREAM_LENGTH = 10000
 #: how many events the event log keeps
@@ -66,33 +68,36 @@ class DashboardPlugin(SchedulerPlugin):
     def __init__(self, scheduler=None, stream_length=STREAM_LENGTH,
                  events_length=EVENTS_LENGTH):
         self.scheduler = scheduler
+        self._tasks = scheduler.tasks if scheduler is not None else {}
         self.groups = {}
-        self.stream = deque(maxlen=stream_length)
+        self._stream = deque(maxlen=_STREAM_FIELDS * stream_length)
         self.events = deque(maxlen=events_length)
         self._seq = itertools.count()
 
     def _prefix(self, key):
-        ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+        ts = self._tasks.get(key)
         return ts.prefix if ts is not None else key_split(key)
 
     def transition(self, key, start, finish, cause=None, worker=None):
         old = _COLUMN.get(start)
         new = _COLUMN.get(finish)
-        if old is None and new is None:
+        if old == new:  # waiting -> queued, released -> forgotten, ...: no bar moves
             return
-        prefix = self._prefix(key)
+        ts = self._tasks.get(key)  # _prefix, inlined: this runs for every transition
+        prefix = ts.prefix if ts is not None else key_split(key)
         counts = self.groups.get(prefix)
         if counts is None:
             counts = self.groups[prefix] = [0, 0, 0, 0, 0]
             if len(self.groups) > MAX_GROUPS:
                 self._drop_empty_groups()
-        if old is not None and counts[old] > 0:
+        if old is not None and counts[old]:
             counts[old] -= 1
         if new is not None:
             counts[new] += 1
-            if new == 2 and start == PROCESSING:
-                counts[_DONE] += 1
-            elif new == 3 and start == PROCESSING:  # it failed, not a dependency
+            if new == 2:
+                if old == 1:
+                    counts[_DONE] += 1
+            elif new == 3 and old == 1:  # it failed, not a dependency
                 self._task_erred(key, worker, cause)
 
     def _drop_empty_groups(self):
@@ -102,7 +107,7 @@ class DashboardPlugin(SchedulerPlugin):
             del self.groups[prefix]
 
     def _task_erred(self, key, worker, cause):
-        ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+        ts = self._tasks.get(key)
         text = (ts.text or cause or "") if ts is not None else (cause or "")
         if len(text) > MAX_TEXT:
             text = "...\n" + text[-MAX_TEXT:]
@@ -114,8 +119,31 @@ class DashboardPlugin(SchedulerPlugin):
         if not startstops:
             return
         t0, t1 = transfer if transfer else (None, None)
-        self.stream.append((next(self._seq), str(key), self._prefix(key), worker,
-                            thread, startstops[0], startstops[1], t0, t1))
+        # flat, as Scheduler._log: no tuple per task for the garbage collector
+        self._stream.extend((next(self._seq), key, self._prefix(key), worker, thread,
+                             startstops[0], startstops[1], t0, t1))
+
+    @property
+    def stream(self):
+        """The task stream, oldest first: a list of ``(seq, key, prefix,
+        worker, thread, start, stop, transfer_start, transfer_stop)``."""
+        return self.stream_since(-1)
+
+    def stream_since(self, seq, limit=None):
+        """The entries of :attr:`stream` after number ``seq``, the latest
+        ``limit`` of them at most (walking back from the newest only)."""
+        out = []
+        newest_first = reversed(self._stream)  # no indexing: O(n) inside a deque
+        while limit is None or len(out) < limit:
+            fields = list(islice(newest_first, _STREAM_FIELDS))
+            if len(fields) < _STREAM_FIELDS:
+                break
+            fields.reverse()
+            if fields[0] <= seq:
+                break
+            out.append(tuple(fields))
+        out.reverse()
+        return out
 
     def add_worker(self, address):
         self._event("worker-added", address, "")

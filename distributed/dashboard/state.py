@@ -59,7 +59,7 @@ def stream_since(plugin, seq):
     """The finished tasks of ``plugin.stream`` after number ``seq`` (the
     latest :data:`MAX_STREAM_PER_UPDATE`), as lists ``[seq, key, prefix,
     worker, thread, start, stop, transfer_start, transfer_stop]``."""
-    return _since(plugin.stream, seq, MAX_STREAM_PER_UPDATE)
+    return [list(entry) for entry in plugin.stream_since(seq, MAX_STREAM_PER_UPDATE)]
 
 
 def events_since(center, plugin, seq, since_time):
