@@ -155,6 +155,22 @@ def test_json_health_metrics_and_pages():
                 assert isinstance(detail["logs"], list)  # [] without get_logs
                 assert (await fetch(c, "/json/worker/127.0.0.1:1")).code == 404
                 assert e.dashboard_link == url(c, "/status")
+                # a task whose input is on the other worker: its transfer is marked
+                a, b = workers
+                x = e.submit(inc, 1000, workers=[a.address])
+                y = e.submit(inc, x, workers=[b.address])
+                assert await y == 1002
+                status = json.loads((await fetch(c, "/json/status.json")).body)
+                fetched = [t for t in status["stream"] if t[1] == y.key]
+                assert fetched and fetched[0][3] == b.address
+                t0, t1, start = fetched[0][7], fetched[0][8], fetched[0][5]
+                assert t0 is not None and t0 <= t1 <= start, status["stream"][-3:]
+                # deaths a nanny reported are events too
+                c.worker_died(address="127.0.0.1:9", cause="killed by signal 9 (SIGKILL)")
+                status = json.loads((await fetch(c, "/json/status.json")).body)
+                died = [ev for ev in status["events"] if ev[2] == "worker-died"]
+                assert [(ev[3], ev[4]) for ev in died] == [
+                    ("127.0.0.1:9", "killed by signal 9 (SIGKILL)")]
                 info = await e._cluster_info()
                 assert (info["workers"], info["threads"]) == (2, 2)
                 assert info["memory"] > 0
@@ -191,6 +207,9 @@ def test_token_is_required_everywhere():
                 assert r.code == 200, (path, r.code)
                 r = await fetch(c, path, headers={"Authorization": "Bearer nope"})
                 assert r.code == 403
+            async with Executor(c.address, security=Security(token=TOKEN),
+                                start=False) as e:
+                assert e.dashboard_link == url(c, "/status?token=" + TOKEN)
             # the login: a cookie (not the token) and the page without the token
             r = await fetch(c, "/status?token=" + TOKEN)
             assert r.code == 302 and r.headers["Location"] == "/status"

@@ -76,7 +76,8 @@ def center_kwargs(args):
     """The ``Center(...)`` keywords of parsed ``args`` (all but ``security``).
 
     >>> center_kwargs(make_parser().parse_args(['--port', '0', '--no-dashboard']))
-    {'ip': '127.0.0.1', 'port': 0, 'services': {}, 'service_ports': {}, 'allowed_failures': 3, 'heartbeat_timeout': 60}
+    {'ip': '127.0.0.1', 'port': 0, 'services': {}, 'service_ports': {},
+     'allowed_failures': 3, 'heartbeat_timeout': 60}
     >>> center_kwargs(make_parser().parse_args([]))['service_ports']
     {'http': 8797}
     """

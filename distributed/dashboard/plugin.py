@@ -18,10 +18,11 @@ dict look-ups and integer increments, nothing allocated per transition):
     >>> plugin = DashboardPlugin(s)
     >>> s.add_plugin(plugin)
     >>> s.add_worker('w1:1')
-    >>> s.update_graph('c1', tasks={'inc-a1b2c3d4': 'spec'}, dependencies={}, keys=['inc-a1b2c3d4'])
+    >>> key = 'inc-a1b2c3d4'
+    >>> s.update_graph('c1', tasks={key: 'spec'}, dependencies={}, keys=[key])
     >>> plugin.groups['inc']
     [0, 1, 0, 0, 0]
-    >>> s.task_finished('w1:1', 'inc-a1b2c3d4', nbytes=8, startstops=(1.0, 2.0), thread=7)
+    >>> s.task_finished('w1:1', key, nbytes=8, startstops=(1.0, 2.0), thread=7)
     >>> plugin.groups['inc'], plugin.stream[-1][1:7]
     ([0, 0, 1, 0, 1], ('inc-a1b2c3d4', 'inc', 'w1:1', 7, 1.0, 2.0))
     >>> [e[2] for e in plugin.events]
@@ -29,7 +30,6 @@ dict look-ups and integer increments, nothing allocated per transition):
 """
 
 import itertools
-from itertools import islice
 import time
 from collections import deque
 
@@ -135,7 +135,7 @@ class DashboardPlugin(SchedulerPlugin):
         out = []
         newest_first = reversed(self._stream)  # no indexing: O(n) inside a deque
         while limit is None or len(out) < limit:
-            fields = list(islice(newest_first, _STREAM_FIELDS))
+            fields = list(itertools.islice(newest_first, _STREAM_FIELDS))
             if len(fields) < _STREAM_FIELDS:
                 break
             fields.reverse()
