@@ -152,7 +152,11 @@ def test_json_health_metrics_and_pages():
                 detail = json.loads((await fetch(c, "/json/worker/" + worker.address)).body)
                 assert detail["worker"]["address"] == worker.address
                 assert detail["nkeys"] == len(c.has_what[worker.address])
-                assert isinstance(detail["logs"], list)  # [] without get_logs
+                assert detail["logs"] == []  # no get_logs handler: no logs, no error
+                record = {"time": 1.0, "level": "INFO", "name": "w", "message": "hi"}
+                worker.handlers["get_logs"] = lambda stream=None, n=None: [record] * n
+                detail = json.loads((await fetch(c, "/json/worker/" + worker.address)).body)
+                assert detail["logs"] == [record] * 100  # the tail, asked with n=
                 assert (await fetch(c, "/json/worker/127.0.0.1:1")).code == 404
                 assert e.dashboard_link == url(c, "/status")
                 # a task whose input is on the other worker: its transfer is marked
