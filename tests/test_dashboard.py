@@ -361,6 +361,23 @@ def test_browser_shows_workers_and_progress(page, tmp_path):
 
 
 @pytest.mark.processes
+def test_browser_keeps_up_with_a_10000_task_map(page):
+    with local_cluster(n_workers=2) as cluster, Executor(cluster.center_address) as e:
+        page.goto(e.dashboard_link)
+        poll(lambda: len(listed_workers(page)) == 2, timeout=10, msg="two workers listed")
+        futures = e.map(inc, range(10000))
+        poll(lambda: group_counts(page, "inc") == [10000, 10000], timeout=60,
+             msg="the page shows the 10,000 tasks in memory")
+        stats = page.evaluate("Dashboard.stats")
+        # a message handled and the task stream drawn well within a second each
+        assert stats["updates"] >= 2 and stats["slowest"] < 500, stats
+        # bounded: at most 2,000 new tasks an update, 5,000 kept
+        assert 2000 <= int(page.get_attribute("#stream", "data-tasks")) <= 5000
+        assert page.evaluate("1 + 1") == 2  # still answering
+        del futures
+
+
+@pytest.mark.processes
 def test_browser_shows_a_killed_worker_leave(page, tmp_path):
     with local_cluster(n_workers=2, restart_dead_workers=False) as cluster, \
             Executor(cluster.center_address) as e:

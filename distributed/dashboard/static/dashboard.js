@@ -215,7 +215,19 @@ var Dashboard = (function () {
     });
   }
 
+  // what the tests read: updates handled, the slowest one (ms, drawing included)
+  var stats = {updates: 0, slowest: 0};
+
+  function timed(f) {
+    return function (arg) {
+      var t0 = performance.now();
+      f(arg);
+      stats.slowest = Math.max(stats.slowest, performance.now() - t0);
+    };
+  }
+
   function update(u) {
+    stats.updates++;
     latest = u;
     clockSkew = u.time - Date.now() / 1000;
     renderSummary(u);
@@ -227,7 +239,7 @@ var Dashboard = (function () {
       stream = stream.concat(u.stream);
       if (stream.length > STREAM_KEEP) stream = stream.slice(stream.length - STREAM_KEEP);
     }
-    window.requestAnimationFrame(drawStream);
+    window.requestAnimationFrame(timed(drawStream));
   }
 
   function connection(text, ok) {
@@ -240,7 +252,7 @@ var Dashboard = (function () {
     var proto = location.protocol === "https:" ? "wss://" : "ws://";
     var socket = new WebSocket(proto + location.host + "/ws");
     socket.onopen = function () { connection("live", true); };
-    socket.onmessage = function (m) { update(JSON.parse(m.data)); };
+    socket.onmessage = timed(function (m) { update(JSON.parse(m.data)); });
     socket.onclose = function () {
       connection("disconnected: retrying", false);
       setTimeout(status, 2000);
@@ -299,5 +311,5 @@ var Dashboard = (function () {
     else if (page === "worker") worker();
   });
 
-  return {status: status, worker: worker};
+  return {status: status, worker: worker, stats: stats};
 })();
