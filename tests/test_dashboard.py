@@ -84,6 +84,20 @@ def test_plugin_records_errors_with_their_text():
     assert erred[0][3] == "x" and "ZeroDivisionError" in erred[0][4]
 
 
+@pytest.mark.pure
+def test_plugin_restart_and_bounds():
+    s = Scheduler()
+    plugin = DashboardPlugin(s, events_length=2)
+    s.add_plugin(plugin)
+    for i in range(3):
+        s.add_worker("w%d:1" % i, ncores=1)
+    assert [e[3] for e in plugin.events] == ["w1:1", "w2:1"]  # the latest 2
+    s.add_client("c")
+    s.update_graph("c", tasks={"x": "spec"}, dependencies={}, keys=["x"])
+    s.restart()
+    assert plugin.groups == {} and plugin.events[-1][2] == "restart"
+
+
 # -- the HTTP routes, on an in-process cluster ---------------------------------
 
 
@@ -178,6 +192,8 @@ def test_json_health_metrics_and_pages():
                 info = await e._cluster_info()
                 assert (info["workers"], info["threads"]) == (2, 2)
                 assert info["memory"] > 0
+
+        assert not c.scheduler.plugins  # the closed service stopped watching
 
     asyncio.run(asyncio.wait_for(main(), 30))
 
