@@ -24,8 +24,8 @@ import sys
 import threading
 import time
 import weakref
-from urllib.parse import urlencode
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlencode
 
 from .cli.utils import (
     CENTER_STARTED,
