@@ -10,6 +10,8 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["distributed", "distributed.*"]),
+    # the dashboard's page, script and style, served by the center itself
+    package_data={"distributed.dashboard": ["static/*"]},
     python_requires=">=3.9",
     install_requires=[
         "tornado>=6.1",
@@ -24,6 +26,9 @@ setup(
         "tblib>=1.7",
         # Hashes big arrays for keys at memory speed (sha1 is 15x slower).
         "xxhash>=3.0",
+        # Writes the dashboard's /metrics in the Prometheus text format
+        # (escaping, types, HELP lines) instead of a hand-made copy of it.
+        "prometheus_client>=0.12",
     ],
     extras_require={
         "test": [
@@ -35,6 +40,8 @@ setup(
             "dask[array,dataframe]>=2025.1",
             # makes a throw-away CA and certificates for the TLS tests
             "cryptography>=3.1",
+            # drives the system's headless Chromium in the dashboard tests
+            "playwright>=1.30",
         ],
     },
     entry_points={

@@ -77,6 +77,7 @@ class Center(Server):
         self.nannies = {}  # worker address -> address of the nanny running it
         self.deaths = []  # (time, address, cause) of worker deaths told by nannies
         self.last_seen = {}
+        self.metrics = {}  # address -> what its latest heartbeat said (memory, cpu, ...)
         # workers removed as silent or disconnected, which may come back with
         # stale keys: address -> time removed (the newest MAX_LOST_WORKERS)
         self._lost_workers = OrderedDict()
@@ -103,6 +104,7 @@ class Center(Server):
             "has_what": self.get_has_what,
             "ncores": self.get_ncores,
             "nbytes": self.get_nbytes,
+            "metrics": self.get_metrics,
             "delete_data": self.delete_data,
             "broadcast": self.broadcast,
             "terminate": self.terminate,
@@ -155,7 +157,8 @@ class Center(Server):
         info = {"type": type(self).__name__, "id": self.id,
                 "workers": list(self.ncores),
                 "heartbeat_timeout": self.heartbeat_timeout,
-                "allowed_failures": self.scheduler.allowed_failures}
+                "allowed_failures": self.scheduler.allowed_failures,
+                "services": dict(self.service_ports)}
         if self.validate:
             info["invariant_errors"] = list(self.invariant_errors)
         return info
@@ -255,6 +258,7 @@ class Center(Server):
         self.names.pop(address, None)
         self.nannies.pop(address, None)
         self.last_seen.pop(address, None)
+        self.metrics.pop(address, None)
         stream = self.worker_streams.pop(address, None)
         if stream is not None:
             others = self._stream_workers.get(stream)
@@ -315,8 +319,11 @@ class Center(Server):
             return False  # removed meanwhile
         self.last_seen[address] = time.time()
 
-    def _stream_heartbeat(self, address):
-        """Nothing to do: every batch from a worker counts as a sign of life."""
+    def _stream_heartbeat(self, address, **metrics):
+        """Keep what the worker measured (``Worker.metrics``: memory, CPU,
+        ...); every batch from a worker counts as a sign of life anyway."""
+        if address in self.ncores:
+            self.metrics[address] = metrics
 
     async def client_stream(self, stream, client=None):
         """An executor's batched stream: graphs and releases in, results out."""
@@ -443,6 +450,11 @@ class Center(Server):
             return dict(self.ncores)
         addresses = [coerce_to_address(a) for a in addresses]
         return {a: self.ncores.get(a) for a in addresses}
+
+    def get_metrics(self, stream=None):
+        """``{address: {'cpu', 'memory_rss', 'memory_limit', ...}}``: what each
+        worker's latest heartbeat said (see ``Worker.metrics``)."""
+        return {a: dict(m) for a, m in self.metrics.items()}
 
     def get_nbytes(self, stream=None, keys=None):
         if keys is None:

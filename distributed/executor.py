@@ -28,6 +28,7 @@ other task or executor still needs it.
 import asyncio
 import atexit
 import concurrent.futures
+import html
 import itertools
 import logging
 import operator
@@ -52,6 +53,7 @@ from .core import (
     coerce_to_address,
     connect,
     is_error_message,
+    parse_address,
     raise_error_message,
     read,
     rpc,
@@ -429,6 +431,7 @@ class Executor:
         self.status = "created"
         self.futures = {}  # key -> FutureState
         self.cluster = None
+        self._dashboard_port = None  # the center's HTTP port, if it has one
         self._cluster_kwargs = {"n_workers": n_workers,
                                 "threads_per_worker": threads_per_worker,
                                 "security": security, **cluster_options}
@@ -552,6 +555,12 @@ class Executor:
             self._asyncio_loop = asyncio.get_running_loop()
         self.center = rpc(self.address, pool=self.pool)
         await self._open_stream()
+        if self.cluster is None:
+            try:
+                identity = await self.center.identity(timeout=self.timeout)
+                self._dashboard_port = (identity.get("services") or {}).get("http")
+            except Exception as e:  # an older center: no link
+                logger.debug("no dashboard port from the center: %s", e)
         self.status = "running"
         _current[0] = self
         _executors.add(self)
@@ -857,7 +866,67 @@ class Executor:
                 pass
 
     def __repr__(self):
-        return "<Executor: center=%s status=%s>" % (self.address, self.status)
+        info = self._info_now()
+        if info is None:
+            return "<Executor: center=%s status=%s>" % (self.address, self.status)
+        return "<Executor: center=%s status=%s workers=%d threads=%d memory=%s>" % (
+            self.address, self.status, info["workers"], info["threads"],
+            _format_bytes(info["memory"]))
+
+    def _repr_html_(self):
+        info = self._info_now()
+        rows = [("center", self.address), ("status", self.status)]
+        if info is not None:
+            limit = info["memory_limit"]
+            rows += [("workers", info["workers"]), ("threads", info["threads"]),
+                     ("memory", "%s / %s" % (_format_bytes(info["memory"]),
+                                             _format_bytes(limit) if limit else "no limit"))]
+        link = self.dashboard_link
+        cells = "".join("<tr><th style='text-align:left'>%s</th><td style='text-align:left'>"
+                        "%s</td></tr>" % (name, html.escape(str(value)))
+                        for name, value in rows)
+        if link:
+            cells += ("<tr><th style='text-align:left'>dashboard</th><td style='text-align:"
+                      "left'><a href='%s' target='_blank'>%s</a></td></tr>"
+                      % (html.escape(link, quote=True), html.escape(link.split("?")[0])))
+        return "<table><caption><b>Executor</b></caption>%s</table>" % cells
+
+    def _info_now(self):
+        """:meth:`cluster_info` within 2 s, or None (not running, called
+        from the executor's own loop, or no answer)."""
+        if self.status != "running" or self._loop_thread is None or self._in_loop_thread():
+            return None
+        try:
+            return self.sync(self._cluster_info, timeout=2)
+        except Exception:
+            return None
+
+    async def _cluster_info(self):
+        ncores = await self.center.ncores(timeout=self.timeout)
+        metrics = await self.center.metrics(timeout=self.timeout)
+        limits = [metrics.get(a, {}).get("memory_limit") for a in ncores]
+        return {"workers": len(ncores), "threads": sum(n or 0 for n in ncores.values()),
+                "memory": sum(metrics.get(a, {}).get("memory_rss") or 0 for a in ncores),
+                "memory_limit": sum(limits) if limits and all(limits) else None,
+                "dashboard": self.dashboard_link}
+
+    def cluster_info(self):
+        """``{'workers', 'threads', 'memory' (bytes used), 'memory_limit' (their
+        sum, or None if a worker has none), 'dashboard'}``, what the reprs show."""
+        return self.sync(self._cluster_info, timeout=self.timeout)
+
+    @property
+    def dashboard_link(self):
+        """The URL of the center's dashboard, with ``?token=...`` when the
+        cluster has an auth token (opening it logs the browser in), or None
+        when the center serves none."""
+        if self.cluster is not None:
+            return self.cluster.dashboard_link
+        port = self._dashboard_port
+        if port is None:
+            return None
+        host = parse_address(self.address)[0]
+        return local.dashboard_link("http://%s:%d/status" % (host, port), self.security.token)
 
     # -- reference counting -----------------------------------------------------------
 

@@ -25,8 +25,15 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlencode
 
-from .cli.utils import CENTER_STARTED, LOCALHOST, WORKER_REGISTERED, WORKER_STARTED
+from .cli.utils import (
+    CENTER_STARTED,
+    DASHBOARD_STARTED,
+    LOCALHOST,
+    WORKER_REGISTERED,
+    WORKER_STARTED,
+)
 from .process import Process
 from .security import Security
 
@@ -46,7 +53,8 @@ class LocalCluster:
     TLS; the cluster's auth token is its token or, without one, a random one:
     ``cluster.security`` is what clients need.  Other keywords are options of
     the center (``dcenter --help``) by their Python names, e.g.
-    ``heartbeat_timeout=10, allowed_failures=1, http_port=0``;
+    ``heartbeat_timeout=10, allowed_failures=1, http_port=0`` (the
+    dashboard's port; ``no_dashboard=True`` turns it off);
     ``worker_options`` are those of every worker (``dworker --help``), e.g.
     ``{'memory_limit': '1GB', 'local_dir': '/tmp/w', 'name': 'w'}`` (a name
     gets ``-0``, ``-1``, ... like ``dworker --nprocs``).  An unknown option is
@@ -75,6 +83,7 @@ class LocalCluster:
         self.security = security
         self._env = security.child_env()  # the token never goes on a command line
         self.center = None
+        self.dashboard_address = None  # http://host:port/status
         self.workers = []
         self.deaths = []  # (time, address, exit code) of workers that died
         self.restart_dead_workers = restart_dead_workers
@@ -111,6 +120,17 @@ class LocalCluster:
              "--port", "0"] + self.center_args, env=self._env, echo=self.echo)
         line = self.center.wait_for_line(CENTER_STARTED, self.timeout)
         self._center_address = line.split()[-1]
+        if "--no-dashboard" not in self.center_args:
+            line = self.center.wait_for_line(DASHBOARD_STARTED, self.timeout)
+            self.dashboard_address = line.split()[-1]
+
+    @property
+    def dashboard_link(self):
+        """The dashboard's URL, with ``?token=`` (which logs the browser in),
+        or None without a dashboard (``no_dashboard=True``)."""
+        if self.dashboard_address is None:
+            return None
+        return dashboard_link(self.dashboard_address, self.security.token)
 
     def _worker_command(self):
         """The command line of the next worker."""
@@ -228,6 +248,17 @@ class LocalCluster:
     def __repr__(self):
         return "LocalCluster(%r, workers=%d)" % (
             getattr(self, "_center_address", None), len(self.workers))
+
+
+def dashboard_link(url, token=None):
+    """``url`` with what logs a browser in: ``?token=...`` when there is one.
+
+    >>> dashboard_link('http://127.0.0.1:8797/status', 's3cret')
+    'http://127.0.0.1:8797/status?token=s3cret'
+    """
+    if not token:
+        return url
+    return url + "?" + urlencode({"token": token})
 
 
 def cluster_security(address):

@@ -235,6 +235,14 @@ class SchedulerPlugin:
     def remove_worker(self, address, cause=None):
         """A worker left; ``cause`` says why (None: not known)."""
 
+    def task_finished(self, key, worker, startstops=None, thread=None, transfer=None):
+        """``worker`` reported ``key`` done: ``startstops`` ``(start, stop)``
+        of its run, in ``thread`` (an id of the worker's thread), after
+        fetching its inputs during ``transfer`` ``(start, stop)`` (or None)."""
+
+    def restart(self):
+        """Every task was forgotten (a client restarted the cluster)."""
+
 
 class Scheduler:
     """See the module docstring.
@@ -290,9 +298,13 @@ class Scheduler:
         if finish != FORGOTTEN:
             ts.state = finish
         self._log.extend((ts.key, start, finish, cause, worker, time()))
-        if self.plugins:
-            self._tell_plugins("transition", ts.key, start, finish, cause=cause,
-                               worker=worker)
+        if self.plugins:  # _tell_plugins inlined: this runs for every transition
+            for plugin in self.plugins:
+                try:
+                    plugin.transition(ts.key, start, finish, cause=cause, worker=worker)
+                except Exception:
+                    logger.exception("scheduler plugin %r failed in transition(%r)",
+                                     plugin, ts.key)
 
     def story(self, *keys):
         """What happened to ``keys`` and why, oldest first (as far back as
@@ -737,14 +749,20 @@ class Scheduler:
         for ws in self.workers.values():
             ws.processing.clear()
             ws.queue.clear()
+        if self.plugins:
+            self._tell_plugins("restart")
 
     # -- inputs from workers ------------------------------------------------------
 
     def task_finished(self, address, key, nbytes=None, type=None, startstops=None,
-                      value=None):
+                      value=None, thread=None, transfer=None):
         """``key`` is in memory on ``address``.  ``value``: for small results,
         the pickled value itself, passed on to the clients that want it so
-        they need not fetch it."""
+        they need not fetch it.  ``startstops``, ``thread``, ``transfer``:
+        when and where it ran, for the plugins (a dashboard's task stream)."""
+        if self.plugins:
+            self._tell_plugins("task_finished", key, address, startstops=startstops,
+                               thread=thread, transfer=transfer)
         ts = self.tasks.get(key)
         ws = self.workers.get(address)
         if ws is not None:

@@ -104,6 +104,7 @@ from .worker_memory import (  # noqa: F401 (importable from here, as they always
     MMAP_THRESHOLD,
     WorkerMemoryManager,
     _format_bytes,
+    _this_process,
 )
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class TaskState:
     ``task`` blobs), ``who_has`` its inputs' holders, ``deps`` its inputs.
     """
 
-    __slots__ = ("key", "spec", "who_has", "deps", "state")
+    __slots__ = ("key", "spec", "who_has", "deps", "state", "transfer")
 
     def __init__(self, key, spec, who_has=None):
         self.key = key
@@ -156,6 +157,7 @@ class TaskState:
         self.who_has = who_has or {}
         self.deps = list(self.who_has)
         self.state = None
+        self.transfer = None  # (start, stop) of fetching its inputs
 
     def transition(self, state):
         """Move to ``state``; a released task stays released (its work goes
@@ -301,6 +303,7 @@ class Worker(Server):
         )
         self._heartbeats.start()
         self.status = "running"
+        self._heartbeat()  # the center knows its metrics at once
         self.memory.start()
         logger.info("worker at %s registered with center at %s",
                     self.address, self.center.address)
@@ -359,7 +362,18 @@ class Worker(Server):
 
     def _heartbeat(self):
         if self.status == "running" and self.batched is not None and not self.batched.closed:
-            self.batched.send({"op": "heartbeat"})
+            self.batched.send({"op": "heartbeat", **self.metrics()})
+
+    def metrics(self):
+        """What each heartbeat tells the center (its dashboard shows them):
+        CPU, keys held, tasks executing, and :meth:`memory_state`."""
+        process = _this_process()
+        metrics = {"time": time.time(), "cpu": process.cpu_percent(interval=None),
+                   "nkeys": len(self.data), "executing": len(self.active),
+                   **self.memory_state()}
+        if metrics["memory_rss"] is None:  # no memory monitor: measure it now
+            metrics["memory_rss"] = process.memory_info().rss
+        return metrics
 
     @gen.coroutine
     def _read_center_stream(self, stream):
@@ -664,9 +678,11 @@ class Worker(Server):
     @gen.coroutine
     def _fetch_and_run(self, ts, missing):
         key = ts.key
+        start = time.time()
         result = yield self._fetch(
             {k: [a for a in v if a != self.address] for k, v in missing.items()},
             report="stream")
+        ts.transfer = (start, time.time())
         if self.tasks.get(key) is not ts:
             return  # erred or forgotten meanwhile
         failed = [d for d in ts.deps if d in result.errors and d not in self.data]
@@ -757,11 +773,12 @@ class Worker(Server):
             return  # released while running; the result is not wanted
         if ok:
             self.put_key(key, result)
-            self._send_finished(key, (timings["compute_start"], timings["compute_stop"]))
+            self._send_finished(key, (timings["compute_start"], timings["compute_stop"]),
+                                thread=timings["thread"], transfer=ts.transfer)
         else:
             self._send_erred(key, *result)
 
-    def _send_finished(self, key, startstops):
+    def _send_finished(self, key, startstops, thread=None, transfer=None):
         values, spilled = self.memory.in_memory([key])
         nbytes = self.nbytes[key]
         if spilled:  # not read back for this: no value rides along
@@ -775,6 +792,10 @@ class Worker(Server):
             type_name = type(value).__name__
         msg = {"op": "task-finished", "key": key, "nbytes": nbytes,
                "type": type_name, "startstops": startstops}
+        if thread is not None:
+            msg["thread"] = thread
+        if transfer is not None:
+            msg["transfer"] = transfer
         if nbytes <= SMALL_RESULT and not spilled:
             # small results ride along to the executor: no fetch round trip
             try:

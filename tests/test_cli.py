@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 import distributed
+from distributed.cli.utils import DASHBOARD_STARTED
 from distributed.utils_test import add, call, free_port, poll, popen, wait_for_line
 
 pytestmark = pytest.mark.processes
@@ -195,9 +196,10 @@ def get_json(url):
 def test_http_ports():
     with popen(DCENTER + ["--port", "0", "--http-port", "0"]) as c:
         center = center_address(c)
-        line = wait_for_line(c, "HTTP status at")
-        url = line.split()[-1]
-        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/info\.json", url)
+        line = wait_for_line(c, DASHBOARD_STARTED)  # was "HTTP status at .../info.json"
+        status = line.split()[-1]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/status", status)
+        url = status.replace("/status", "/info.json")
         with popen(DWORKER + [center, "--http-port", "0"]) as p:
             w = worker_address(p, center)
             info = get_json(url)
@@ -332,10 +334,13 @@ def test_every_dcenter_flag_reaches_the_center():
 
     args = parse_every_flag(dcenter)
     kwargs = dcenter.center_kwargs(args)
+    # --no-dashboard (a switch, so on here) wins over --http-port
     assert kwargs == {"ip": "127.0.0.2", "port": 8787 + 7, "allowed_failures": 3 + 7,
-                      "heartbeat_timeout": 60 + 2.5,
-                      "services": {"http": HTTPCenter}, "service_ports": {"http": 7}}
+                      "heartbeat_timeout": 60 + 2.5, "services": {}, "service_ports": {}}
     assert set(kwargs) <= explicit_parameters(Center)
+    args.no_dashboard = False
+    assert dcenter.center_kwargs(args)["services"] == {"http": HTTPCenter}
+    assert dcenter.center_kwargs(args)["service_ports"] == {"http": args.http_port}
 
     # what a LocalCluster gives its center parses back to the same values
     options = {o.dest: getattr(args, o.dest) for o in dcenter.OPTIONS

@@ -403,7 +403,7 @@ def test_center_on_all_interfaces_advertises_cluster_address(net):
     center = net.start("c", [PY, "-m", "distributed.cli.dcenter", "--host", "0.0.0.0",
                              "--port", str(PORT), "--http-port", "8790"])
     line = center.wait_for_line("Start center at")
-    http = center.wait_for_line("HTTP status at")
+    http = center.wait_for_line("Dashboard at")
     # reachable from another host either way: it listens on every interface
     worker = net.start("w1", [PY, "-m", "distributed.cli.dworker",
                               "%s:%d" % (CENTER_IP, PORT), "--no-nanny"])
@@ -415,4 +415,4 @@ def test_center_on_all_interfaces_advertises_cluster_address(net):
         timeout=30)
     assert (line, http, status.returncode) == (
         "Start center at %s:%d" % (CENTER_IP, PORT),
-        "HTTP status at http://%s:8790/info.json" % CENTER_IP, 0), status.stderr[-500:]
+        "Dashboard at http://%s:8790/status" % CENTER_IP, 0), status.stderr[-500:]

@@ -4,6 +4,7 @@
 
     $ dcenter --port 8787
     Start center at 127.0.0.1:8787
+    Dashboard at http://127.0.0.1:8797/status
 """
 
 import logging
@@ -11,10 +12,12 @@ import sys
 
 from ..center import HEARTBEAT_TIMEOUT, Center
 from ..http import HTTPCenter
+from ..http.center import DASHBOARD_PORT
 from ..process import exit_with_parent
 from ..scheduler import ALLOWED_FAILURES
 from .utils import (
     CENTER_STARTED,
+    DASHBOARD_STARTED,
     LOCALHOST,
     SECURITY_OPTIONS,
     VERBOSE,
@@ -22,6 +25,7 @@ from .utils import (
     build_parser,
     constructor_kwargs,
     http_service,
+    no_http_service,
     options_argv,
     parse_port,
     raise_open_files_limit,
@@ -43,8 +47,11 @@ OPTIONS = [
     Option("--port", type=int, default=Center.default_port, kwarg="port",
            help="TCP port for workers and executors (0 picks a free one)"),
     Option("--http-port", aliases=("--dashboard-address",), type=parse_port,
-           kwarg=http_service(HTTPCenter), metavar="HTTP_PORT",
-           help="also serve JSON status (/info.json, /who_has.json, ...) on this port"),
+           default=DASHBOARD_PORT, kwarg=http_service(HTTPCenter), metavar="HTTP_PORT",
+           help="serve the dashboard (/status), /metrics and JSON status on this port "
+           "(0: a free one; a free one too if the default is taken)"),
+    Option("--no-dashboard", switch=True, kwarg=no_http_service,
+           help="serve no dashboard nor any other HTTP route"),
     Option("--allowed-failures", type=int, default=ALLOWED_FAILURES,
            kwarg="allowed_failures",
            help="worker deaths a task may cause before it is marked erred with "
@@ -68,8 +75,11 @@ def make_parser():
 def center_kwargs(args):
     """The ``Center(...)`` keywords of parsed ``args`` (all but ``security``).
 
-    >>> center_kwargs(make_parser().parse_args(['--port', '0']))
-    {'ip': '127.0.0.1', 'port': 0, 'allowed_failures': 3, 'heartbeat_timeout': 60}
+    >>> center_kwargs(make_parser().parse_args(['--port', '0', '--no-dashboard']))
+    {'ip': '127.0.0.1', 'port': 0, 'services': {}, 'service_ports': {},
+     'allowed_failures': 3, 'heartbeat_timeout': 60}
+    >>> center_kwargs(make_parser().parse_args([]))['service_ports']
+    {'http': 8797}
     """
     return constructor_kwargs(OPTIONS, args)
 
@@ -106,7 +116,7 @@ def main(argv=None):
         warn_if_exposed(logger, "the center", args.host, security)
         print(CENTER_STARTED, center.address, flush=True)
         if "http" in center.service_ports:
-            print("HTTP status at http://%s:%d/info.json"
+            print(DASHBOARD_STARTED, "http://%s:%d/status"
                   % (center.ip, center.service_ports["http"]), flush=True)
 
     async def stop():

@@ -70,6 +70,9 @@ WORKER_REGISTERED = "Registered with center at:"
 NANNY_STARTED = "Start nanny at:"
 #: the nanny, once it replaced a dead worker: ``Restarted worker at: 127.0.0.1:40124``
 WORKER_RESTARTED = "Restarted worker at:"
+#: ``dcenter``, after :data:`CENTER_STARTED` unless ``--no-dashboard``:
+#: ``Dashboard at http://127.0.0.1:8797/status``
+DASHBOARD_STARTED = "Dashboard at"
 
 
 class Option:
@@ -253,6 +256,12 @@ def http_service(service):
         return {"services": {"http": service}, "service_ports": {"http": port}}
 
     return kwargs
+
+
+def no_http_service(off):
+    """The ``kwarg`` of a ``--no-dashboard`` switch (after ``--http-port`` in
+    its table): no HTTP service at all when set."""
+    return {"services": {}, "service_ports": {}} if off else {}
 
 
 #: ``--auth-token``, ``--tls-*``: into ``security=`` (:func:`security_from_args`);
