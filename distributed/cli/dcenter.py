@@ -16,6 +16,7 @@ from ..scheduler import ALLOWED_FAILURES
 from .utils import (
     CENTER_STARTED,
     LOCALHOST,
+    LOG_LENGTH_OPTION,
     SECURITY_OPTIONS,
     VERBOSE,
     Option,
@@ -52,6 +53,7 @@ OPTIONS = [
     Option("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
            kwarg="heartbeat_timeout",
            help="seconds without a heartbeat before a worker counts as dead"),
+    LOG_LENGTH_OPTION,
     *SECURITY_OPTIONS,
     VERBOSE,
 ]
@@ -69,7 +71,7 @@ def center_kwargs(args):
     """The ``Center(...)`` keywords of parsed ``args`` (all but ``security``).
 
     >>> center_kwargs(make_parser().parse_args(['--port', '0']))
-    {'ip': '127.0.0.1', 'port': 0, 'allowed_failures': 3, 'heartbeat_timeout': 60}
+    {'ip': '127.0.0.1', 'port': 0, 'allowed_failures': 3, 'heartbeat_timeout': 60, 'log_length': None}
     """
     return constructor_kwargs(OPTIONS, args)
 
