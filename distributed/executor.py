@@ -641,6 +641,8 @@ class Executor:
         if not self.forward_output:
             return
         out = sys.stderr if stream == "stderr" else sys.stdout
+        if out is None:  # no console (pythonw)
+            return
         out.write(format_output(worker, text))
         out.flush()
 
