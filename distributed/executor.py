@@ -33,7 +33,6 @@ import logging
 import operator
 import os
 import ssl
-import sys
 import threading
 import time
 import types
@@ -61,7 +60,7 @@ from .core import (
 )
 from . import local  # noqa: F401  (its exit hook must run after ours)
 from .graph import TaskRef, get_dependencies, toposort
-from .output import format_output
+from .output import print_output
 from .protocol import DEFAULT_LIMITS, from_blob, to_blob
 from .scheduler import LostData
 from .security import TLSError, default_security, tls_error
@@ -638,13 +637,8 @@ class Executor:
     def _task_output(self, key=None, worker=None, stream="stdout", text=""):
         """What a task of ours printed on ``worker``: print it here, each line
         after ``[worker]``."""
-        if not self.forward_output:
-            return
-        out = sys.stderr if stream == "stderr" else sys.stdout
-        if out is None:  # no console (pythonw)
-            return
-        out.write(format_output(worker, text))
-        out.flush()
+        if self.forward_output:
+            print_output(worker, stream, text)
 
     def _stream_start(self, max_message_size=None, max_frame_size=None):
         """The center's first message: its limits, which what we send must fit."""

@@ -2,9 +2,10 @@
 
 A worker runs tasks in threads of one process, so it captures their output
 per thread: :func:`install` puts an :class:`OutputProxy` on ``sys.stdout``
-and ``sys.stderr`` that sends a write made by a thread running a task (see
-:func:`capture`) to that task's :class:`TaskOutput`, and every other write
-to the stream it replaced.  Log records take the same path when the
+and ``sys.stderr`` that copies a write made by a thread running a task (see
+:func:`capture`) to that task's :class:`TaskOutput`; every write also goes
+to the stream it replaced (the worker's own output, whose tail a nanny
+reports when the worker dies).  Log records take the same path when the
 process's handlers write to ``sys.stderr`` (Python's default handler and
 ``dworker``'s do)::
 
@@ -12,6 +13,7 @@ process's handlers write to ``sys.stderr`` (Python's default handler and
     >>> install()
     >>> with capture(out):
     ...     print('hello from a task')
+    hello from a task
     >>> out.take(final=True)
     [('stdout', 'hello from a task\\n')]
     >>> uninstall()
@@ -24,19 +26,20 @@ prints: a task's buffer holds at most :data:`OUTPUT_FLUSH_BYTES` between two
 takes; past that, lines are counted, dropped, and reported once per take as
 ``[... N lines dropped]``.
 
-:func:`format_output` is the executor's side: each line prefixed with the
-worker's name.
+:func:`print_output` is the executor's side: each line prefixed with the
+worker's name (:func:`format_output`), under the running cell in Jupyter.
 
     >>> format_output('127.0.0.1:40123', 'a\\nb')
     '[127.0.0.1:40123] a\\n[127.0.0.1:40123] b\\n'
 """
 
+import contextvars
 import sys
 import threading
 from contextlib import contextmanager
 
 __all__ = ["TaskOutput", "OutputProxy", "install", "uninstall", "capture",
-           "format_output", "OUTPUT_FLUSH_INTERVAL", "OUTPUT_FLUSH_BYTES",
+           "format_output", "print_output", "OUTPUT_FLUSH_INTERVAL", "OUTPUT_FLUSH_BYTES",
            "OUTPUT_QUEUE_LIMIT"]
 
 #: seconds between two takes of the running tasks' output
@@ -120,31 +123,28 @@ def capture(output):
 
 
 class OutputProxy:
-    """Stands in for ``sys.stdout`` or ``sys.stderr`` (``name``): a write from a
-    thread inside :func:`capture` goes to its task's output, any other to
-    ``original``.  Everything else (``fileno``, ``encoding``, ...) is the
-    original's."""
+    """Stands in for ``sys.stdout`` or ``sys.stderr`` (``name``): every write
+    goes to ``original``, and a write from a thread inside :func:`capture`
+    also to its task's output.  Everything else (``fileno``, ``encoding``,
+    ...) is the original's."""
 
     def __init__(self, name, original):
         self._name = name
         self._original = original
 
     def write(self, text):
+        n = self._original.write(text)
         output = getattr(_task, "output", None)
-        if output is None:
-            return self._original.write(text)
-        if not isinstance(text, str):
-            raise TypeError("write() argument must be str, not %s" % type(text).__name__)
-        output.write(self._name, text)
-        return len(text)
+        if output is not None and isinstance(text, str):
+            output.write(self._name, text)
+        return n
 
     def writelines(self, lines):
         for line in lines:
             self.write(line)
 
     def flush(self):
-        if getattr(_task, "output", None) is None:
-            return self._original.flush()
+        return self._original.flush()
 
     def __getattr__(self, attr):
         return getattr(self._original, attr)
@@ -176,6 +176,37 @@ def uninstall():
             stream = getattr(sys, name)
             if isinstance(stream, OutputProxy):
                 setattr(sys, name, stream._original)
+
+
+def print_output(worker, stream, text):
+    """The executor's side: print ``text`` that a task wrote to its ``stream``
+    (``'stdout'`` / ``'stderr'``) on ``worker``, on this process's stream of
+    the same name, each line after ``[worker]``."""
+    out = sys.stderr if stream == "stderr" else sys.stdout
+    if out is None:  # no console (pythonw)
+        return
+    _forget_the_starting_cell(out)
+    # in an empty context: see _forget_the_starting_cell
+    contextvars.Context().run(_write, out, format_output(worker, text))
+
+
+def _write(out, text):
+    out.write(text)
+    out.flush()
+
+
+def _forget_the_starting_cell(out):
+    """In Jupyter, print under the cell that ran last, not the one that made
+    the executor.  ipykernel tells cells apart by a context variable (7.x),
+    which the executor's loop inherited from the cell that started it (the
+    empty context of :func:`print_output` reads the kernel's current cell
+    instead), and by the thread that writes (6.x: a table of threads and
+    the cells that started them, from which this drops the loop's thread)."""
+    ident = threading.get_ident()
+    for attr in ("_thread_to_parent_header", "_thread_to_parent"):
+        table = getattr(out, attr, None)
+        if type(table) is dict:
+            table.pop(ident, None)
 
 
 def format_output(worker, text):

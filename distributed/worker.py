@@ -14,6 +14,10 @@ center (or a ``who_has`` given with the request) and fetched **directly from
 the peer** that holds them (:mod:`distributed.transfer`).  Every key it gains
 is reported to the center.
 
+What a task of the scheduler prints goes to the executors that want it
+(:mod:`distributed.output`); every node keeps its recent log records
+(``get_logs``, :mod:`distributed.logs`).
+
 Tasks come two ways: the rpc ``compute`` (a function and the keys it needs;
 the answer is the reply) and the scheduler's batched ``compute-task``
 messages (the answer is a ``task-finished`` / ``task-erred`` /
@@ -68,6 +72,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from tornado.iostream import StreamClosedError
 
+from . import output
 from .batched import BatchedSend, handle_batches
 from .core import (
     AuthenticationError,
@@ -82,7 +87,6 @@ from .core import (
     safe_str,
     write,
 )
-from . import output
 from .graph import execute_task, substitute, substitute_refs
 from .protocol import from_blob, to_blob
 from .sizeof import sizeof

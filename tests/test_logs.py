@@ -212,8 +212,9 @@ def test_the_proxy_sends_each_task_threads_writes_to_its_own_output():
     for i, out in enumerate(outputs):
         assert out.take(final=True) == [
             ("stdout", "".join("task %d line %d\n" % (i, j) for j in range(100)))]
-    assert original.getvalue() == "not a task\n"
-    assert proxy.getvalue() == "not a task\n"  # everything else is the original's
+    # the original gets everything (the worker's own console, its death report)
+    assert original.getvalue().count("\n") == 401 and "not a task\n" in original.getvalue()
+    assert proxy.getvalue() == original.getvalue()  # the rest is the original's
 
 
 @pytest.mark.pure
@@ -324,9 +325,11 @@ def test_in_process_cluster_forwards_output_to_the_submitting_executor(capsys):
 
     check()
     out, err = capsys.readouterr()
-    assert out.count("inproc") == 3  # once: the other executor printed nothing
-    assert "[127.0.0.1:" in out
-    assert "to stdout\n" in out and "to stderr\n" in err
+    forwarded = [line for line in out.splitlines() if line.startswith("[127.0.0.1:")]
+    # once each: the other executor printed nothing
+    assert [line.split("] ", 1)[1] for line in forwarded if "inproc" in line] == [
+        "inproc 0", "inproc 1", "inproc 2"]
+    assert "] to stdout\n" in out and "] to stderr\n" in err
 
 
 # -- real processes --------------------------------------------------------------------
@@ -502,3 +505,45 @@ def test_a_child_that_prints_a_million_lines_costs_its_watcher_a_bounded_tail():
         assert len(p.output) <= TAIL_LINES
         assert p.output.dropped > 900000
         assert p.output.text().rstrip().endswith("done")
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(180)
+def test_in_jupyter_a_task_prints_under_the_cell_that_ran_it():
+    """A real kernel (skipped without ipykernel and jupyter_client): the
+    executor's loop thread was started by the first cell, yet each task's
+    lines appear under the cell that submitted it."""
+    pytest.importorskip("ipykernel")
+    manager = pytest.importorskip("jupyter_client.manager")
+    from queue import Empty
+
+    km, kc = manager.start_new_kernel(kernel_name="python3")
+    streams = []  # (cell msg_id, stream name, text)
+
+    def run(code):
+        msg_id = kc.execute(code)
+        while kc.get_shell_msg(timeout=90)["parent_header"].get("msg_id") != msg_id:
+            pass
+        while True:  # what it printed, until the kernel is idle again
+            try:
+                m = kc.get_iopub_msg(timeout=2)
+            except Empty:
+                return msg_id
+            if m["msg_type"] == "stream":
+                streams.append((m["parent_header"].get("msg_id"), m["content"]["name"],
+                                m["content"]["text"]))
+
+    try:
+        run("import sys; sys.path.insert(0, %r)\nfrom distributed import Executor\n"
+            "e = Executor(n_workers=1)" % os.path.dirname(os.path.dirname(__file__)))
+        cells = [run("def f(tag):\n    print(tag)\n    return 1\n"
+                     "e.submit(f, 'printed-in-cell-%d', pure=False).result()" % i)
+                 for i in (2, 3)]
+        run("e.shutdown()")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    for cell, i in zip(cells, (2, 3)):
+        lines = [text for parent, name, text in streams
+                 if parent == cell and name == "stdout" and "printed-in-cell-%d" % i in text]
+        assert len(lines) == 1 and lines[0].startswith("[127.0.0.1:"), streams
