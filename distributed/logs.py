@@ -66,14 +66,9 @@ class LogBuffer:
         self._records = deque(maxlen=maxlen)
         _tap().add(self)
 
-    def append(self, record):
-        try:
-            message = record.getMessage()
-        except Exception:  # a bad format string: keep what there is
-            message = "%s %r" % (record.msg, record.args)
-        if record.exc_info and record.exc_info[0] is not None:
-            message += "\n" + logging.Formatter().formatException(record.exc_info)
-        self._records.append((record.created, record.levelname, record.name, message))
+    def append(self, entry):
+        """Keep ``entry``, a ``(time, level, name, message)`` tuple."""
+        self._records.append(entry)
 
     def records(self, n=None):
         """``[{'time', 'level', 'name', 'message'}]``, oldest first; the last
@@ -111,13 +106,26 @@ class _LogTap(logging.Handler):
     def emit(self, record):
         with self._buffers_lock:
             buffers = list(self._buffers)
-        for buffer in buffers:
-            buffer.append(record)
+        if buffers:
+            entry = _entry(record)
+            for buffer in buffers:
+                buffer.append(entry)
         if not _other_handlers(record.name, self):
             # without us Python would print it with its last-resort handler
             last = logging.lastResort
             if last is not None and record.levelno >= last.level:
                 last.handle(record)
+
+
+def _entry(record):
+    """What a :class:`LogBuffer` keeps of ``record``: ``(time, level, name, message)``."""
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string: keep what there is
+        message = "%s %r" % (record.msg, record.args)
+    if record.exc_info and record.exc_info[0] is not None:
+        message += "\n" + logging.Formatter().formatException(record.exc_info)
+    return (record.created, record.levelname, record.name, message)
 
 
 def _other_handlers(name, tap):

@@ -322,6 +322,7 @@ def test_in_process_cluster_forwards_output_to_the_submitting_executor(capsys):
             assert await e.submit(shout, 3, "inproc") == 3
             assert await e.submit(write_both) == 1
             await asyncio.sleep(0.3)  # anything for `other` would have come by now
+            assert other.status == "running"  # connected all along, printed nothing
 
     check()
     out, err = capsys.readouterr()

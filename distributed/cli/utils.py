@@ -348,9 +348,16 @@ def setup_logging(verbose=False):
     """The console shows WARNING and up (INFO with ``verbose``); the node's
     log buffer (``get_logs``) keeps the ``distributed`` INFO records either way."""
     level = logging.INFO if verbose else logging.WARNING
-    handler = _StderrHandler(level)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, _StderrHandler):  # called before, in this process
+            handler.setLevel(level)
+            break
+    else:
+        handler = _StderrHandler(level)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        root.addHandler(handler)  # beside the log buffers' handler, if already there
+    root.setLevel(level)
     logging.getLogger("distributed").setLevel(logging.INFO)
 
 
