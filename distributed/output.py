@@ -65,7 +65,7 @@ class TaskOutput:
 
     def __init__(self, limit=OUTPUT_FLUSH_BYTES):
         self.limit = limit
-        self._chunks = []  # [(stream, text)]
+        self._pieces = []  # [(stream, text)] as written: joined when taken
         self._size = 0
         self._dropped = 0  # line ends dropped
         self._dropping = False  # something was dropped since the last take
@@ -77,34 +77,49 @@ class TaskOutput:
         with self._lock:
             if self._size + len(text) <= self.limit:
                 self._size += len(text)
-                if self._chunks and self._chunks[-1][0] == stream:
-                    self._chunks[-1] = (stream, self._chunks[-1][1] + text)
-                else:
-                    self._chunks.append((stream, text))
+                self._pieces.append((stream, text))
             else:
                 self._dropped += text.count("\n")
                 self._dropping = True
 
     def take(self, final=False):
-        """The output so far as ``[(stream, text)]``; unless ``final``, the last
-        line waits for its end (while the buffer has room)."""
+        """The output so far as ``[(stream, text)]``, one item per run of
+        writes to one stream; unless ``final``, the last line waits for its
+        end (while the buffer has room)."""
         with self._lock:
-            chunks, self._chunks = self._chunks, []
+            pieces, self._pieces = self._pieces, []
             dropped = max(self._dropped, 1) if self._dropping else 0
             self._dropped, self._dropping = 0, False
+            chunks = _runs(pieces)
             if not final and chunks and not dropped:
                 stream, text = chunks[-1]
                 head, newline, tail = text.rpartition("\n")
                 if tail and len(tail) < self.limit // 2:  # keep the unfinished line
-                    self._chunks = [(stream, tail)]
+                    self._pieces = [(stream, tail)]
                     if newline:
                         chunks[-1] = (stream, head + newline)
                     else:
                         chunks.pop()
-            self._size = sum(len(t) for _, t in self._chunks)
+            self._size = sum(len(t) for _, t in self._pieces)
         if dropped:
             chunks.append(("stderr", "[... %d lines dropped]\n" % dropped))
         return chunks
+
+
+def _runs(pieces):
+    """``[(stream, text)]`` with the texts of consecutive pieces of one stream
+    joined.
+
+    >>> _runs([('stdout', 'a'), ('stdout', 'b'), ('stderr', 'c'), ('stdout', 'd')])
+    [('stdout', 'ab'), ('stderr', 'c'), ('stdout', 'd')]
+    """
+    runs = []
+    start = 0
+    for i in range(1, len(pieces) + 1):
+        if i == len(pieces) or pieces[i][0] != pieces[start][0]:
+            runs.append((pieces[start][0], "".join(t for _, t in pieces[start:i])))
+            start = i
+    return runs
 
 
 _task = threading.local()  # .output: the TaskOutput of the task this thread runs
