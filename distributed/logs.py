@@ -62,6 +62,8 @@ class LogBuffer:
     def __init__(self, maxlen=None):
         if maxlen is None:
             maxlen = log_length_from_env()
+        if maxlen < 0:
+            raise ValueError("log_length must be 0 or more records, got %r" % (maxlen,))
         self.maxlen = maxlen
         self._records = deque(maxlen=maxlen)
         _tap().add(self)
