@@ -56,6 +56,21 @@ class BatchedSend:
             self._busy = True
             self.loop.add_callback(self._flush)
 
+    def offer(self, msg, max_waiting):
+        """Queue ``msg`` unless ``max_waiting`` messages already wait (the peer
+        reads slowly, or is gone); return whether it was queued.  For
+        messages that may be lost, such as printed output, rather than pile up.
+
+        >>> bs = BatchedSend(None)
+        >>> bs.buffer = [{'op': 'task-finished'}] * 3
+        >>> bs.offer({'op': 'task-output'}, max_waiting=3)
+        False
+        """
+        if self.closed or len(self.buffer) >= max_waiting:
+            return False
+        self.send(msg)
+        return True
+
     def send_many(self, msgs):
         for msg in msgs:
             self.send(msg)

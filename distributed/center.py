@@ -36,6 +36,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from .batched import BatchedSend, close_stream, handle_batches
 from .core import ConnectionPool, Server, coerce_to_address, rpc
+from .output import OUTPUT_QUEUE_LIMIT, STREAMS
 from .scheduler import ALLOWED_FAILURES, VALIDATE_ENV, InvariantError, Scheduler
 from .utils import log_safe
 
@@ -94,6 +95,7 @@ class Center(Server):
         self.status = "created"
         self.worker_comms = {}  # address -> BatchedSend on its stream
         self.client_comms = {}  # client id -> BatchedSend
+        self.quiet_clients = set()  # clients that do not want their tasks' output
         handlers = {
             "register": self.register,
             "unregister": self.unregister,
@@ -129,6 +131,7 @@ class Center(Server):
             "worker-status": s.set_paused,
             "memory-exit": s.memory_exit,
             "heartbeat": self._stream_heartbeat,
+            "task-output": self.task_output,
             # from executors
             "update-graph": s.update_graph,
             "client-releases-keys": s.client_releases_keys,
@@ -325,12 +328,15 @@ class Center(Server):
         if address in self.ncores:
             self.metrics[address] = metrics
 
-    async def client_stream(self, stream, client=None):
-        """An executor's batched stream: graphs and releases in, results out."""
+    async def client_stream(self, stream, client=None, output=True):
+        """An executor's batched stream: graphs and releases in, results out
+        (and, unless ``output=False``, what its tasks print)."""
         if client is None:
             raise ValueError("register-client needs client=<a unique id>")
         comm = BatchedSend(stream, self.loop, max_bytes=self.limits.max_message_size // 2)
         self.client_comms[client] = comm
+        if not output:
+            self.quiet_clients.add(client)
         self.scheduler.add_client(client)
         # the executor checks what it sends against these (a message over
         # them would close the whole stream)
@@ -344,8 +350,26 @@ class Center(Server):
         finally:
             if self.client_comms.get(client) is comm:
                 del self.client_comms[client]
+                self.quiet_clients.discard(client)
                 self.scheduler.remove_client(client)
                 self.send_scheduler_messages()
+
+    def task_output(self, address, key=None, stream="stdout", text=""):
+        """A worker's ``task-output``: pass it on to the executors that want
+        ``key`` (or a task depending on it).  Dropped for an executor whose
+        stream already has :data:`~distributed.output.OUTPUT_QUEUE_LIMIT`
+        messages waiting: output gives way, results do not wait for it."""
+        if stream not in STREAMS or type(text) is not str:
+            raise TypeError("task-output needs stream in %s and text=<str>" % (STREAMS,))
+        clients = self.scheduler.clients_of(key) - self.quiet_clients
+        if not clients:
+            return
+        msg = {"op": "task-output", "key": key, "worker": self.names.get(address, address),
+               "stream": stream, "text": text}
+        for client in clients:
+            comm = self.client_comms.get(client)
+            if comm is not None:
+                comm.offer(msg, OUTPUT_QUEUE_LIMIT)
 
     def send_scheduler_messages(self):
         if self.validate:

@@ -43,6 +43,7 @@ from tornado.tcpserver import TCPServer
 
 from . import protocol
 from . import security as _auth
+from .logs import LogBuffer
 from .protocol import (
     DEFAULT_LIMITS,
     DeserializationError,
@@ -552,8 +553,9 @@ class Server(TCPServer):
 
     def __init__(self, handlers, ip=None, limits=None, security=None,
                  max_connections_per_peer=None, max_pending_connections=None,
-                 stall_timeout=None, **kwargs):
-        self.handlers = {"identity": self.identity, "ping": pingpong}
+                 stall_timeout=None, log_length=None, **kwargs):
+        self.handlers = {"identity": self.identity, "ping": pingpong,
+                         "get_logs": self.get_logs}
         self.handlers.update(handlers)
         self.ip = ip
         self.port = None
@@ -570,6 +572,8 @@ class Server(TCPServer):
         self.stall_timeout = (STALL_TIMEOUT if stall_timeout is None
                               else stall_timeout) or None  # 0: no limit
         self._log_refusal = RateLimitedLog(logger, REFUSAL_LOG_INTERVAL)
+        #: the last ``log_length`` log records of this process (see distributed.logs)
+        self.logs = LogBuffer(log_length)
         self.streams = set()
         #: called (no arguments) once the node has closed, e.g. to end its process
         self.on_close = None
@@ -586,6 +590,11 @@ class Server(TCPServer):
 
     def identity(self, stream=None):
         return {"type": type(self).__name__, "id": self.id}
+
+    def get_logs(self, stream=None, n=None):
+        """The recent log records of this node's process, oldest first (the last
+        ``n``): ``[{'time', 'level', 'name', 'message'}]``."""
+        return self.logs.records(n)
 
     def listen(self, port=0, address=None):
         """Listen on ``port`` (0: a free one) of ``address`` (default ``ip``)."""
@@ -870,6 +879,7 @@ class Server(TCPServer):
 
     def stop(self):
         super().stop()
+        self.logs.close()
         for conn in list(self._pending) + list(self.streams):
             conn.close()
         if self.on_close is not None:

@@ -62,6 +62,7 @@ from .core import (
 )
 from . import local  # noqa: F401  (its exit hook must run after ours)
 from .graph import TaskRef, get_dependencies, toposort
+from .output import print_output
 from .protocol import DEFAULT_LIMITS, from_blob, to_blob
 from .scheduler import LostData
 from .security import TLSError, default_security, tls_error
@@ -418,16 +419,25 @@ class Executor:
     cluster: its center's options (``heartbeat_timeout=10``,
     ``allowed_failures=1``) and ``worker_options={'memory_limit': '1GB'}``, see
     :class:`~distributed.local.LocalCluster`.
+
+    What the tasks of this executor print (``print``, ``sys.stdout`` and
+    ``sys.stderr`` writes, log records the worker prints) is printed here, on
+    this process's ``sys.stdout`` / ``sys.stderr`` (in Jupyter: under the
+    cell), each line after ``[worker name]``; ``forward_output=False`` turns
+    that off.  See docs/logs.md.
     """
 
     def __init__(self, address=None, start=True, timeout=10, loop=None,
-                 n_workers=None, threads_per_worker=1, security=None, **cluster_options):
+                 n_workers=None, threads_per_worker=1, security=None,
+                 forward_output=True, **cluster_options):
         if cluster_options and address is not None:
             raise TypeError("%s: options of a local cluster, but this executor "
                             "connects to %s" % (", ".join(cluster_options), address))
         self.id = "executor-" + uuid.uuid4().hex
         self.address = coerce_to_address(address) if address is not None else None
         self.timeout = timeout
+        #: print what our tasks print (the center sends it only if so)
+        self.forward_output = forward_output
         self.status = "created"
         self.futures = {}  # key -> FutureState
         self.cluster = None
@@ -466,6 +476,7 @@ class Executor:
             "lost-data": self._lost_data,
             "restart": self._restarted,
             "worker-removed": self._worker_removed,
+            "task-output": self._task_output,
         }
         self._loop_thread = None
         self._asyncio_loop = None
@@ -579,7 +590,7 @@ class Executor:
             stream = await self._connect_center(deadline)
             try:
                 await write(stream, {"op": "register-client", "client": self.id,
-                                     "reply": False})
+                                     "output": self.forward_output, "reply": False})
                 first = await asyncio.wait_for(read(stream), max(0.1, deadline - time.time()))
                 break
             except ssl.SSLError as e:  # TLS 1.3: a refused certificate shows now
@@ -631,6 +642,12 @@ class Executor:
 
     def __await__(self):
         return self._start().__await__()
+
+    def _task_output(self, key=None, worker=None, stream="stdout", text=""):
+        """What a task of ours printed on ``worker``: print it here, each line
+        after ``[worker]``."""
+        if self.forward_output:
+            print_output(worker, stream, text)
 
     def _stream_start(self, max_message_size=None, max_frame_size=None):
         """The center's first message: its limits, which what we send must fit."""
@@ -1573,6 +1590,38 @@ class Executor:
         keys = [k.key if isinstance(k, Future) else k for k in keys]
         return await self.center.story(keys=keys, timeout=self.timeout)
 
+    def get_worker_logs(self, n=None, workers=None):
+        """The recent log records of the workers (or of ``workers``), the last
+        ``n`` of each: ``{address: [{'time', 'level', 'name', 'message'}]}``,
+        oldest first.  A worker that does not answer within ``timeout``
+        seconds gets one ERROR record saying why.  ``await
+        e._get_worker_logs(...)`` on the executor's own loop.
+
+        >>> e.get_worker_logs(n=1)                            # doctest: +SKIP
+        {'127.0.0.1:40123': [{'time': ..., 'level': 'INFO', 'name': 'distributed.worker',
+                              'message': 'worker at 127.0.0.1:40123 registered ...'}]}
+        """
+        return self.sync(self._get_worker_logs, n=n, workers=workers)
+
+    async def _get_worker_logs(self, n=None, workers=None):
+        if workers is None:
+            addresses = list(await self.center.ncores(timeout=self.timeout))
+        else:
+            addresses = [coerce_to_address(w) for w in workers]
+        replies = await asyncio.gather(*[
+            self._rpc(a).get_logs(n=n, timeout=self.timeout) for a in addresses],
+            return_exceptions=True)
+        return {a: _logs_or_error(a, r) for a, r in zip(addresses, replies)}
+
+    def get_center_logs(self, n=None):
+        """The center's recent log records (the last ``n``), oldest first:
+        ``[{'time', 'level', 'name', 'message'}]``.  ``await
+        e._get_center_logs(...)`` on the executor's own loop."""
+        return self.sync(self._get_center_logs, n=n)
+
+    async def _get_center_logs(self, n=None):
+        return await self.center.get_logs(n=n, timeout=self.timeout)
+
     def restart(self):
         """Drop all tasks and data; a local cluster gets fresh worker processes.
 
@@ -1715,6 +1764,15 @@ DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", "done not_done")
 
 FIRST_COMPLETED = "FIRST_COMPLETED"
 ALL_COMPLETED = "ALL_COMPLETED"
+
+
+def _logs_or_error(address, reply):
+    """``get_logs``' reply, or one ERROR record for a node that did not give it."""
+    if not isinstance(reply, BaseException):
+        return reply
+    return [{"time": time.time(), "level": "ERROR", "name": __name__,
+             "message": "could not get the logs of %s: %s: %s"
+             % (address, type(reply).__name__, reply)}]
 
 
 def wait(futures, timeout=None, return_when=ALL_COMPLETED):

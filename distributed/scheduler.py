@@ -562,6 +562,24 @@ class Scheduler:
         keys = self.clients.pop(client, set())
         self.client_releases_keys(client, keys, _known=False)
 
+    def clients_of(self, key, limit=1000):
+        """The clients that want ``key`` or a task that depends on it (looking
+        at up to ``limit`` tasks): who its printed output is for."""
+        ts = self.tasks.get(key)
+        if ts is None:
+            return set()
+        clients = set(ts.who_wants)
+        seen = {ts}
+        todo = list(ts.dependents)
+        while todo and len(seen) < limit:
+            dep = todo.pop()
+            if dep in seen:
+                continue
+            seen.add(dep)
+            clients.update(dep.who_wants)
+            todo.extend(dep.dependents)
+        return clients
+
     # -- inputs from executors ---------------------------------------------------
 
     def update_graph(self, client, tasks=None, dependencies=None, keys=(),

@@ -14,6 +14,10 @@ center (or a ``who_has`` given with the request) and fetched **directly from
 the peer** that holds them (:mod:`distributed.transfer`).  Every key it gains
 is reported to the center.
 
+What a task of the scheduler prints goes to the executors that want it
+(:mod:`distributed.output`); every node keeps its recent log records
+(``get_logs``, :mod:`distributed.logs`).
+
 Tasks come two ways: the rpc ``compute`` (a function and the keys it needs;
 the answer is the reply) and the scheduler's batched ``compute-task``
 messages (the answer is a ``task-finished`` / ``task-erred`` /
@@ -68,6 +72,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from tornado.iostream import StreamClosedError
 
+from . import output
 from .batched import BatchedSend, handle_batches
 from .core import (
     AuthenticationError,
@@ -248,6 +253,12 @@ class Worker(Server):
         self.transfers = Transfers(self.rpc_for)  # inputs under way from peers
         self._unconfirmed = set()  # scattered keys the scheduler has not confirmed
         self._heartbeats = None
+        # key -> TaskOutput: what the running tasks of the scheduler print,
+        # sent every OUTPUT_FLUSH_INTERVAL seconds and when they end
+        self._outputs = {}
+        self._output_flush = PeriodicCallback(self._flush_output,
+                                              output.OUTPUT_FLUSH_INTERVAL * 1000)
+        self._capturing = False
         handlers = {
             "compute": self.compute,
             "gather": self.gather,
@@ -302,6 +313,10 @@ class Worker(Server):
             self._heartbeat, self.heartbeat_interval * 1000
         )
         self._heartbeats.start()
+        if not self._capturing:
+            output.install()
+            self._capturing = True
+        self._output_flush.start()
         self.status = "running"
         self._heartbeat()  # the center knows its metrics at once
         self.memory.start()
@@ -401,6 +416,10 @@ class Worker(Server):
         self.memory.stop()  # compute requests waiting for a resume go on (and fail)
         if self._heartbeats is not None:
             self._heartbeats.stop()
+        self._output_flush.stop()
+        if self._capturing:
+            self._capturing = False
+            output.uninstall()
         if report and self.port is not None:
             try:
                 yield self.center.unregister(address=self.address, timeout=timeout)
@@ -749,9 +768,28 @@ class Worker(Server):
             self._send_erred(key, e, e.__traceback__)
             return
         self.active.add(key)
-        future = self.executor.submit(self._run_within_memory, function, args, kwargs)
+        out = self._outputs[key] = output.TaskOutput()
+        future = self.executor.submit(self._run_captured, out, function, args, kwargs)
         future.add_done_callback(
             lambda f: self.loop.add_callback(self._task_done, key, f))
+
+    def _run_captured(self, out, function, args, kwargs):
+        """In a task thread: :meth:`_run_within_memory`, what it prints going to
+        ``out`` (see distributed.output)."""
+        with output.capture(out):
+            return self._run_within_memory(function, args, kwargs)
+
+    def _flush_output(self):
+        """Send what the running tasks printed since the last time."""
+        for key, out in list(self._outputs.items()):
+            self._send_output(key, out.take())
+
+    def _send_output(self, key, chunks):
+        for stream, text in chunks:
+            if self.batched is not None:
+                # dropped rather than queued behind a center that reads slowly
+                self.batched.offer({"op": "task-output", "key": key, "stream": stream,
+                                    "text": text}, output.OUTPUT_QUEUE_LIMIT)
 
     def _unpack(self, spec, deps, data):
         if "task" in spec:
@@ -768,9 +806,12 @@ class Worker(Server):
     def _task_done(self, key, future):
         self.active.discard(key)
         ok, result, timings = future.result()
+        out = self._outputs.pop(key, None)
         ts = self.tasks.pop(key, None)
         if ts is None or ts.state == RELEASED:
             return  # released while running; the result is not wanted
+        if out is not None:  # what it printed, before its result
+            self._send_output(key, out.take(final=True))
         if ok:
             self.put_key(key, result)
             self._send_finished(key, (timings["compute_start"], timings["compute_stop"]),

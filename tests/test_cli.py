@@ -276,8 +276,14 @@ def parse_every_flag(cli, positionals=()):
 
 
 def explicit_parameters(cls):
-    return {name for name, p in inspect.signature(cls.__init__).parameters.items()
-            if p.kind is not p.VAR_KEYWORD}
+    """The keywords of ``cls(...)``: its own, and those of the ``Server`` it
+    passes the rest on to (``log_length``, ``security``, ...)."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and klass.__module__.startswith("distributed"):
+            names |= {name for name, p in inspect.signature(klass.__init__).parameters.items()
+                      if p.kind is not p.VAR_KEYWORD}
+    return names
 
 
 @pytest.mark.pure
@@ -322,7 +328,8 @@ def test_every_dworker_flag_reaches_the_children_and_the_worker():
         "ip": "127.0.0.2", "ncores": 7, "name": "example-name",
         "local_dir": "example-local_dir", "memory_limit": 2 * 10**9,
         "nanny": "example-nanny_address",
-        "services": {"http": HTTPWorker}, "service_ports": {"http": 7}}
+        "services": {"http": HTTPWorker}, "service_ports": {"http": 7},
+        "log_length": 7}
     assert set(kwargs) <= explicit_parameters(Worker)
 
 
@@ -336,7 +343,8 @@ def test_every_dcenter_flag_reaches_the_center():
     kwargs = dcenter.center_kwargs(args)
     # --no-dashboard (a switch, so on here) wins over --http-port
     assert kwargs == {"ip": "127.0.0.2", "port": 8787 + 7, "allowed_failures": 3 + 7,
-                      "heartbeat_timeout": 60 + 2.5, "services": {}, "service_ports": {}}
+                      "heartbeat_timeout": 60 + 2.5, "services": {}, "service_ports": {},
+                      "log_length": 7}
     assert set(kwargs) <= explicit_parameters(Center)
     args.no_dashboard = False
     assert dcenter.center_kwargs(args)["services"] == {"http": HTTPCenter}

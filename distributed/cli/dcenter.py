@@ -19,6 +19,7 @@ from .utils import (
     CENTER_STARTED,
     DASHBOARD_STARTED,
     LOCALHOST,
+    LOG_LENGTH_OPTION,
     SECURITY_OPTIONS,
     VERBOSE,
     Option,
@@ -59,6 +60,7 @@ OPTIONS = [
     Option("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
            kwarg="heartbeat_timeout",
            help="seconds without a heartbeat before a worker counts as dead"),
+    LOG_LENGTH_OPTION,
     *SECURITY_OPTIONS,
     VERBOSE,
 ]
@@ -77,7 +79,7 @@ def center_kwargs(args):
 
     >>> center_kwargs(make_parser().parse_args(['--port', '0', '--no-dashboard']))
     {'ip': '127.0.0.1', 'port': 0, 'services': {}, 'service_ports': {},
-     'allowed_failures': 3, 'heartbeat_timeout': 60}
+     'allowed_failures': 3, 'heartbeat_timeout': 60, 'log_length': None}
     >>> center_kwargs(make_parser().parse_args([]))['service_ports']
     {'http': 8797}
     """

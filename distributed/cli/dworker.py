@@ -28,6 +28,7 @@ from ..worker import (
 )
 from .utils import (
     FREE_PORT,
+    LOG_LENGTH_OPTION,
     NANNY_CHILD,
     NANNY_STARTED,
     NPROCS_CHILD,
@@ -106,6 +107,7 @@ OPTIONS = [
            spread=_consecutive, metavar="HTTP_PORT",
            help="also serve JSON status (/info.json, /resources.json) on this "
            "port (0: a free one)"),
+    LOG_LENGTH_OPTION,
     *SECURITY_OPTIONS,
     VERBOSE,
 ]
@@ -127,7 +129,7 @@ def worker_kwargs(args):
     """The ``Worker(...)`` keywords of parsed ``args`` (all but ``security``).
 
     >>> worker_kwargs(make_parser().parse_args(['127.0.0.1:8787', '--ncores', '2']))
-    {'ip': None, 'ncores': 2, 'name': None, 'local_dir': None, 'memory_limit': None, 'nanny': None}
+    {'ip': None, 'ncores': 2, 'name': None, 'local_dir': None, 'memory_limit': None, 'nanny': None, 'log_length': None}
     """
     return constructor_kwargs(OPTIONS, args)
 
@@ -217,7 +219,8 @@ def _run_nanny(args, center_ip, center_port, security):
         # echo: the worker's own lines ("Start worker at: ...") are ours too
         nanny = Nanny(center_ip, center_port, ip=args.host,
                       worker_args=nanny_child_argv(args), echo=True,
-                      timeout=args.connect_timeout + 30, security=security)
+                      timeout=args.connect_timeout + 30, security=security,
+                      log_length=args.log_length)
         nanny.on_close = stopping.set
         nanny.listen(0)
         print(NANNY_STARTED, nanny.address, flush=True)

@@ -16,6 +16,7 @@ import sys
 
 import psutil
 
+from ..logs import LOG_LENGTH, LOG_LENGTH_ENV
 from ..security import ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY, ENV_TOKEN, Security
 from ..utils import is_loopback
 
@@ -283,6 +284,13 @@ SECURITY_OPTIONS = [
            "every client", default_text="$" + ENV_TLS_CA),
 ]
 
+#: ``--log-length``: records each node keeps for ``get_logs`` (both commands)
+LOG_LENGTH_OPTION = Option(
+    "--log-length", type=int, kwarg="log_length", children=(NANNY_CHILD, NPROCS_CHILD),
+    metavar="RECORDS", help="recent log records the node keeps in memory for "
+    "get_logs (Executor.get_worker_logs / get_center_logs)",
+    default_text="$%s, else %d" % (LOG_LENGTH_ENV, LOG_LENGTH))
+
 #: ``-v``: every child logs as much as its parent
 VERBOSE = Option("--verbose", aliases=("-v",), switch=True, help="log what happens",
                  children=(NANNY_CHILD, NPROCS_CHILD))
@@ -332,12 +340,34 @@ def raise_open_files_limit(cap=2**20):
     return soft
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes: a worker's
+    task thread's records then go, like its prints, to the executor that
+    submitted the task (see distributed.output)."""
+
+    def __init__(self, level=logging.NOTSET):
+        logging.Handler.__init__(self, level)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
 def setup_logging(verbose=False):
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """The console shows WARNING and up (INFO with ``verbose``); the node's
+    log buffer (``get_logs``) keeps the ``distributed`` INFO records either way."""
+    level = logging.INFO if verbose else logging.WARNING
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, _StderrHandler):  # called before, in this process
+            handler.setLevel(level)
+            break
+    else:
+        handler = _StderrHandler(level)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        root.addHandler(handler)  # beside the log buffers' handler, if already there
+    root.setLevel(level)
+    logging.getLogger("distributed").setLevel(logging.INFO)
 
 
 def run_until_signal(start, stop, prog=None):
