@@ -166,7 +166,12 @@ def test_json_health_metrics_and_pages():
                 detail = json.loads((await fetch(c, "/json/worker/" + worker.address)).body)
                 assert detail["worker"]["address"] == worker.address
                 assert detail["nkeys"] == len(c.has_what[worker.address])
-                assert detail["logs"] == []  # no get_logs handler: no logs, no error
+                # the worker's log ring (in-process: every record of this process)
+                assert all(set(r) == {"time", "level", "name", "message"}
+                           for r in detail["logs"]) and len(detail["logs"]) <= 100
+                del worker.handlers["get_logs"]  # a worker without it: no logs, no error
+                detail = json.loads((await fetch(c, "/json/worker/" + worker.address)).body)
+                assert detail["logs"] == []
                 record = {"time": 1.0, "level": "INFO", "name": "w", "message": "hi"}
                 worker.handlers["get_logs"] = lambda stream=None, n=None: [record] * n
                 detail = json.loads((await fetch(c, "/json/worker/" + worker.address)).body)
