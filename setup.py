@@ -42,6 +42,10 @@ setup(
             "cryptography>=3.1",
             # drives the system's headless Chromium in the dashboard tests
             "playwright>=1.30",
+            # a real Jupyter kernel: forwarded task output lands under the cell
+            # that ran the task (tests/test_logs.py)
+            "ipykernel>=6",
+            "jupyter_client>=7",
         ],
     },
     entry_points={
