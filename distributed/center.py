@@ -22,7 +22,12 @@ after every batch of messages (see ``Scheduler.validate``).
 Workers register over a stream they keep open and send heartbeats on it.
 A worker whose stream closes, or that is silent for ``heartbeat_timeout``
 seconds, is removed from every table; the scheduler (when there is one) is
-told so that it can recover what depended on that worker.
+told so that it can recover what depended on that worker.  When the worker
+had a nanny, the nanny soon says why it died (``worker_died``: "killed by
+signal SIGSEGV", "exit code 3", ...); what would err at once for that death
+(``KilledWorker``, ``LostData``) waits for that report up to
+``death_report_grace`` seconds (:data:`DEATH_REPORT_GRACE`), so that the
+errors name the cause.
 """
 
 import asyncio
@@ -47,6 +52,13 @@ __all__ = ["Center"]
 HEARTBEAT_TIMEOUT = 60
 #: how many removed workers the center remembers, to recognize them coming back
 MAX_LOST_WORKERS = 10000
+#: seconds the final decisions about a worker that had a nanny and whose
+#: connection closed (KilledWorker, LostData, the plugins' remove_worker)
+#: wait for its nanny to say why it died, so that they name the cause
+DEATH_REPORT_GRACE = 2.0
+#: how many nanny reports of deaths the center keeps, and for how long, for
+#: a worker whose connection has not closed yet
+MAX_EARLY_REPORTS = 100
 
 #: why a worker was removed, as its tasks' errors and the log say it
 CONNECTION_CLOSED = ("its connection closed: the process died (a segfault, os._exit, "
@@ -63,7 +75,8 @@ class Center(Server):
 
     def __init__(self, ip=None, port=8787, heartbeat_timeout=HEARTBEAT_TIMEOUT,
                  loop=None, services=None, service_ports=None,
-                 allowed_failures=ALLOWED_FAILURES, validate=None, **kwargs):
+                 allowed_failures=ALLOWED_FAILURES, validate=None,
+                 death_report_grace=DEATH_REPORT_GRACE, **kwargs):
         self.scheduler = Scheduler(allowed_failures=allowed_failures)
         # check the scheduler's invariants after every batch (slow: for tests);
         # None: if $DISTRIBUTED_VALIDATE says so
@@ -76,6 +89,11 @@ class Center(Server):
         self.names = {}
         self.nannies = {}  # worker address -> address of the nanny running it
         self.deaths = []  # (time, address, cause) of worker deaths told by nannies
+        self.death_report_grace = death_report_grace
+        self._death_timers = {}  # address -> timer deciding its death unreported
+        # address -> (time, cause, blame): a nanny's report that came before
+        # its worker's connection closed (the newest MAX_EARLY_REPORTS)
+        self._early_reports = OrderedDict()
         self.last_seen = {}
         # workers removed as silent or disconnected, which may come back with
         # stale keys: address -> time removed (the newest MAX_LOST_WORKERS)
@@ -234,13 +252,16 @@ class Center(Server):
         self.last_seen[address] = time.time()
         return b"OK"
 
-    def remove_worker(self, address, close=True, cause=None, lost=False):
+    def remove_worker(self, address, close=True, cause=None, lost=False,
+                      report_expected=False):
         """Forget a worker and everything it held; close its stream if ``close``.
 
         ``cause`` (:data:`CONNECTION_CLOSED`, :data:`NO_HEARTBEAT`, ...) goes
         into the errors of tasks that erred because of it. ``lost``: it went
         silent or its stream closed; if it comes back, the keys it brings are
-        checked against what is still needed.
+        checked against what is still needed.  ``report_expected``: its
+        nanny will say why it died; what would err for it waits for that
+        (``worker_died``) up to ``death_report_grace`` seconds.
         """
         if address not in self.ncores:
             return
@@ -268,14 +289,38 @@ class Center(Server):
         comm = self.worker_comms.pop(address, None)
         if comm is not None and close:
             comm.abort()
-        self.scheduler.remove_worker(address, cause=cause)
+        self.scheduler.remove_worker(address, cause=cause, report_expected=report_expected)
+        if report_expected:
+            old = self._death_timers.pop(address, None)
+            if old is not None:
+                self.loop.remove_timeout(old)
+            self._death_timers[address] = self.loop.call_later(
+                self.death_report_grace, self._death_unreported, address)
+        self.send_scheduler_messages()
+
+    def _death_unreported(self, address):
+        """The nanny of ``address`` did not say in time why it died: decide
+        with what is known ("its connection closed: ...")."""
+        self._death_timers.pop(address, None)
+        logger.info("no report from the nanny of %s within %g s of its death",
+                    log_safe(address), self.death_report_grace)
+        self.scheduler.decide_death(address)
         self.send_scheduler_messages()
 
     def stream_closed(self, stream):
         for address in self._stream_workers.pop(stream, ()):
             if self.worker_streams.get(address) is stream:
                 logger.warning("removing worker %s: %s", log_safe(address), CONNECTION_CLOSED)
-                self.remove_worker(address, cause=CONNECTION_CLOSED, lost=True)
+                report = self._early_reports.pop(address, None)
+                if report is not None and report[0] > time.time() - self.death_report_grace:
+                    # its nanny has said why already
+                    _, cause, blame = report
+                    if blame == "data":
+                        self.scheduler.memory_exit(address, "data")
+                    self.remove_worker(address, cause=cause, lost=True)
+                else:
+                    self.remove_worker(address, cause=CONNECTION_CLOSED, lost=True,
+                                       report_expected=address in self.nannies)
 
     def _check_heartbeats(self):
         deadline = time.time() - self.heartbeat_timeout
@@ -401,8 +446,20 @@ class Center(Server):
         logger.warning("worker %s died: %s", log_safe(address), log_safe(cause))
         self.deaths.append((time.time(), address, cause))
         del self.deaths[:-1000]
-        if blame == "data" and address:
-            self.scheduler.forgive_death(address)
+        if not address:
+            return b"OK"
+        if address in self.ncores:
+            # before its connection closed: kept for when it does
+            self._early_reports.pop(address, None)
+            self._early_reports[address] = (time.time(), cause, blame)
+            while len(self._early_reports) > MAX_EARLY_REPORTS:
+                self._early_reports.popitem(last=False)
+            return b"OK"
+        timer = self._death_timers.pop(address, None)
+        if timer is not None:
+            self.loop.remove_timeout(timer)
+        self.scheduler.worker_died(address, cause=cause, blame=blame)
+        self.send_scheduler_messages()
         return b"OK"
 
     def get_task_states(self, stream=None, keys=None):
@@ -487,6 +544,9 @@ class Center(Server):
             return
         self.status = "closed"
         self._check.stop()
+        for timer in self._death_timers.values():
+            self.loop.remove_timeout(timer)
+        self._death_timers.clear()
         for service in self.services.values():
             service.stop()
         self.stop()
