@@ -151,21 +151,25 @@ def kernel_log_oom_kill(pids, since=0.0, path=KMSG):
     try:
         for _ in range(KMSG_MAX_RECORDS):
             try:
-                record = os.read(fd, 8192).decode("utf-8", "replace")
+                chunk = os.read(fd, 8192)  # one record from /dev/kmsg
             except OSError as e:
                 if e.errno == errno.EPIPE:  # overwritten while we read: go on
                     continue
                 break  # EAGAIN: the end of the log
-            head, _, message = record.partition(";")
-            fields = head.split(",")
-            try:
-                if len(fields) > 2 and int(fields[2]) / 1e6 < since:
-                    continue
-            except ValueError:
-                pass
-            match = _KMSG_KILLED.search(message)
-            if match and match.group(1) in wanted:
-                return True
+            if not chunk:
+                break
+            for record in chunk.decode("utf-8", "replace").splitlines():
+                # 'priority,sequence,microseconds,flags;message'
+                head, _, message = record.partition(";")
+                fields = head.split(",")
+                try:
+                    if len(fields) > 2 and int(fields[2]) / 1e6 < since:
+                        continue
+                except ValueError:
+                    pass
+                match = _KMSG_KILLED.search(message)
+                if match and match.group(1) in wanted:
+                    return True
     finally:
         os.close(fd)
     return None
