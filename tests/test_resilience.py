@@ -310,3 +310,38 @@ def test_without_the_nannys_report_killed_worker_says_what_is_known():
             with pytest.raises(KilledWorker, match="its connection closed"):
                 f.result(timeout=30)
             assert time.time() - t0 < 15
+
+
+def test_nanny_reports_the_oom_killer(monkeypatch):
+    """A worker SIGKILLed while its cgroup's OOM kill count rose (faked
+    here: a real OOM kill would need a cgroup to run out of memory) is
+    reported as killed by the OOM killer, to the center too."""
+    import asyncio
+
+    from distributed import nanny as nanny_module
+    from distributed.center import Center
+    from distributed.nanny import Nanny
+
+    monkeypatch.setattr(nanny_module._OOMWatch, "oom_killed", lambda self: True)
+
+    async def main():
+        c = Center("127.0.0.1")
+        c.listen(0)
+        n = Nanny("127.0.0.1", c.port, worker_args=["--ncores", "1"])
+        try:
+            await n._start()
+            address = n.worker_address
+            os.kill(n.process.pid, signal.SIGKILL)
+            deadline = time.time() + 20
+            while not c.deaths:
+                assert time.time() < deadline, "no death reported"
+                await asyncio.sleep(0.05)
+            (_, dead, cause), = c.deaths
+            assert dead == address
+            assert cause == "killed by the OOM killer (signal SIGKILL): out of memory"
+            assert n.deaths[0][1] == cause
+        finally:
+            await n._close()
+            c.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
