@@ -56,8 +56,8 @@ MAX_LOST_WORKERS = 10000
 #: connection closed (KilledWorker, LostData, the plugins' remove_worker)
 #: wait for its nanny to say why it died, so that they name the cause
 DEATH_REPORT_GRACE = 2.0
-#: how many nanny reports of deaths the center keeps, and for how long, for
-#: a worker whose connection has not closed yet
+#: how many nanny reports of deaths the center keeps for workers whose
+#: connection has not closed yet (each is used only within the grace period)
 MAX_EARLY_REPORTS = 100
 
 #: why a worker was removed, as its tasks' errors and the log say it
@@ -436,8 +436,14 @@ class Center(Server):
         return b"OK"
 
     def worker_died(self, stream=None, address=None, cause=None, blame=None):
-        """A nanny tells why its worker died ("memory limit exceeded", ...).
+        """A nanny tells why its worker died ("killed by signal SIGSEGV",
+        "memory limit exceeded (exit code 75): ...", ...).
 
+        Logged and kept in ``deaths``; the scheduler's errors for that death
+        name it: the ``KilledWorker`` and ``LostData`` that waited for this
+        report err now (see ``remove_worker(report_expected=)``), and the
+        ``KilledWorker`` of later deaths lists it.  A report coming before
+        the worker's connection closes is kept for when it does.
         ``blame='data'``: it ran out of memory because of the data it held,
         not its tasks, which then do not have this death counted toward
         ``KilledWorker``.
