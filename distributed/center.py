@@ -56,6 +56,8 @@ MAX_LOST_WORKERS = 10000
 #: connection closed (KilledWorker, LostData, the plugins' remove_worker)
 #: wait for its nanny to say why it died, so that they name the cause
 DEATH_REPORT_GRACE = 2.0
+#: a nanny's cause of death is cut to this many characters
+MAX_CAUSE_LENGTH = 1000
 #: how many nanny reports of deaths the center keeps for workers whose
 #: connection has not closed yet (each is used only within the grace period)
 MAX_EARLY_REPORTS = 100
@@ -449,7 +451,9 @@ class Center(Server):
         ``KilledWorker``.
         """
         address = coerce_to_address(address) if address else address
-        logger.warning("worker %s died: %s", log_safe(address), log_safe(cause))
+        if cause is not None:  # text of bounded size, whatever a peer sent
+            cause = log_safe(cause, MAX_CAUSE_LENGTH)
+        logger.warning("worker %s died: %s", log_safe(address), cause)
         self.deaths.append((time.time(), address, cause))
         del self.deaths[:-1000]
         if not address:

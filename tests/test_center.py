@@ -372,6 +372,17 @@ async def test_worker_without_a_nanny_is_decided_at_once(c):
     assert not c._death_timers
 
 
+@with_center()
+async def test_reported_cause_is_bounded_text(c):
+    r = rpc(c.address)
+    await r.worker_died(address=A, cause="x" * 100000)
+    await r.worker_died(address=B, cause=12345)
+    (_, _, long), (_, _, number) = c.deaths
+    assert isinstance(long, str) and 1000 <= len(long) < 1100
+    assert number == "12345"
+    r.close_streams()
+
+
 @with_center(heartbeat_timeout=0.5)
 async def test_heartbeat_timeout(c):
     silent, alive = fake_worker(c), fake_worker(c)
