@@ -23,7 +23,8 @@ Workers register over a stream they keep open and send heartbeats on it.
 A worker whose stream closes, or that is silent for ``heartbeat_timeout``
 seconds, is removed from every table; the scheduler (when there is one) is
 told so that it can recover what depended on that worker.  When the worker
-had a nanny, the nanny soon says why it died (``worker_died``: "killed by
+had a nanny (or a ``LocalCluster`` watching it: ``watch_workers``), the
+nanny soon says why it died (``worker_died``: "killed by
 signal SIGSEGV", "exit code 3", ...); what would err at once for that death
 (``KilledWorker``, ``LostData``) waits for that report up to
 ``death_report_grace`` seconds (:data:`DEATH_REPORT_GRACE`), so that the
@@ -90,6 +91,7 @@ class Center(Server):
         self.worker_services = {}
         self.names = {}
         self.nannies = {}  # worker address -> address of the nanny running it
+        self.watched = set()  # workers whose deaths a LocalCluster reports
         self.deaths = []  # (time, address, cause) of worker deaths told by nannies
         self.death_report_grace = death_report_grace
         self._death_timers = {}  # address -> timer deciding its death unreported
@@ -133,6 +135,7 @@ class Center(Server):
             "task_states": self.get_task_states,
             "story": self.story,
             "worker_died": self.worker_died,
+            "watch_workers": self.watch_workers,
         }
         s = self.scheduler
         #: ops of the batched streams (see :func:`~distributed.batched.handle_batches`):
@@ -277,6 +280,7 @@ class Center(Server):
         self.worker_services.pop(address, None)
         self.names.pop(address, None)
         self.nannies.pop(address, None)
+        self.watched.discard(address)
         self.last_seen.pop(address, None)
         stream = self.worker_streams.pop(address, None)
         if stream is not None:
@@ -322,7 +326,8 @@ class Center(Server):
                     self.remove_worker(address, cause=cause, lost=True)
                 else:
                     self.remove_worker(address, cause=CONNECTION_CLOSED, lost=True,
-                                       report_expected=address in self.nannies)
+                                       report_expected=address in self.nannies
+                                       or address in self.watched)
 
     def _check_heartbeats(self):
         deadline = time.time() - self.heartbeat_timeout
@@ -470,6 +475,16 @@ class Center(Server):
             self.loop.remove_timeout(timer)
         self.scheduler.worker_died(address, cause=cause, blame=blame)
         self.send_scheduler_messages()
+        return b"OK"
+
+    def watch_workers(self, stream=None, addresses=()):
+        """The caller (a ``LocalCluster``, the nanny of its workers) will
+        say why these registered workers die (``worker_died``), as a nanny
+        does: the decisions about their deaths wait for it."""
+        for address in addresses:
+            address = coerce_to_address(address)
+            if address in self.ncores:
+                self.watched.add(address)
         return b"OK"
 
     def get_task_states(self, stream=None, keys=None):

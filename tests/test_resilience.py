@@ -226,8 +226,10 @@ def test_poison_task_ends_as_killed_worker():
 
     with Executor(n_workers=2) as e:
         f = e.submit(os._exit, 1)
-        with pytest.raises(KilledWorker, match="died"):
+        with pytest.raises(KilledWorker, match="died") as info:
             f.result(timeout=60)
+        # the cluster, the nanny of its workers, said why each one died
+        assert str(info.value).count("exit code 1 (") == 4, info.value
         # allowed_failures=3: erred at the 4th death
         poll(lambda: len(e.cluster.deaths) == 4, timeout=30)
         assert e.submit(inc, 1).result(timeout=20) == 2
