@@ -372,6 +372,23 @@ async def test_worker_without_a_nanny_is_decided_at_once(c):
     assert not c._death_timers
 
 
+@with_center(allowed_failures=0, death_report_grace=5, validate=True)
+async def test_watched_worker_waits_for_the_report_as_under_a_nanny(c):
+    """A LocalCluster is the nanny of its workers: it says it watches them."""
+    w = await worker_running_a_task(c, nanny=None)
+    r = rpc(c.address)
+    assert await r.watch_workers(addresses=[A, C]) == b"OK"
+    assert c.watched == {A}  # C is not registered
+    w.close_streams()
+    await wait_for(lambda: A not in c.ncores)
+    tasks = c.scheduler.tasks
+    assert tasks["t"].state == "lost"
+    assert not c.watched
+    await r.worker_died(address=A, cause="exit code 1")
+    assert "exit code 1 (%s)" % A in str(tasks["t"].exception)
+    r.close_streams()
+
+
 @with_center()
 async def test_reported_cause_is_bounded_text(c):
     r = rpc(c.address)
