@@ -92,6 +92,7 @@ class Center(Server):
         self.names = {}
         self.nannies = {}  # worker address -> address of the nanny running it
         self.watched = set()  # workers whose deaths a LocalCluster reports
+        self.watch_all = False  # ... or all of them
         self.deaths = []  # (time, address, cause) of worker deaths told by nannies
         self.death_report_grace = death_report_grace
         self._death_timers = {}  # address -> timer deciding its death unreported
@@ -326,8 +327,7 @@ class Center(Server):
                     self.remove_worker(address, cause=cause, lost=True)
                 else:
                     self.remove_worker(address, cause=CONNECTION_CLOSED, lost=True,
-                                       report_expected=address in self.nannies
-                                       or address in self.watched)
+                                       report_expected=self._death_reported(address))
 
     def _check_heartbeats(self):
         deadline = time.time() - self.heartbeat_timeout
@@ -477,15 +477,24 @@ class Center(Server):
         self.send_scheduler_messages()
         return b"OK"
 
-    def watch_workers(self, stream=None, addresses=()):
+    def watch_workers(self, stream=None, addresses=None):
         """The caller (a ``LocalCluster``, the nanny of its workers) will
         say why these registered workers die (``worker_died``), as a nanny
-        does: the decisions about their deaths wait for it."""
+        does: the decisions about their deaths wait for it.  ``addresses=None``:
+        every worker, from now on (a cluster says so before its workers
+        start: a task may kill one as soon as it registers)."""
+        if addresses is None:
+            self.watch_all = True
+            return b"OK"
         for address in addresses:
             address = coerce_to_address(address)
             if address in self.ncores:
                 self.watched.add(address)
         return b"OK"
+
+    def _death_reported(self, address):
+        """Will someone say why the worker ``address`` died?"""
+        return self.watch_all or address in self.nannies or address in self.watched
 
     def get_task_states(self, stream=None, keys=None):
         states = self.scheduler.task_states()

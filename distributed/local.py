@@ -114,6 +114,11 @@ class LocalCluster:
              "--port", "0"] + self.center_args, env=self._env, echo=self.echo)
         line = self.center.wait_for_line(CENTER_STARTED, self.timeout)
         self._center_address = line.split()[-1]
+        if self.restart_dead_workers:
+            # the nanny of its workers, the cluster will say why one died: the
+            # center waits for that (told before any starts: a task may kill
+            # a worker as soon as it registers)
+            self._tell_center("watch_workers")
 
     def _worker_command(self):
         """The command line of the next worker."""
@@ -142,9 +147,6 @@ class LocalCluster:
                 self._starting.discard(p)
         p.address = address
         p.oom_watch = _OOMWatch(p.pid)
-        if self.restart_dead_workers:
-            # as a nanny, the cluster will say why it dies: the center waits for that
-            self._tell_center("watch_workers", addresses=[address])
         return p
 
     def _tell_center(self, op, **kwargs):

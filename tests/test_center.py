@@ -386,6 +386,17 @@ async def test_watched_worker_waits_for_the_report_as_under_a_nanny(c):
     assert not c.watched
     await r.worker_died(address=A, cause="exit code 1")
     assert "exit code 1 (%s)" % A in str(tasks["t"].exception)
+    # all workers, from now on (what a LocalCluster says before they start)
+    assert await r.watch_workers() == b"OK"
+    w2 = fake_worker(c)
+    await w2.register(address=B, ncores=1, keys=["d2"])
+    c.scheduler.add_worker(B, 1)
+    c.scheduler.update_data("c1", who_has={"d2": [B]}, nbytes={"d2": 8})
+    w2.close_streams()
+    await wait_for(lambda: B not in c.ncores)
+    assert tasks["d2"].state == "lost"
+    await r.worker_died(address=B, cause="exit code 2")
+    assert "which died (exit code 2)" in str(tasks["d2"].exception)
     r.close_streams()
 
 
