@@ -22,7 +22,13 @@ after every batch of messages (see ``Scheduler.validate``).
 Workers register over a stream they keep open and send heartbeats on it.
 A worker whose stream closes, or that is silent for ``heartbeat_timeout``
 seconds, is removed from every table; the scheduler (when there is one) is
-told so that it can recover what depended on that worker.
+told so that it can recover what depended on that worker.  When the worker
+had a nanny (or a ``LocalCluster`` watching it: ``watch_workers``), the
+nanny soon says why it died (``worker_died``: "killed by
+signal SIGSEGV", "exit code 3", ...); what would err at once for that death
+(``KilledWorker``, ``LostData``) waits for that report up to
+``death_report_grace`` seconds (:data:`DEATH_REPORT_GRACE`), so that the
+errors name the cause.
 """
 
 import asyncio
@@ -48,6 +54,15 @@ __all__ = ["Center"]
 HEARTBEAT_TIMEOUT = 60
 #: how many removed workers the center remembers, to recognize them coming back
 MAX_LOST_WORKERS = 10000
+#: seconds the final decisions about a worker that had a nanny and whose
+#: connection closed (KilledWorker, LostData, the plugins' remove_worker)
+#: wait for its nanny to say why it died, so that they name the cause
+DEATH_REPORT_GRACE = 2.0
+#: a nanny's cause of death is cut to this many characters
+MAX_CAUSE_LENGTH = 1000
+#: how many nanny reports of deaths the center keeps for workers whose
+#: connection has not closed yet (each is used only within the grace period)
+MAX_EARLY_REPORTS = 100
 
 #: why a worker was removed, as its tasks' errors and the log say it
 CONNECTION_CLOSED = ("its connection closed: the process died (a segfault, os._exit, "
@@ -64,7 +79,8 @@ class Center(Server):
 
     def __init__(self, ip=None, port=8787, heartbeat_timeout=HEARTBEAT_TIMEOUT,
                  loop=None, services=None, service_ports=None,
-                 allowed_failures=ALLOWED_FAILURES, validate=None, **kwargs):
+                 allowed_failures=ALLOWED_FAILURES, validate=None,
+                 death_report_grace=DEATH_REPORT_GRACE, **kwargs):
         self.scheduler = Scheduler(allowed_failures=allowed_failures)
         # check the scheduler's invariants after every batch (slow: for tests);
         # None: if $DISTRIBUTED_VALIDATE says so
@@ -76,7 +92,14 @@ class Center(Server):
         self.worker_services = {}
         self.names = {}
         self.nannies = {}  # worker address -> address of the nanny running it
+        self.watched = set()  # workers whose deaths a LocalCluster reports
+        self.watch_all = False  # ... or all of them
         self.deaths = []  # (time, address, cause) of worker deaths told by nannies
+        self.death_report_grace = death_report_grace
+        self._death_timers = {}  # address -> timer deciding its death unreported
+        # address -> (time, cause, blame): a nanny's report that came before
+        # its worker's connection closed (the newest MAX_EARLY_REPORTS)
+        self._early_reports = OrderedDict()
         self.last_seen = {}
         self.metrics = {}  # address -> what its latest heartbeat said (memory, cpu, ...)
         # workers removed as silent or disconnected, which may come back with
@@ -117,6 +140,7 @@ class Center(Server):
             "task_states": self.get_task_states,
             "story": self.story,
             "worker_died": self.worker_died,
+            "watch_workers": self.watch_workers,
         }
         s = self.scheduler
         #: ops of the batched streams (see :func:`~distributed.batched.handle_batches`):
@@ -240,13 +264,16 @@ class Center(Server):
         self.last_seen[address] = time.time()
         return b"OK"
 
-    def remove_worker(self, address, close=True, cause=None, lost=False):
+    def remove_worker(self, address, close=True, cause=None, lost=False,
+                      report_expected=False):
         """Forget a worker and everything it held; close its stream if ``close``.
 
         ``cause`` (:data:`CONNECTION_CLOSED`, :data:`NO_HEARTBEAT`, ...) goes
         into the errors of tasks that erred because of it. ``lost``: it went
         silent or its stream closed; if it comes back, the keys it brings are
-        checked against what is still needed.
+        checked against what is still needed.  ``report_expected``: its
+        nanny will say why it died; what would err for it waits for that
+        (``worker_died``) up to ``death_report_grace`` seconds.
         """
         if address not in self.ncores:
             return
@@ -260,6 +287,7 @@ class Center(Server):
         self.worker_services.pop(address, None)
         self.names.pop(address, None)
         self.nannies.pop(address, None)
+        self.watched.discard(address)
         self.last_seen.pop(address, None)
         self.metrics.pop(address, None)
         stream = self.worker_streams.pop(address, None)
@@ -275,14 +303,38 @@ class Center(Server):
         comm = self.worker_comms.pop(address, None)
         if comm is not None and close:
             comm.abort()
-        self.scheduler.remove_worker(address, cause=cause)
+        self.scheduler.remove_worker(address, cause=cause, report_expected=report_expected)
+        if report_expected:
+            old = self._death_timers.pop(address, None)
+            if old is not None:
+                self.loop.remove_timeout(old)
+            self._death_timers[address] = self.loop.call_later(
+                self.death_report_grace, self._death_unreported, address)
+        self.send_scheduler_messages()
+
+    def _death_unreported(self, address):
+        """The nanny of ``address`` did not say in time why it died: decide
+        with what is known ("its connection closed: ...")."""
+        self._death_timers.pop(address, None)
+        logger.info("no report from the nanny of %s within %g s of its death",
+                    log_safe(address), self.death_report_grace)
+        self.scheduler.decide_death(address)
         self.send_scheduler_messages()
 
     def stream_closed(self, stream):
         for address in self._stream_workers.pop(stream, ()):
             if self.worker_streams.get(address) is stream:
                 logger.warning("removing worker %s: %s", log_safe(address), CONNECTION_CLOSED)
-                self.remove_worker(address, cause=CONNECTION_CLOSED, lost=True)
+                report = self._early_reports.pop(address, None)
+                if report is not None and report[0] > time.time() - self.death_report_grace:
+                    # its nanny has said why already
+                    _, cause, blame = report
+                    if blame == "data":
+                        self.scheduler.memory_exit(address, "data")
+                    self.remove_worker(address, cause=cause, lost=True)
+                else:
+                    self.remove_worker(address, cause=CONNECTION_CLOSED, lost=True,
+                                       report_expected=self._death_reported(address))
 
     def _check_heartbeats(self):
         deadline = time.time() - self.heartbeat_timeout
@@ -422,19 +474,58 @@ class Center(Server):
         return b"OK"
 
     def worker_died(self, stream=None, address=None, cause=None, blame=None):
-        """A nanny tells why its worker died ("memory limit exceeded", ...).
+        """A nanny tells why its worker died ("killed by signal SIGSEGV",
+        "memory limit exceeded (exit code 75): ...", ...).
 
+        Logged and kept in ``deaths``; the scheduler's errors for that death
+        name it: the ``KilledWorker`` and ``LostData`` that waited for this
+        report err now (see ``remove_worker(report_expected=)``), and the
+        ``KilledWorker`` of later deaths lists it.  A report coming before
+        the worker's connection closes is kept for when it does.
         ``blame='data'``: it ran out of memory because of the data it held,
         not its tasks, which then do not have this death counted toward
         ``KilledWorker``.
         """
         address = coerce_to_address(address) if address else address
-        logger.warning("worker %s died: %s", log_safe(address), log_safe(cause))
+        if cause is not None:  # text of bounded size, whatever a peer sent
+            cause = log_safe(cause, MAX_CAUSE_LENGTH)
+        logger.warning("worker %s died: %s", log_safe(address), cause)
         self.deaths.append((time.time(), address, cause))
         del self.deaths[:-1000]
-        if blame == "data" and address:
-            self.scheduler.forgive_death(address)
+        if not address:
+            return b"OK"
+        if address in self.ncores:
+            # before its connection closed: kept for when it does
+            self._early_reports.pop(address, None)
+            self._early_reports[address] = (time.time(), cause, blame)
+            while len(self._early_reports) > MAX_EARLY_REPORTS:
+                self._early_reports.popitem(last=False)
+            return b"OK"
+        timer = self._death_timers.pop(address, None)
+        if timer is not None:
+            self.loop.remove_timeout(timer)
+        self.scheduler.worker_died(address, cause=cause, blame=blame)
+        self.send_scheduler_messages()
         return b"OK"
+
+    def watch_workers(self, stream=None, addresses=None):
+        """The caller (a ``LocalCluster``, the nanny of its workers) will
+        say why these registered workers die (``worker_died``), as a nanny
+        does: the decisions about their deaths wait for it.  ``addresses=None``:
+        every worker, from now on (a cluster says so before its workers
+        start: a task may kill one as soon as it registers)."""
+        if addresses is None:
+            self.watch_all = True
+            return b"OK"
+        for address in addresses:
+            address = coerce_to_address(address)
+            if address in self.ncores:
+                self.watched.add(address)
+        return b"OK"
+
+    def _death_reported(self, address):
+        """Will someone say why the worker ``address`` died?"""
+        return self.watch_all or address in self.nannies or address in self.watched
 
     def get_task_states(self, stream=None, keys=None):
         states = self.scheduler.task_states()
@@ -523,6 +614,9 @@ class Center(Server):
             return
         self.status = "closed"
         self._check.stop()
+        for timer in self._death_timers.values():
+            self.loop.remove_timeout(timer)
+        self._death_timers.clear()
         for service in self.services.values():
             service.stop()
         self.stop()

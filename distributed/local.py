@@ -15,6 +15,7 @@ an ``Executor(cluster.center_address)`` in this process finds it by itself.
 Any other client needs ``cluster.security``.
 """
 
+import asyncio
 import atexit
 import itertools
 import logging
@@ -34,6 +35,8 @@ from .cli.utils import (
     WORKER_REGISTERED,
     WORKER_STARTED,
 )
+from .core import rpc
+from .nanny import _OOMWatch, describe_exit
 from .process import Process
 from .security import Security
 
@@ -123,6 +126,11 @@ class LocalCluster:
         if "--no-dashboard" not in self.center_args:
             line = self.center.wait_for_line(DASHBOARD_STARTED, self.timeout)
             self.dashboard_address = line.split()[-1]
+        if self.restart_dead_workers:
+            # the nanny of its workers, the cluster will say why one died: the
+            # center waits for that (told before any starts: a task may kill
+            # a worker as soon as it registers)
+            self._tell_center("watch_workers")
 
     @property
     def dashboard_link(self):
@@ -158,7 +166,21 @@ class LocalCluster:
             with self._lock:
                 self._starting.discard(p)
         p.address = address
+        p.oom_watch = _OOMWatch(p.pid)
         return p
+
+    def _tell_center(self, op, **kwargs):
+        """One rpc to the center, from a thread of ours (not a running event
+        loop's); a failure is logged, and the cluster goes on."""
+
+        async def call():
+            with rpc(self._center_address, security=self.security) as r:
+                return await r.call(op, timeout=5, **kwargs)
+
+        try:
+            return asyncio.run(call())
+        except Exception as e:
+            logger.info("could not tell the center %s: %s", op, e)
 
     def start_workers(self, n):
         """Start ``n`` more workers (in parallel); return their processes."""
@@ -193,13 +215,22 @@ class LocalCluster:
                         continue
                     self.workers.remove(p)
                 self.deaths.append((time.time(), p.address, code))
-                logger.warning("worker %s died (exit code %s); starting another. "
-                               "It printed last:\n%s", p.address, code, p.tail())
-                try:
-                    self.start_workers(1)
-                except Exception:
-                    if self.status == "running":
-                        logger.exception("could not start a worker")
+                oom = p.oom_watch.oom_killed() if code == -9 else None
+                cause = describe_exit(code, oom)
+                logger.warning("worker %s died (%s); starting another. "
+                               "It printed last:\n%s", p.address, cause, p.tail())
+                self._tell_center("worker_died", address=p.address, cause=cause)
+                # in a thread of its own: the next death is reported meanwhile,
+                # within the center's grace period, not after this start
+                threading.Thread(target=self._replace_worker, daemon=True,
+                                 name="distributed-local-cluster-replace").start()
+
+    def _replace_worker(self):
+        try:
+            self.start_workers(1)
+        except Exception:
+            if self.status == "running":
+                logger.exception("could not start a worker")
 
     def restart_workers(self):
         """Stop every worker process and start as many fresh ones."""

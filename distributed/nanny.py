@@ -14,11 +14,22 @@ workers on ``Executor.restart()``.
 
 Handlers: ``restart`` (kill the worker, start a fresh one, wait until it
 registered), ``kill``, ``instantiate``, ``terminate``, ``identity``, ``ping``.
+
+When the worker dies on its own the nanny says why (:func:`describe_exit`):
+its exit code, the signal that killed it, its memory limit exceeded (exit
+code 75, with what was to blame), or the OOM killer, told by the OOM kill
+count of the worker's memory cgroup (:func:`oom_kill_counter`) or, failing
+that, the kernel log (:func:`kernel_log_oom_kill`).  It prints that, and
+tells the center (``worker_died``), whose errors then name it
+(``KilledWorker``, ``LostData``).
 """
 
 import asyncio
+import errno
 import itertools
 import logging
+import os
+import re
 import signal
 import sys
 import time
@@ -37,9 +48,34 @@ logger = logging.getLogger(__name__)
 __all__ = ["Nanny"]
 
 
-def describe_exit(code):
-    """``-9`` -> ``'killed by signal SIGKILL'``; ``3`` -> ``'exit code 3'``;
-    ``75`` -> ``'memory limit exceeded (exit code 75)'`` (see ``--memory-limit``)."""
+#: the cgroup file systems' mount points (v1 memory controller; v2, in its
+#: own place in hybrid setups or at the top)
+CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
+CGROUP_V2_MOUNTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+#: the kernel log (readable by root unless restricted)
+KMSG = "/dev/kmsg"
+#: at most this many kernel log records are read looking for an OOM kill
+KMSG_MAX_RECORDS = 100000
+_OOM_KILL = re.compile(r"^oom_kill (\d+)$", re.M)
+_KMSG_KILLED = re.compile(r"Killed process (\d+) ")
+
+
+def describe_exit(code, oom=None):
+    """How a process ended, from its exit code (``Popen.returncode``).
+
+    ``oom``, for SIGKILL: whether the OOM killer did it (None: not known).
+
+    >>> describe_exit(3)
+    'exit code 3'
+    >>> describe_exit(-11)
+    'killed by signal SIGSEGV'
+    >>> describe_exit(75)  # see --memory-limit
+    'memory limit exceeded (exit code 75)'
+    >>> describe_exit(-9), describe_exit(-9, oom=False)
+    ('killed by signal SIGKILL (perhaps the OOM killer)', 'killed by signal SIGKILL')
+    >>> describe_exit(-9, oom=True)
+    'killed by the OOM killer (signal SIGKILL): out of memory'
+    """
     if code is None:
         return "still running"
     if code == MEMORY_EXIT_CODE:
@@ -49,8 +85,129 @@ def describe_exit(code):
             name = signal.Signals(-code).name
         except ValueError:
             name = str(-code)
+        if -code == signal.SIGKILL:
+            if oom:
+                return "killed by the OOM killer (signal SIGKILL): out of memory"
+            if oom is None:
+                return "killed by signal SIGKILL (perhaps the OOM killer)"
         return "killed by signal %s" % name
     return "exit code %d" % code
+
+
+def oom_kill_counter(pid):
+    """The file counting the OOM killer's kills in the memory cgroup of
+    process ``pid`` (cgroup v1 ``memory.oom_control``, v2 ``memory.events``,
+    both with an ``oom_kill N`` line; see :func:`read_oom_kills`), or None
+    where there is none to read (not Linux, no cgroup mounted)."""
+    try:
+        with open("/proc/%d/cgroup" % pid) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        path = path.lstrip("/")
+        if "memory" in controllers.split(","):
+            candidates.append(os.path.join(CGROUP_V1_MEMORY, path, "memory.oom_control"))
+        elif controllers == "":
+            candidates.extend(os.path.join(mount, path, "memory.events")
+                              for mount in CGROUP_V2_MOUNTS)
+    for candidate in candidates:
+        if read_oom_kills(candidate) is not None:
+            return candidate
+    return None
+
+
+def read_oom_kills(path):
+    """The ``oom_kill`` count in the cgroup file ``path``; None if unreadable.
+
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".events") as f:
+    ...     _ = f.write("low 0\\nhigh 0\\nmax 3\\noom 1\\noom_kill 1\\n"); f.flush()
+    ...     read_oom_kills(f.name)
+    1
+    """
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            match = _OOM_KILL.search(f.read())
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def kernel_log_oom_kill(pids, since=0.0, path=KMSG):
+    """True if the kernel log says the OOM killer killed one of ``pids``
+    (at or after ``since``, seconds of ``time.monotonic()``, about the
+    kernel's clock); None if it does not say so, or cannot be read (it
+    needs root, and in a container the kernel's pids may not be ours)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    wanted = {str(p) for p in pids}
+    try:
+        for _ in range(KMSG_MAX_RECORDS):
+            try:
+                chunk = os.read(fd, 8192)  # one record from /dev/kmsg
+            except OSError as e:
+                if e.errno == errno.EPIPE:  # overwritten while we read: go on
+                    continue
+                break  # EAGAIN: the end of the log
+            if not chunk:
+                break
+            for record in chunk.decode("utf-8", "replace").splitlines():
+                # 'priority,sequence,microseconds,flags;message'
+                head, _, message = record.partition(";")
+                fields = head.split(",")
+                try:
+                    if len(fields) > 2 and int(fields[2]) / 1e6 < since:
+                        continue
+                except ValueError:
+                    pass
+                match = _KMSG_KILLED.search(message)
+                if match and match.group(1) in wanted:
+                    return True
+    finally:
+        os.close(fd)
+    return None
+
+
+def _namespace_pids(pid):
+    """Every pid of process ``pid`` (``NSpid``: one per pid namespace)."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(p) for p in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return [pid]
+
+
+class _OOMWatch:
+    """What tells, once the worker ``pid`` is dead, whether the OOM killer
+    killed it: its cgroup's OOM kill count now (read while it lives)."""
+
+    def __init__(self, pid):
+        self.pids = _namespace_pids(pid)
+        self.started = time.monotonic()
+        self.counter = oom_kill_counter(pid)
+        self.count = read_oom_kills(self.counter)
+
+    def oom_killed(self):
+        """True (the count rose, or the kernel log says so), False (the count
+        is known and did not rise) or None (cannot be told)."""
+        now = read_oom_kills(self.counter)
+        if now is not None and self.count is not None and now > self.count:
+            return True
+        if kernel_log_oom_kill(self.pids, self.started):
+            return True
+        if now is not None and self.count is not None:
+            return False
+        return None
 
 
 def memory_blame(process, lines=50):
@@ -84,6 +241,7 @@ class Nanny(Server):
         self.pool = ConnectionPool(security=kwargs.get("security"))
         self.center = rpc(self.center_address, pool=self.pool)
         self._restarting = None
+        self._oom_watch = None  # of the running worker
         self._watch = PeriodicCallback(self._check, 100)
         self._heartbeats = PeriodicCallback(self._heartbeat, heartbeat_interval * 1000)
         handlers = {
@@ -126,6 +284,7 @@ class Nanny(Server):
             raise
         self.process = process
         self.worker_address = line.split()[-1]
+        self._oom_watch = _OOMWatch(process.pid)
         return self.worker_address
 
     async def kill(self, stream=None, timeout=5):
@@ -180,12 +339,16 @@ class Nanny(Server):
             return
         self.process = None
         self._restarting = asyncio.ensure_future(self._restart_after_death())
-        asyncio.ensure_future(self._death(process, self.worker_address))
+        asyncio.ensure_future(self._death(process, self.worker_address, self._oom_watch))
 
-    async def _death(self, process, address):
+    async def _death(self, process, address, oom_watch=None):
         """Log, print and report (to the center) why the worker died."""
         code = process.poll()
-        cause, blame = describe_exit(code), None
+        loop = asyncio.get_running_loop()
+        oom = None
+        if code == -signal.SIGKILL and oom_watch is not None:
+            oom = await loop.run_in_executor(None, oom_watch.oom_killed)
+        cause, blame = describe_exit(code, oom), None
         if code == MEMORY_EXIT_CODE:
             # its last words say who was to blame: wait (a little) for them
             await asyncio.get_running_loop().run_in_executor(

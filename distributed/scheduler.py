@@ -23,6 +23,11 @@ Task states
 ``no-worker`` ready, but no worker may run it yet
 ``memory``    computed; ``who_has[key]`` names the holders
 ``erred``     it (or a dependency) raised; the exception is kept
+``lost``      its worker died and it is about to err (it has killed too many
+              workers, or it was scattered data only that worker held):
+              held until the worker's nanny says why (:meth:`worker_died`,
+              or :meth:`decide_death` when no report comes), so that the
+              error names the cause
 ``forgotten`` not a state a task is in: the scheduler dropped it
 
 Every change of state goes through :meth:`Scheduler._transition`, which
@@ -49,10 +54,14 @@ from .utils import key_split, validate_key
 logger = logging.getLogger(__name__)
 
 __all__ = ["Scheduler", "SchedulerPlugin", "TaskState", "WorkerState", "KilledWorker",
+           "WorkerDeath",
            "LostData", "InvalidTransition", "InvariantError", "TRANSITIONS"]
 
 #: how many worker deaths while running a task before it is marked erred
 ALLOWED_FAILURES = 3
+#: how many worker deaths the scheduler remembers (to take in their nanny's
+#: report of why); an older one still awaiting its report is decided
+MAX_DEATHS = 100
 #: how many times a task may fail to fetch its inputs before it is marked erred
 MISSING_DATA_RETRIES = 10
 #: assumed bandwidth between workers, bytes/s, to weigh locality against load
@@ -78,6 +87,7 @@ QUEUED = "queued"
 PROCESSING = "processing"
 MEMORY = "memory"
 ERRED = "erred"
+LOST = "lost"
 FORGOTTEN = "forgotten"  # the task is dropped from ``Scheduler.tasks``
 
 #: every allowed change of state, ``(start, finish): when it happens``.  How
@@ -110,7 +120,16 @@ TRANSITIONS = {
     (PROCESSING, ERRED): "it raised, or killed too many workers",
     (PROCESSING, RELEASED): "nobody wants it any more (it may still finish), its "
                             "worker left, or it could not fetch its inputs",
+    (PROCESSING, LOST): "its worker died, one death too many: held until the "
+                        "worker's nanny says why",
     (MEMORY, RELEASED): "nobody wants it any more, or every holder lost it",
+    (MEMORY, LOST): "scattered data whose only holder died: held until the "
+                    "worker's nanny says why",
+    (LOST, ERRED): "the cause of the death is known (or waited for long "
+                   "enough): KilledWorker, or LostData for scattered data",
+    (LOST, RELEASED): "the death was forgiven (its data was to blame): run "
+                      "again; or nobody wants it any more",
+    (LOST, MEMORY): "a worker turns out to hold it, or a client scattered it",
     (ERRED, RELEASED): "a client retries it",
     (ERRED, MEMORY): "a client scattered data under its key",
     (ERRED, FORGOTTEN): "nothing wants it nor depends on it any more",
@@ -119,7 +138,7 @@ TRANSITIONS = {
 #: the states a task in ``Scheduler.tasks`` can be in
 STATES = frozenset(s for pair in TRANSITIONS for s in pair) - {FORGOTTEN}
 #: wanted, not in memory yet: the scheduler is working on it
-PENDING = frozenset({WAITING, NO_WORKER, QUEUED, PROCESSING})
+PENDING = frozenset({WAITING, NO_WORKER, QUEUED, PROCESSING, LOST})
 #: ready to run, not sent to a worker yet
 READY = frozenset({NO_WORKER, QUEUED})
 #: erred with a dependency: every state that has not run (yet)
@@ -160,7 +179,7 @@ class TaskState:
         "key", "state", "run_spec", "dependencies", "dependents", "waiting_on",
         "waiters", "who_wants", "priority", "processing_on", "restrictions",
         "loose_restrictions", "nbytes", "exception", "traceback", "text",
-        "suspicious", "type", "prefix", "retries",
+        "suspicious", "type", "prefix", "retries", "deaths", "lost_with",
     )
 
     def __init__(self, key, run_spec=None, priority=(0,)):
@@ -181,6 +200,8 @@ class TaskState:
         self.traceback = None
         self.text = None
         self.suspicious = 0
+        self.deaths = ()  # a WorkerDeath per death counted in ``suspicious``
+        self.lost_with = None  # state 'lost': the WorkerDeath it waits on
         self.type = None
         self.prefix = key_split(key)
         self.retries = 0
@@ -210,6 +231,49 @@ class WorkerState:
             self.address, len(self.processing), len(self.queue))
 
 
+class WorkerDeath:
+    """One worker's removal, as the tasks it counted against remember it.
+
+    ``cause`` starts as what the center saw ("its connection closed: ...")
+    and becomes what the worker's nanny says ("killed by signal SIGSEGV")
+    when its report comes (:meth:`Scheduler.worker_died`).  ``counted``:
+    keys whose ``suspicious`` count it raised; ``held``: keys in state
+    ``lost`` waiting for the report; ``awaiting``: a report may still come.
+
+    >>> d = WorkerDeath('127.0.0.1:4001', 'its connection closed')
+    >>> d.cause = 'killed by signal SIGSEGV'; str(d)
+    'killed by signal SIGSEGV (127.0.0.1:4001)'
+    """
+
+    __slots__ = ("address", "cause", "counted", "held", "awaiting")
+
+    def __init__(self, address, cause, awaiting=False):
+        self.address = address
+        self.cause = cause or "it was removed"
+        self.counted = []
+        self.held = []
+        self.awaiting = awaiting
+
+    def __str__(self):
+        return "%s (%s)" % (self.cause, self.address)
+
+    def __repr__(self):
+        return "<WorkerDeath %s: %s%s>" % (self.address, self.cause,
+                                           ", awaiting its report" if self.awaiting else "")
+
+
+def killed_worker_message(key, deaths, allowed_failures):
+    """The text of a task's :class:`KilledWorker`: every death it saw.
+
+    >>> killed_worker_message('x', [WorkerDeath('a:1', 'killed by signal SIGSEGV'),
+    ...                             WorkerDeath('b:1', 'exit code 1')], 1)
+    "task 'x' was running on 2 workers that died: killed by signal SIGSEGV (a:1); exit code 1 (b:1). Not trying again (allowed failures: 1)"
+    """
+    return ("task %r was running on %d workers that died: %s. Not trying again "
+            "(allowed failures: %d)" % (key, len(deaths), "; ".join(map(str, deaths)),
+                                        allowed_failures))
+
+
 class SchedulerPlugin:
     """Watch a scheduler: subclass, override what you need, and
     ``scheduler.add_plugin(plugin)``.  Methods are called synchronously,
@@ -233,7 +297,9 @@ class SchedulerPlugin:
         """A worker joined (it may now be sent tasks)."""
 
     def remove_worker(self, address, cause=None):
-        """A worker left; ``cause`` says why (None: not known)."""
+        """A worker left; ``cause`` says why (None: not known).  For a worker
+        whose nanny may tell why it died, called once it has (or a short
+        grace period passed): with the nanny's cause."""
 
     def task_finished(self, key, worker, startstops=None, thread=None, transfer=None):
         """``worker`` reported ``key`` done: ``startstops`` ``(start, stop)``
@@ -271,10 +337,10 @@ class Scheduler:
         self.to_clients = defaultdict(list)
         self._seq = itertools.count()
         self._release_batch = defaultdict(list)
-        # address -> tasks whose suspicious count its removal raised (the last
-        # few removals): a death reported afterwards as caused by the data
-        # held, not the tasks, takes that back (forgive_death)
-        self._counted_deaths = OrderedDict()
+        # address -> WorkerDeath of the last MAX_DEATHS removals: its nanny's
+        # report (worker_died) gives the cause, or, blaming the data held,
+        # takes back the deaths counted against its tasks (forgive_death)
+        self.deaths = OrderedDict()
         # the latest transitions, flat: key, start, finish, cause, worker,
         # time, key, ... (no tuple per transition for the garbage collector
         # to count and scan: see transition_log)
@@ -297,6 +363,8 @@ class Scheduler:
                 "%s" % (ts.key, start, finish, cause, start, sorted(_NEXT.get(start, ()))))
         if finish != FORGOTTEN:
             ts.state = finish
+        if start == LOST:
+            ts.lost_with = None  # no longer waiting for a nanny's report
         self._log.extend((ts.key, start, finish, cause, worker, time()))
         if self.plugins:  # _tell_plugins inlined: this runs for every transition
             for plugin in self.plugins:
@@ -356,6 +424,7 @@ class Scheduler:
         sent to it."""
         if address in self.workers:
             return
+        self.decide_death(address)  # a worker of that address that died is gone
         held = self.has_what.get(address)
         if held:
             self.add_keys(address, list(held), self.nbytes)
@@ -368,14 +437,32 @@ class Scheduler:
                 self._ready(ts, "worker %s arrived" % address)
         self._fill(ws)  # takes queued work from busy workers
 
-    def remove_worker(self, address, cause=None):
+    def remove_worker(self, address, cause=None, report_expected=False):
         """The worker left, with the keys it held; ``cause`` says why, for
         the errors of the tasks that erred for it ("its connection closed:
-        ...").  Works for an address that only registered keys, too."""
+        ...").  Works for an address that only registered keys, too.
+
+        ``report_expected``: its nanny will probably say why it died
+        (:meth:`worker_died`).  Then what would err at once waits for that
+        report in state ``lost``: a task that has killed one worker too many
+        (``KilledWorker``), scattered data it alone held (``LostData``); so
+        does telling the plugins.  The center calls :meth:`decide_death`
+        when no report came in time.  The rest is rescheduled at once.
+        """
+        ws = self.workers.get(address)
+        if address in self.deaths:  # the same address died before: settle that
+            self.decide_death(address)
+        death = WorkerDeath(address, cause, awaiting=report_expected and ws is not None)
+        if ws is not None:
+            self.deaths.pop(address, None)
+            self.deaths[address] = death
+            while len(self.deaths) > MAX_DEATHS:
+                self.decide_death(next(iter(self.deaths)))
+                self.deaths.popitem(last=False)
         keys = self.has_what.pop(address, set())
         self.remove_replicas(address, keys)
-        ws = self.workers.pop(address, None)
-        if ws is not None and self.plugins:
+        self.workers.pop(address, None)
+        if ws is not None and self.plugins and not death.awaiting:
             self._tell_plugins("remove_worker", address, cause=cause)
         self.to_workers.pop(address, None)
         # transfers already waiting on it (a cut link sends no FIN) are dropped
@@ -384,13 +471,13 @@ class Scheduler:
             self.to_workers[other].append(news)
         for client in self.clients:
             self.to_clients[client].append(news)
+        why = "worker %s was removed: %s" % (address, cause or "it left")
         to_reschedule = []
         if ws is not None:
             # a worker that ran out of memory because of the data it held
             # (results stored faster than spilled) says so before it exits:
             # its tasks are rescheduled without counting against them
             innocent = ws.memory_exit == "data"
-            counted = []
             for ts in list(ws.processing):
                 if ts.state != PROCESSING or ts.processing_on is not ws:
                     continue
@@ -399,38 +486,94 @@ class Scheduler:
                     to_reschedule.append(ts)
                     continue
                 ts.suspicious += 1
-                counted.append(ts)
-                if ts.suspicious > self.allowed_failures:
-                    exc = KilledWorker(
-                        "task %r was running on %d workers that were lost; not "
-                        "trying again. The last, %s: %s"
-                        % (ts.key, ts.suspicious, address, cause or "it was removed"))
-                    self._erred(ts, exc, None, str(exc))
-                else:
+                ts.deaths += (death,)
+                death.counted.append(ts.key)
+                if ts.suspicious <= self.allowed_failures:
                     to_reschedule.append(ts)
+                elif death.awaiting:
+                    self._hold(ts, death, why + "; held until its nanny says why")
+                else:
+                    self._killed_worker(ts)
             for _, _, ts in ws.queue:
                 if ts.state == QUEUED and ts.processing_on is ws:
                     ts.processing_on = None
                     to_reschedule.append(ts)
-            if counted:
-                self._counted_deaths[address] = counted
-                while len(self._counted_deaths) > 100:
-                    self._counted_deaths.popitem(last=False)
         recompute = self._lost(keys, "it was scattered to %s, which was removed (%s)"
-                               % (address, cause or "it left"), address)
+                               % (address, cause or "it left"), address,
+                               death=death if death.awaiting else None)
         for ts in to_reschedule:
             # (one whose input was lost meanwhile waits for it again)
             if ts.state in (PROCESSING, QUEUED):
-                self._transition(ts, RELEASED, "worker %s was removed: %s"
-                                 % (address, cause or "it left"), address)
+                self._transition(ts, RELEASED, why, address)
                 recompute.append(ts)
         self._request(recompute)
 
-    def _lost(self, keys, how, worker=None):
+    def _hold(self, ts, death, cause):
+        """``ts`` waits in state ``lost`` for the report on ``death``."""
+        self._transition(ts, LOST, cause, death.address)
+        ts.lost_with = death
+        death.held.append(ts.key)
+
+    def _killed_worker(self, ts):
+        exc = KilledWorker(killed_worker_message(ts.key, ts.deaths, self.allowed_failures))
+        self._erred(ts, exc, None, str(exc), cause="it has killed %d workers"
+                    % ts.suspicious)
+
+    def worker_died(self, address, cause=None, blame=None):
+        """The nanny of the removed worker ``address`` says why it died
+        (``cause``: "killed by signal SIGSEGV", ...): that is the cause now
+        in the ``KilledWorker`` of every task it counted against, and the
+        tasks and data held for this report are decided
+        (:meth:`decide_death`).  ``blame='data'``: it ran out of memory
+        because of the data it held (:meth:`forgive_death`)."""
+        death = self.deaths.get(address)
+        if death is None:
+            return
+        if cause:
+            death.cause = cause
+        if blame == "data":
+            self.forgive_death(address)
+        self.decide_death(address)
+
+    def decide_death(self, address):
+        """No (more) waiting for a report on the death of ``address``: its
+        held tasks err (``KilledWorker``, ``LostData``), or, forgiven, run
+        again; the plugins hear of the removal.  Called by the center when
+        the grace period for the nanny's report is over."""
+        death = self.deaths.get(address)
+        if death is None or not death.awaiting:
+            return
+        death.awaiting = False
+        if self.plugins:
+            self._tell_plugins("remove_worker", address, cause=death.cause)
+        held, death.held = death.held, []
+        rerun = []
+        for key in held:
+            ts = self.tasks.get(key)
+            if ts is None or ts.state != LOST or ts.lost_with is not death:
+                continue  # released, or in memory again meanwhile
+            ts.lost_with = None
+            if ts.run_spec is None:
+                exc = LostData(
+                    "the data of %r was lost: it was scattered to %s, which died (%s); "
+                    "scattered data has no lineage to recompute it from"
+                    % (ts.key, address, death.cause))
+                self._erred(ts, exc, None, str(exc), worker=address)
+            elif ts.suspicious > self.allowed_failures:
+                self._killed_worker(ts)
+            else:
+                self._transition(ts, RELEASED, "the death of %s was forgiven: %s"
+                                 % (address, death.cause), address)
+                rerun.append(ts)
+        self._request(rerun)
+
+    def _lost(self, keys, how, worker=None, death=None):
         """Of ``keys`` (which lost a holder), those in memory nowhere now:
         released, their clients told; returns those to recompute.  Scattered
         ones (no task) are erred with ``LostData``, saying ``how`` it was
-        lost (``worker``: the worker that lost it, if one did)."""
+        lost (``worker``: the worker that lost it, if one did); with
+        ``death`` (awaiting its nanny's report) they are held for it in
+        state ``lost`` instead."""
         lost = []
         for key in keys:
             ts = self.tasks.get(key)
@@ -439,7 +582,11 @@ class Scheduler:
             lost.append(ts)
         recompute = []
         for ts in lost:
-            self._transition(ts, RELEASED, "data lost: " + how, worker)
+            hold = death is not None and ts.run_spec is None
+            if hold:
+                self._hold(ts, death, "data lost: %s; held until its nanny says why" % how)
+            else:
+                self._transition(ts, RELEASED, "data lost: " + how, worker)
             self.nbytes.pop(ts.key, None)
             for client in ts.who_wants:
                 self.to_clients[client].append({"op": "lost-data", "key": ts.key})
@@ -450,6 +597,8 @@ class Scheduler:
                     dep.processing_on = None
                 if dep.state == WAITING:
                     dep.waiting_on.add(ts)
+            if hold:
+                continue
             if ts.run_spec is None:
                 exc = LostData(
                     "the data of %r was lost: %s; scattered data has no lineage "
@@ -538,10 +687,18 @@ class Scheduler:
     def forgive_death(self, address):
         """A worker removed earlier died of memory its data held (its nanny
         says so): the tasks that were running on it have that death taken
-        off their count (those it already made fail stay failed)."""
-        for ts in self._counted_deaths.pop(address, ()):
-            if ts.state != ERRED and ts.suspicious > 0:
+        off their count (those it already made fail stay failed; those held
+        for the report run again)."""
+        death = self.deaths.get(address)
+        if death is None:
+            return
+        counted, death.counted = death.counted, []
+        for key in counted:
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state != ERRED and death in ts.deaths:
+                ts.deaths = tuple(d for d in ts.deaths if d is not death)
                 ts.suspicious -= 1
+        self.decide_death(address)
 
     def set_paused(self, address, paused=True):
         """A worker over (or back under) its memory pause threshold.
@@ -719,6 +876,7 @@ class Scheduler:
         self._transition(ts, RELEASED, cause)
         ts.exception = ts.traceback = ts.text = None
         ts.retries = ts.suspicious = 0
+        ts.deaths = ()
 
     def update_data(self, client, who_has, nbytes=None):
         """Data the client scattered: ``who_has`` is ``{key: [address]}``.
@@ -1234,6 +1392,8 @@ class Scheduler:
             for _, _, ts in ws.queue:
                 _check(tasks.get(ts.key) is ts or ts.state != QUEUED, ts.key,
                        "is queued on %s but not a known task", address)
+        for address, death in self.deaths.items():
+            _check(death.address == address, address, "death filed under another address")
         for ts in self.unrunnable:
             _check(ts.state == NO_WORKER, ts.key, "is unrunnable in state %r", ts.state)
             _check(tasks.get(ts.key) is ts, ts.key, "is unrunnable but not a known task")
@@ -1269,6 +1429,10 @@ class Scheduler:
         for client in ts.who_wants:
             _check(key in self.clients.get(client, ()), key,
                    "wanted by %s, which does not list it", client)
+        _check(len(ts.deaths) == ts.suspicious, key,
+               "counts %d worker deaths but remembers %d", ts.suspicious, len(ts.deaths))
+        _check(state == LOST or ts.lost_with is None, key,
+               "is %s, yet waits for the report on a death", state)
         if state in PENDING:
             for dep in ts.dependencies:
                 _check(ts in dep.waiters, key,
@@ -1299,6 +1463,16 @@ class Scheduler:
                    "is queued on %s but not in its queue", ws.address)
         elif state == NO_WORKER:
             _check(ts in self.unrunnable, key, "is no-worker but not unrunnable")
+        elif state == LOST:
+            death = ts.lost_with
+            _check(death is not None and death.awaiting, key,
+                   "is lost, but waits for no report (%r)", death)
+            _check(self.deaths.get(death.address) is death and key in death.held, key,
+                   "is lost, but not held by the death of %s", death.address)
+            _check(ts.processing_on is None, key, "is lost, yet processing on %s",
+                   ts.processing_on)
+            _check(ts.run_spec is None or ts.suspicious > self.allowed_failures, key,
+                   "is lost, but may run again (%d deaths)", ts.suspicious)
         elif state == MEMORY:
             _check(self.who_has.get(key), key, "is in memory but no worker holds it")
         elif state == RELEASED:

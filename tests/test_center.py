@@ -275,6 +275,142 @@ async def test_worker_removal_forgets_nbytes_of_lost_keys(c):
     wb.close_streams()
 
 
+# -- why a worker with a nanny died: the decisions wait for the nanny's report
+
+
+NANNY = "127.0.0.1:50009"
+
+
+async def worker_running_a_task(c, address=A, nanny=NANNY):
+    """A fake worker (registered with a nanny) running task 't', which
+    has killed all the workers it may (``allowed_failures=0``), and a
+    scattered key 'data' only it holds; returns its rpc."""
+    w = fake_worker(c)
+    await w.register(address=address, ncores=1, keys=["data"], nanny=nanny)
+    s = c.scheduler
+    s.add_worker(address, 1)  # what its worker-stream would do
+    s.update_data("c1", who_has={"data": [address]}, nbytes={"data": 8})
+    s.update_graph("c1", tasks={"t": "spec"}, dependencies={}, keys=["t"])
+    assert s.tasks["t"].processing_on.address == address
+    return w
+
+
+class Removals:
+    def __init__(self):
+        self.removed = []
+
+    def remove_worker(self, address, cause=None):
+        self.removed.append((address, cause))
+
+    def __getattr__(self, name):  # the other hooks: nothing to do
+        return lambda *args, **kwargs: None
+
+
+@with_center(allowed_failures=0, death_report_grace=5, validate=True)
+async def test_killed_worker_waits_for_the_nannys_report(c):
+    plugin = Removals()
+    c.scheduler.add_plugin(plugin)
+    w = await worker_running_a_task(c)
+    w.close_streams()
+    await wait_for(lambda: A not in c.ncores)
+    tasks = c.scheduler.tasks
+    assert tasks["t"].state == "lost" and tasks["data"].state == "lost"
+    assert plugin.removed == []  # told with the cause, once known
+    r = rpc(c.address)
+    assert await r.worker_died(address=A, cause="killed by signal SIGSEGV") == b"OK"
+    assert tasks["t"].state == "erred"
+    assert "1 workers that died: killed by signal SIGSEGV (%s)" % A in str(tasks["t"].exception)
+    assert tasks["data"].state == "erred"
+    assert "which died (killed by signal SIGSEGV)" in str(tasks["data"].exception)
+    assert plugin.removed == [(A, "killed by signal SIGSEGV")]
+    (_, address, cause), = c.deaths
+    assert (address, cause) == (A, "killed by signal SIGSEGV")
+    assert not c._death_timers
+    assert not c.invariant_errors
+    r.close_streams()
+
+
+@with_center(allowed_failures=0, death_report_grace=0.3, validate=True)
+async def test_without_a_report_the_grace_period_decides(c):
+    w = await worker_running_a_task(c)
+    w.close_streams()
+    await wait_for(lambda: A not in c.ncores)
+    t0 = time.time()
+    tasks = c.scheduler.tasks
+    assert tasks["t"].state == "lost"
+    await wait_for(lambda: tasks["t"].state == "erred", timeout=5)
+    assert time.time() - t0 > 0.2  # it waited
+    assert "its connection closed" in str(tasks["t"].exception)
+    assert "its connection closed" in str(tasks["data"].exception)
+    assert not c._death_timers
+    assert not c.invariant_errors
+
+
+@with_center(allowed_failures=0, death_report_grace=5, validate=True)
+async def test_nanny_report_before_the_connection_closes(c):
+    w = await worker_running_a_task(c)
+    r = rpc(c.address)
+    # the nanny was quicker than the center's read of the closed stream
+    await r.worker_died(address=A, cause="exit code 3")
+    assert A in c.ncores  # a report alone removes nobody
+    w.close_streams()
+    await wait_for(lambda: A not in c.ncores)
+    tasks = c.scheduler.tasks
+    assert tasks["t"].state == "erred"  # at once: the cause is known
+    assert "exit code 3 (%s)" % A in str(tasks["t"].exception)
+    r.close_streams()
+
+
+@with_center(allowed_failures=0, death_report_grace=5, validate=True)
+async def test_worker_without_a_nanny_is_decided_at_once(c):
+    w = await worker_running_a_task(c, nanny=None)
+    w.close_streams()
+    await wait_for(lambda: A not in c.ncores)
+    tasks = c.scheduler.tasks
+    assert tasks["t"].state == "erred"
+    assert "its connection closed" in str(tasks["t"].exception)
+    assert not c._death_timers
+
+
+@with_center(allowed_failures=0, death_report_grace=5, validate=True)
+async def test_watched_worker_waits_for_the_report_as_under_a_nanny(c):
+    """A LocalCluster is the nanny of its workers: it says it watches them."""
+    w = await worker_running_a_task(c, nanny=None)
+    r = rpc(c.address)
+    assert await r.watch_workers(addresses=[A, C]) == b"OK"
+    assert c.watched == {A}  # C is not registered
+    w.close_streams()
+    await wait_for(lambda: A not in c.ncores)
+    tasks = c.scheduler.tasks
+    assert tasks["t"].state == "lost"
+    assert not c.watched
+    await r.worker_died(address=A, cause="exit code 1")
+    assert "exit code 1 (%s)" % A in str(tasks["t"].exception)
+    # all workers, from now on (what a LocalCluster says before they start)
+    assert await r.watch_workers() == b"OK"
+    w2 = fake_worker(c)
+    await w2.register(address=B, ncores=1, keys=["d2"])
+    c.scheduler.add_worker(B, 1)
+    c.scheduler.update_data("c1", who_has={"d2": [B]}, nbytes={"d2": 8})
+    w2.close_streams()
+    await wait_for(lambda: B not in c.ncores)
+    assert tasks["d2"].state == "lost"
+    await r.worker_died(address=B, cause="exit code 2")
+    assert "which died (exit code 2)" in str(tasks["d2"].exception)
+    r.close_streams()
+
+
+@with_center()
+async def test_reported_cause_is_bounded_text(c):
+    r = rpc(c.address)
+    await r.worker_died(address=A, cause="x" * 100000)
+    await r.worker_died(address=B, cause=12345)
+    (_, _, long), (_, _, number) = c.deaths
+    assert isinstance(long, str) and 1000 <= len(long) < 1100
+    assert number == "12345"
+    r.close_streams()
+
+
 @with_center(heartbeat_timeout=0.5)
 async def test_heartbeat_timeout(c):
     silent, alive = fake_worker(c), fake_worker(c)

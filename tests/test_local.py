@@ -168,3 +168,17 @@ def test_worker_options_reach_the_workers():
         assert all("--memory-limit" in c and "1GB" in c for c in cmdlines)
         assert sorted(c[c.index("--name") + 1] for c in cmdlines) == ["w-0", "w-1"]
         assert e.run(lambda: 1) and e.submit(inc, 1).result() == 2
+
+
+@pytest.mark.processes
+def test_lost_data_names_the_cause_the_cluster_saw():
+    """The cluster, the nanny of its workers, tells the center why one
+    died: the LostData of data only it held says so."""
+    with LocalCluster(n_workers=2) as cluster, Executor(cluster.center_address) as e:
+        victim = cluster.workers[0]
+        [x] = e.scatter([123], workers=[victim.address])
+        os.kill(victim.pid, signal.SIGKILL)  # the cluster notices, and restarts it
+        with pytest.raises(LostData) as info:
+            x.result(timeout=20)
+        assert "which died (killed by signal SIGKILL" in str(info.value), info.value
+        poll(lambda: cluster.deaths, timeout=10)

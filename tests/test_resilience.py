@@ -4,6 +4,7 @@ Every cluster here is made of real ``dcenter`` / ``dworker`` processes on
 free ports, stopped even when a test fails.
 """
 
+import ctypes
 import os
 import signal
 import time
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from distributed import Executor
-from distributed.scheduler import VALIDATE_ENV, LostData
+from distributed.scheduler import VALIDATE_ENV, KilledWorker, LostData
 from distributed import utils_test
 from distributed.utils_test import (add, free_port, hold_gil, inc, poll, slowinc, start_center,
                                     start_worker)
@@ -225,11 +226,127 @@ def test_poison_task_ends_as_killed_worker():
 
     with Executor(n_workers=2) as e:
         f = e.submit(os._exit, 1)
-        with pytest.raises(KilledWorker, match="died"):
+        with pytest.raises(KilledWorker, match="died") as info:
             f.result(timeout=60)
+        # the cluster, the nanny of its workers, said why each one died
+        assert str(info.value).count("exit code 1 (") == 4, info.value
         # allowed_failures=3: erred at the 4th death
         poll(lambda: len(e.cluster.deaths) == 4, timeout=30)
         assert e.submit(inc, 1).result(timeout=20) == 2
+
+
+# -- why a worker died: the nanny's cause in KilledWorker and LostData -------------
+
+
+def poison_cluster(start, *center_args):
+    """A center (``center_args``) and one worker under a nanny; returns the
+    center's and the nanny's processes and the executor's address."""
+    port = free_port()
+    center = start_center(start, port, *center_args)
+    nanny = start_worker(start, port, "--ncores", "1")
+    return center, nanny, "127.0.0.1:%d" % port
+
+
+def test_segfaulting_task_ends_as_killed_worker_naming_sigsegv():
+    """Each death's cause, as the nanny tells it, is in KilledWorker's
+    message, the last one too: the center waits for that report."""
+    with processes() as start:
+        center, nanny, address = poison_cluster(start, "--allowed-failures", "1")
+        with Executor(address) as e:
+            f = e.submit(ctypes.string_at, 0)  # reads address 0: SIGSEGV
+            with pytest.raises(KilledWorker) as info:
+                f.result(timeout=60)
+            message = str(info.value)
+            assert "running on 2 workers that died" in message, message
+            assert message.count("killed by signal SIGSEGV") == 2, message
+            assert "connection closed" not in message, message
+            assert repr(f.key) in message
+            center.wait_for_line("died: killed by signal SIGSEGV", timeout=10)
+            assert e.submit(inc, 1).result(timeout=30) == 2
+
+
+def test_task_calling_exit_ends_as_killed_worker_naming_the_exit_code():
+    with processes() as start:
+        center, nanny, address = poison_cluster(start, "--allowed-failures", "1")
+        with Executor(address) as e:
+            f = e.submit(os._exit, 3)
+            with pytest.raises(KilledWorker) as info:
+                f.result(timeout=60)
+            message = str(info.value)
+            assert message.count("exit code 3") == 2, message
+            assert "connection closed" not in message, message
+
+
+def test_scattered_data_lost_with_a_killed_worker_names_the_cause():
+    port = free_port()
+    with processes() as start:
+        start_center(start, port)
+        start_worker(start, port, "--ncores", "1")
+        start_worker(start, port, "--ncores", "1")
+        with Executor("127.0.0.1:%d" % port) as e:
+            pids = e.run(os.getpid)
+            victim = sorted(pids)[0]
+            [x] = e.scatter([123], workers=[victim])
+            assert e.who_has([x])[x.key] == [victim]
+            os.kill(pids[victim], signal.SIGKILL)
+            with pytest.raises(LostData) as info:
+                x.result(timeout=30)
+            message = str(info.value)
+            assert "scattered to %s, which died (killed by signal SIGKILL" % victim \
+                in message, message
+            assert "connection closed" not in message, message
+
+
+def test_without_the_nannys_report_killed_worker_says_what_is_known():
+    """The nanny killed with its worker says nothing: after the grace
+    period the task errs with what the center saw."""
+    with processes() as start:
+        center, nanny, address = poison_cluster(start, "--allowed-failures", "0")
+        with Executor(address) as e:
+            (pid,) = e.run(os.getpid).values()
+            f = e.submit(time.sleep, 60)
+            poll(lambda: e.sync(e.center.task_states, keys=[f.key])[f.key] == "processing")
+            os.kill(nanny.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+            t0 = time.time()
+            with pytest.raises(KilledWorker, match="its connection closed"):
+                f.result(timeout=30)
+            assert time.time() - t0 < 15
+
+
+def test_nanny_reports_the_oom_killer(monkeypatch):
+    """A worker SIGKILLed while its cgroup's OOM kill count rose (faked
+    here: a real OOM kill would need a cgroup to run out of memory) is
+    reported as killed by the OOM killer, to the center too."""
+    import asyncio
+
+    from distributed import nanny as nanny_module
+    from distributed.center import Center
+    from distributed.nanny import Nanny
+
+    monkeypatch.setattr(nanny_module._OOMWatch, "oom_killed", lambda self: True)
+
+    async def main():
+        c = Center("127.0.0.1")
+        c.listen(0)
+        n = Nanny("127.0.0.1", c.port, worker_args=["--ncores", "1"])
+        try:
+            await n._start()
+            address = n.worker_address
+            os.kill(n.process.pid, signal.SIGKILL)
+            deadline = time.time() + 20
+            while not c.deaths:
+                assert time.time() < deadline, "no death reported"
+                await asyncio.sleep(0.05)
+            (_, dead, cause), = c.deaths
+            assert dead == address
+            assert cause == "killed by the OOM killer (signal SIGKILL): out of memory"
+            assert n.deaths[0][1] == cause
+        finally:
+            await n._close()
+            c.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
 
 
 def test_run_on_a_stopped_worker_fails_when_it_is_removed():

@@ -83,10 +83,11 @@ class Sim:
         self.data[address] = {}
         self.s.add_worker(address, ncores=ncores)
 
-    def kill(self, address, cause=None):
-        """What the center does when a worker dies."""
+    def kill(self, address, cause=None, report_expected=False):
+        """What the center does when a worker dies (``report_expected``: it
+        had a nanny, which will say why)."""
         self.data.pop(address, None)
-        self.s.remove_worker(address, cause=cause)
+        self.s.remove_worker(address, cause=cause, report_expected=report_expected)
 
     def scatter(self, client, address, key, value, nbytes=10):
         self.data[address][key] = value
@@ -966,6 +967,204 @@ def test_killed_worker_default_allowed_failures(sim):
     assert isinstance(m["exception"], KilledWorker)
 
 
+# -- deaths whose cause the nanny tells (the state 'lost') ---------------------
+
+CLOSED = "its connection closed"
+
+
+def kill_runner(sim, key, cause=CLOSED, report_expected=True):
+    """Kill the worker running ``key``; return its address."""
+    runner = sim.s.tasks[key].processing_on.address
+    sim.pop(runner)
+    sim.kill(runner, cause=cause, report_expected=report_expected)
+    return runner
+
+
+def test_killed_worker_names_every_death_as_the_nannies_tell():
+    sim = Sim(allowed_failures=2)
+    sim.deleted = []
+    s = sim.s
+    plugin = Recorder()
+    s.add_plugin(plugin)
+    for i in range(4):
+        sim.add_worker("w%d:1" % i)
+    submit(s, "c1", ["bad"], bad=(const(1), []))
+    causes = ["killed by signal SIGSEGV", "killed by signal SIGSEGV", "exit code 1"]
+    runners = []
+    for i, cause in enumerate(causes):
+        runners.append(kill_runner(sim, "bad"))
+        if i < 2:  # rescheduled at once; the cause comes later
+            assert s.tasks["bad"].state == "processing"
+        else:  # one death too many: held for the nanny's report
+            assert s.tasks["bad"].state == "lost"
+            assert not sim.client_msgs("c1", "task-erred")
+            assert ("remove", runners[-1], CLOSED) not in plugin.events
+        s.worker_died(runners[-1], cause=cause)
+    assert s.tasks["bad"].state == "erred"
+    [m] = sim.client_msgs("c1", "task-erred")
+    assert isinstance(m["exception"], KilledWorker)
+    assert str(m["exception"]) == (
+        "task 'bad' was running on 3 workers that died: killed by signal SIGSEGV (%s); "
+        "killed by signal SIGSEGV (%s); exit code 1 (%s). Not trying again (allowed "
+        "failures: 2)" % tuple(runners))
+    # the plugins heard of each removal with the nanny's cause
+    removals = [e for e in plugin.events if e[0] == "remove"]
+    assert removals == [("remove", r, c) for r, c in zip(runners, causes)]
+    assert [e["finish"] for e in s.story("bad")][-2:] == ["lost", "erred"]
+
+
+def test_killed_worker_without_a_report_says_what_is_known():
+    sim = Sim(allowed_failures=0)
+    s = sim.s
+    plugin = Recorder()
+    s.add_plugin(plugin)
+    sim.add_worker("w1:1")
+    sim.add_worker("w2:1")
+    submit(s, "c1", ["bad"], bad=(const(1), []))
+    runner = kill_runner(sim, "bad")
+    assert s.tasks["bad"].state == "lost"
+    s.decide_death(runner)  # the grace period is over
+    [m] = sim.client_msgs("c1", "task-erred")
+    assert isinstance(m["exception"], KilledWorker)
+    assert "1 workers that died: %s (%s)" % (CLOSED, runner) in str(m["exception"])
+    assert ("remove", runner, CLOSED) in plugin.events
+    # a report arriving late changes nothing (the error went out)
+    s.worker_died(runner, cause="exit code 3")
+    assert not sim.client_msgs("c1", "task-erred")
+    assert s.tasks["bad"].state == "erred"
+
+
+def test_death_blamed_on_the_data_held_runs_the_held_task_again():
+    sim = Sim(allowed_failures=0)
+    sim.deleted = []
+    s = sim.s
+    sim.add_worker("w1:1")
+    sim.add_worker("w2:1")
+    submit(s, "c1", ["t"], t=(const(5), []))
+    runner = kill_runner(sim, "t")
+    assert s.tasks["t"].state == "lost"
+    s.worker_died(runner, cause="memory limit exceeded (exit code 75): the data it "
+                  "held was to blame", blame="data")
+    assert s.tasks["t"].state == "processing"
+    assert s.tasks["t"].suspicious == 0 and s.tasks["t"].deaths == ()
+    assert "forgiven" in s.story("t")[-3]["cause"]  # lost -> released
+    sim.run_all()
+    assert sim.result("t") == 5
+    assert not sim.client_msgs("c1", "task-erred")
+
+
+def test_forgive_death_still_takes_back_an_earlier_count():
+    sim = Sim(allowed_failures=1)
+    sim.deleted = []
+    s = sim.s
+    for i in range(3):
+        sim.add_worker("w%d:1" % i)
+    submit(s, "c1", ["t"], t=(const(5), []))
+    first = kill_runner(sim, "t", report_expected=False)
+    assert s.tasks["t"].suspicious == 1
+    s.forgive_death(first)
+    assert s.tasks["t"].suspicious == 0
+    kill_runner(sim, "t", report_expected=False)  # not one too many now
+    assert s.tasks["t"].state == "processing"
+
+
+def test_scattered_data_lost_with_a_worker_names_the_nannies_cause():
+    sim = Sim()
+    sim.deleted = []
+    s = sim.s
+    sim.add_worker("w1:1")
+    sim.scatter("c1", "w1:1", "data", 1)
+    submit(s, "c1", ["z"], z=(inc, ["data"]))
+    sim.pop("w1:1")
+    sim.kill("w1:1", cause=CLOSED, report_expected=True)
+    assert s.tasks["data"].state == "lost"
+    assert s.tasks["z"].state == "waiting"  # for its input, until decided
+    assert not sim.client_msgs("c1", "task-erred")
+    s.worker_died("w1:1", cause="killed by signal SIGKILL")
+    erred = {m["key"]: m["exception"] for m in sim.client_msgs("c1", "task-erred")}
+    assert set(erred) == {"data", "z"}
+    for e in erred.values():
+        assert isinstance(e, LostData)
+        assert "scattered to w1:1, which died (killed by signal SIGKILL)" in str(e)
+
+
+def test_lost_data_scattered_again_meanwhile_is_in_memory():
+    sim = Sim()
+    sim.deleted = []
+    s = sim.s
+    sim.add_worker("w1:1")
+    sim.add_worker("w2:1")
+    sim.scatter("c1", "w1:1", "data", 1)
+    sim.kill("w1:1", cause=CLOSED, report_expected=True)
+    assert s.tasks["data"].state == "lost"
+    sim.scatter("c1", "w2:1", "data", 2)
+    assert s.tasks["data"].state == "memory"
+    s.decide_death("w1:1")
+    assert s.tasks["data"].state == "memory"
+    assert not sim.client_msgs("c1", "task-erred")
+
+
+def test_held_task_released_meanwhile_is_forgotten():
+    sim = Sim(allowed_failures=0)
+    sim.deleted = []
+    s = sim.s
+    sim.add_worker("w1:1")
+    submit(s, "c1", ["t"], t=(const(1), []))
+    runner = kill_runner(sim, "t")
+    assert s.tasks["t"].state == "lost"
+    s.client_releases_keys("c1", ["t"])
+    assert "t" not in s.tasks
+    s.worker_died(runner, cause="exit code 3")
+    assert not sim.client_msgs("c1", "task-erred")
+    # submitted again, it runs anew
+    sim.add_worker("w2:1")
+    submit(s, "c1", ["t"], t=(const(1), []))
+    sim.run_all()
+    assert sim.result("t") == 1
+
+
+def test_a_worker_registering_at_the_address_decides_its_old_death():
+    sim = Sim(allowed_failures=0)
+    s = sim.s
+    sim.add_worker("w1:1")
+    submit(s, "c1", ["t"], t=(const(1), []))
+    kill_runner(sim, "t")
+    assert s.tasks["t"].state == "lost"
+    sim.add_worker("w1:1")  # the same address again: the old worker is gone
+    [m] = sim.client_msgs("c1", "task-erred")
+    assert CLOSED in str(m["exception"])
+
+
+def test_deaths_awaiting_reports_are_bounded():
+    from distributed.scheduler import MAX_DEATHS
+
+    sim = Sim(allowed_failures=0)
+    s = sim.s
+    submit(s, "c1", ["t"], t=(const(1), []))
+    sim.add_worker("first:1")
+    kill_runner(sim, "t")
+    assert s.tasks["t"].state == "lost"
+    for i in range(MAX_DEATHS):
+        sim.add_worker("w%d:1" % i)
+        sim.kill("w%d:1" % i, report_expected=True)
+    assert len(s.deaths) == MAX_DEATHS and "first:1" not in s.deaths
+    assert s.tasks["t"].state == "erred"  # decided when its death was dropped
+
+
+def test_restart_forgets_held_tasks():
+    sim = Sim(allowed_failures=0)
+    s = sim.s
+    sim.add_worker("w1:1")
+    sim.scatter("c1", "w1:1", "data", 1)
+    submit(s, "c1", ["t"], t=(const(1), []))
+    sim.add_worker("w2:1")
+    kill_runner(sim, "t")
+    assert {ts.state for ts in s.tasks.values()} == {"lost"}
+    s.restart()
+    s.decide_death("w1:1")
+    assert not s.tasks
+
+
 def test_missing_data_from_one_holder_uses_another(sim):
     s = sim.s
     sim.add_worker("w1:1")
@@ -1227,7 +1426,7 @@ def test_transition_table_names_only_known_states():
 
     states = {scheduler.RELEASED, scheduler.WAITING, scheduler.NO_WORKER,
               scheduler.QUEUED, scheduler.PROCESSING, scheduler.MEMORY,
-              scheduler.ERRED, scheduler.FORGOTTEN}
+              scheduler.ERRED, scheduler.LOST, scheduler.FORGOTTEN}
     assert {s for pair in TRANSITIONS for s in pair} == states
     assert all(isinstance(why, str) and why for why in TRANSITIONS.values())
     assert scheduler.FINISHED == {scheduler.RELEASED, scheduler.ERRED}

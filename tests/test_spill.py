@@ -599,7 +599,9 @@ def test_dworker_past_memory_limit_is_restarted(tmp_path):
     with memory_cluster(port, str(tmp_path), "300MB",
                         worker_args=["--ncores", "1"]) as (center, worker, e):
         f = e.submit(hog)
-        with pytest.raises(KilledWorker, match="running out of memory"):
+        # every death's cause, as the nanny tells it (the center waits for it)
+        with pytest.raises(KilledWorker, match="4 workers that died: memory limit "
+                           r"exceeded \(exit code 75\): its running tasks were to blame"):
             f.result(timeout=40)
         line = wait_for_line(worker, "died", timeout=10)
         assert "memory limit exceeded (exit code 75)" in line

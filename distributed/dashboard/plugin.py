@@ -35,6 +35,7 @@ from collections import deque
 
 from ..scheduler import (
     ERRED,
+    LOST,
     MEMORY,
     NO_WORKER,
     PROCESSING,
@@ -48,7 +49,9 @@ __all__ = ["DashboardPlugin", "COLUMNS"]
 
 #: the columns of a task group's progress bar, and the states each shows
 COLUMNS = ("waiting", "processing", "memory", "erred")
-_COLUMN = {WAITING: 0, NO_WORKER: 0, QUEUED: 0, PROCESSING: 1, MEMORY: 2, ERRED: 3}
+# a task held 'lost' (its worker died; the nanny's report awaited) shows as
+# processing: it is still being decided, and its erring is then an event
+_COLUMN = {WAITING: 0, NO_WORKER: 0, QUEUED: 0, PROCESSING: 1, LOST: 1, MEMORY: 2, ERRED: 3}
 _DONE = 4  # index of the count of tasks ever computed
 _STREAM_FIELDS = 9  # seq, key, prefix, worker, thread, start, stop, t0, t1
 #: how many finished tasks the task stream keeps
