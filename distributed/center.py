@@ -132,6 +132,7 @@ class Center(Server):
             "client-releases-keys": s.client_releases_keys,
             "cancel": s.cancel,
             "retry": s.retry,
+            "fire-and-forget": s.fire_and_forget,
             "update-data": s.update_data,
             "close-stream": close_stream,
         }
@@ -406,10 +407,10 @@ class Center(Server):
         return b"OK"
 
     def get_task_states(self, stream=None, keys=None):
-        states = self.scheduler.task_states()
-        if keys is not None:
-            return {k: states.get(k) for k in keys}
-        return states
+        if keys is not None:  # (progress bars ask for a graph's keys often)
+            tasks = self.scheduler.tasks
+            return {k: tasks[k].state if k in tasks else None for k in keys}
+        return self.scheduler.task_states()
 
     # -- keys ----------------------------------------------------------------
 

@@ -68,6 +68,9 @@ TRANSITION_LOG_LENGTH = 100000
 #: set (to anything but "" or "0") to run :meth:`Scheduler.validate` in the
 #: center after every batch of messages (the executor and resilience tests do)
 VALIDATE_ENV = "DISTRIBUTED_VALIDATE"
+#: the client that wants the keys of :meth:`Scheduler.fire_and_forget`
+#: until they are computed (a name no executor has: theirs are "executor-...")
+FIRE_AND_FORGET = "fire-and-forget"
 
 # -- task states -------------------------------------------------------------------
 
@@ -109,7 +112,8 @@ TRANSITIONS = {
     (PROCESSING, MEMORY): "a worker finished it (or a client scattered it)",
     (PROCESSING, ERRED): "it raised, or killed too many workers",
     (PROCESSING, RELEASED): "nobody wants it any more (it may still finish), its "
-                            "worker left, or it could not fetch its inputs",
+                            "worker left, it could not fetch its inputs, or it "
+                            "raised and has retries left (submit(..., retries=n))",
     (MEMORY, RELEASED): "nobody wants it any more, or every holder lost it",
     (ERRED, RELEASED): "a client retries it",
     (ERRED, MEMORY): "a client scattered data under its key",
@@ -160,7 +164,7 @@ class TaskState:
         "key", "state", "run_spec", "dependencies", "dependents", "waiting_on",
         "waiters", "who_wants", "priority", "processing_on", "restrictions",
         "loose_restrictions", "nbytes", "exception", "traceback", "text",
-        "suspicious", "type", "prefix", "retries",
+        "suspicious", "type", "prefix", "retries", "retries_left",
     )
 
     def __init__(self, key, run_spec=None, priority=(0,)):
@@ -183,7 +187,8 @@ class TaskState:
         self.suspicious = 0
         self.type = None
         self.prefix = key_split(key)
-        self.retries = 0
+        self.retries = 0  # failed fetches of its inputs (missing-data)
+        self.retries_left = 0  # times it may still be run again if it raises
 
     def __lt__(self, other):  # heap ties
         return self.priority < other.priority
@@ -554,12 +559,14 @@ class Scheduler:
 
     def update_graph(self, client, tasks=None, dependencies=None, keys=(),
                      restrictions=None, loose_restrictions=(), priority=None,
-                     lineage_only=False):
+                     lineage_only=False, retries=None):
         """Add tasks and say which keys ``client`` wants.
 
         ``tasks`` maps key -> run spec (opaque to the scheduler);
         ``dependencies`` maps key -> keys it needs (which must be in this
-        graph or already known); ``priority`` maps key -> a sortable value.
+        graph or already known); ``priority`` maps key -> a sortable value
+        (lowest runs first among ready tasks); ``retries`` maps key -> how
+        many times the task is run again if it raises, before it errs.
         A task whose key a worker already holds is in memory at once.
         ``lineage_only``: the tasks are sent again (to a restarted center)
         and run only where ``keys`` need them, not every one of them.
@@ -568,8 +575,9 @@ class Scheduler:
         dependencies = dependencies or {}
         restrictions = restrictions or {}
         priority = priority or {}
+        retries = retries or {}
         loose = set(loose_restrictions or ())
-        _check_graph(tasks, dependencies, keys, restrictions, priority)
+        _check_graph(tasks, dependencies, keys, restrictions, priority, retries)
         self.add_client(client)
         cycle = find_cycle(dependencies)
         if cycle is not None:  # its tasks would wait on each other forever
@@ -595,6 +603,8 @@ class Scheduler:
             elif ts.state == RELEASED and ts.run_spec is None:
                 ts.run_spec = spec
             ts.priority = priority.get(key, ts.priority)
+            if key in retries:
+                ts.retries_left = retries[key]
             if key in restrictions:
                 ts.restrictions = set(restrictions[key])
                 ts.loose_restrictions = key in loose
@@ -671,6 +681,23 @@ class Scheduler:
             self._forget_error(ts, "retried by client %s" % (client,))
         self._request(roots + rerun)
         self._flush_releases()
+
+    def fire_and_forget(self, client, keys):
+        """Compute ``keys`` (known tasks) even once no client wants them any
+        more: they are wanted by :data:`FIRE_AND_FORGET` until in memory or
+        erred, then released (if nobody else wants them)."""
+        self.add_client(FIRE_AND_FORGET)
+        keys = [k for k in keys if k in self.tasks
+                and self.tasks[k].state not in (MEMORY, ERRED)]  # done already
+        wanted = self._want(FIRE_AND_FORGET, keys)
+        self._request([ts for ts in wanted if ts.state == RELEASED])
+        self._flush_releases()
+
+    def _done_with_fire_and_forget(self, ts):
+        """``ts`` is in memory or erred: :data:`FIRE_AND_FORGET` wants it no more."""
+        if FIRE_AND_FORGET in ts.who_wants:
+            ts.who_wants.discard(FIRE_AND_FORGET)
+            self.clients[FIRE_AND_FORGET].discard(ts.key)
 
     def _want(self, client, keys):
         """``client`` wants ``keys``: their tasks (an unknown key errs for it)."""
@@ -775,8 +802,14 @@ class Scheduler:
             self._ran(ws, key, ts)
         if ts is not None and ts.state == PROCESSING and ts.processing_on is ws:
             ts.processing_on = None
-            self._erred(ts, exception, traceback, text, cause="task-erred",
-                        worker=address)
+            if ts.retries_left > 0:  # submit(..., retries=n): run it again
+                ts.retries_left -= 1
+                self._transition(ts, RELEASED, "task-erred (%s); run again, %d "
+                                 "retries left" % (text, ts.retries_left), address)
+                self._request([ts])
+            else:
+                self._erred(ts, exception, traceback, text, cause="task-erred",
+                            worker=address)
         if ws is not None:
             self._fill(ws)
         self._flush_releases()
@@ -1072,6 +1105,7 @@ class Scheduler:
         for dep in ts.dependencies:
             dep.waiters.discard(ts)
             self._maybe_release(dep)
+        self._done_with_fire_and_forget(ts)
         self._maybe_release(ts)
 
     def _erred(self, ts, exception, traceback, text, cause=None, worker=None):
@@ -1105,6 +1139,7 @@ class Scheduler:
         for dep in ts.dependencies:
             dep.waiters.discard(ts)
             self._maybe_release(dep)
+        self._done_with_fire_and_forget(ts)
         self._maybe_forget(ts)
 
     def _maybe_release(self, ts):
@@ -1272,10 +1307,11 @@ class Scheduler:
                    sorted(map(str, ts.who_wants)), sorted(d.key for d in ts.waiters))
 
 
-def _check_graph(tasks, dependencies, keys, restrictions, priority):
+def _check_graph(tasks, dependencies, keys, restrictions, priority, retries):
     """Refuse a malformed graph whole, before any state changes."""
     for name, value in (("tasks", tasks), ("dependencies", dependencies),
-                        ("restrictions", restrictions), ("priority", priority)):
+                        ("restrictions", restrictions), ("priority", priority),
+                        ("retries", retries)):
         if not isinstance(value, dict):
             raise TypeError("update-graph: %s must be a dict, got %s"
                             % (name, type(value).__name__))
@@ -1285,6 +1321,10 @@ def _check_graph(tasks, dependencies, keys, restrictions, priority):
                             % (key, type(deps).__name__))
     if not isinstance(keys, (list, tuple, set, frozenset)):
         raise TypeError("update-graph: keys must be a list, got %s" % type(keys).__name__)
+    for key, n in retries.items():
+        if type(n) is not int or n < 0:
+            raise TypeError("update-graph: retries of %r must be an int >= 0, got %r"
+                            % (key, n))
     for key in itertools.chain(tasks, keys):
         validate_key(key)  # a NaN key could never be found again
 

@@ -61,6 +61,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 
 import psutil
 from tornado import gen
@@ -108,7 +109,13 @@ from .worker_memory import (  # noqa: F401 (importable from here, as they always
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Worker", "gather_from_workers", "MEMORY_EXIT_CODE", "MEMORY_BLAME"]
+__all__ = ["Worker", "gather_from_workers", "MEMORY_EXIT_CODE", "MEMORY_BLAME",
+           "get_worker", "secede", "rejoin"]
+
+#: in a task's thread: ``.worker``, the Worker running it (see get_worker)
+thread_state = threading.local()
+#: the workers of this process
+_workers = weakref.WeakSet()
 
 #: seconds between heartbeats to the center
 HEARTBEAT_INTERVAL = 1.0
@@ -231,6 +238,10 @@ class Worker(Server):
         self.executor = concurrent.futures.ThreadPoolExecutor(
             self.ncores, thread_name_prefix="distributed-worker"
         )
+        self._secede_lock = threading.Lock()
+        _workers.add(self)
+        #: the Executor of :func:`distributed.get_executor` in its tasks
+        self.client = None
         if local_dir:
             os.makedirs(local_dir, exist_ok=True)
         self.local_dir = tempfile.mkdtemp(prefix="worker-", dir=local_dir)
@@ -398,6 +409,9 @@ class Worker(Server):
             service.stop()
         self.stop()
         self.pool.close()
+        if self.client is not None:  # tasks' get_executor(): its own loop thread
+            threading.Thread(target=self.client.shutdown, kwargs={"timeout": 2},
+                             daemon=True).start()
         self.executor.shutdown(wait=False)
         self.memory.close()
         shutil.rmtree(self.local_dir, ignore_errors=True)
@@ -608,7 +622,10 @@ class Worker(Server):
         """In a task thread: :func:`_run_function`, with room made in memory
         before it and for its result after it (see
         :meth:`WorkerMemoryManager.room_for`): a result that can be neither
-        kept nor spilled fails the task with ``MemoryError``."""
+        kept nor spilled fails the task with ``MemoryError``.  The task can
+        find its worker with :func:`get_worker`."""
+        thread_state.worker = self
+        thread_state.seceded = 0
         if type(self.data) is dict:
             return _run_function(function, args, kwargs)
         memory = self.memory
@@ -619,6 +636,26 @@ class Worker(Server):
             if error is not None:  # the result is dropped: nothing keeps it
                 ok, result = False, (error, error.__traceback__)
         return ok, result, timings
+
+    # -- task threads that wait (a task submitting tasks) ----------------------
+
+    def secede(self):
+        """A task thread is about to wait (for tasks it submitted): let one
+        more thread run tasks meanwhile, so that what it waits for can run
+        (a 1-thread worker would deadlock otherwise).  :meth:`rejoin` when
+        done waiting.  Threads beyond ``ncores`` stay idle in the pool and
+        serve the next seceding task: at most ``ncores`` + the tasks
+        waiting at once."""
+        with self._secede_lock:
+            pool = self.executor
+            pool._max_workers += 1
+            pool._adjust_thread_count()  # starts a thread if none is idle
+
+    def rejoin(self):
+        """The waiting task thread runs again: back to ``ncores`` slots (the
+        thread started for it runs no new task while it is busy)."""
+        with self._secede_lock:
+            self.executor._max_workers -= 1
 
     # -- tasks from the scheduler ------------------------------------------------
     #
@@ -902,6 +939,47 @@ class Worker(Server):
             self.ncores,
             self.status,
         )
+
+
+def get_worker():
+    """The :class:`Worker` running the current task (call it inside a task).
+
+    >>> def task():
+    ...     return get_worker().address
+    >>> e.submit(task).result()                           # doctest: +SKIP
+    '127.0.0.1:40123'
+
+    Outside a task thread: the only worker of this process, if there is
+    exactly one; else ``ValueError``.
+    """
+    worker = getattr(thread_state, "worker", None)
+    if worker is not None:
+        return worker
+    running = [w for w in list(_workers) if w.status not in ("closing", "closed")]
+    if len(running) == 1:
+        return running[0]
+    raise ValueError("get_worker() is called inside a task (no task runs in this "
+                     "thread, and this process has %d workers)" % len(running))
+
+
+def secede():
+    """In a task: this thread waits now; the worker runs other tasks meanwhile
+    (see :meth:`Worker.secede`).  Pair it with :func:`rejoin`.  A task's
+    executor (:func:`distributed.get_executor`) does both around its waits."""
+    worker = getattr(thread_state, "worker", None)
+    if worker is None:
+        raise ValueError("secede() is called inside a task")
+    worker.secede()
+    thread_state.seceded = getattr(thread_state, "seceded", 0) + 1
+
+
+def rejoin():
+    """In a task that seceded: it is back to work on one of the worker's slots."""
+    worker = getattr(thread_state, "worker", None)
+    if worker is None or not getattr(thread_state, "seceded", 0):
+        raise ValueError("rejoin() is called inside a task that seceded")
+    thread_state.seceded -= 1
+    worker.rejoin()
 
 
 @functools.lru_cache(maxsize=512)
