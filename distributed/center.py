@@ -75,6 +75,7 @@ class Center(Server):
         self.worker_services = {}
         self.names = {}
         self.nannies = {}  # worker address -> address of the nanny running it
+        self.resources = {}  # worker address -> {name: amount} (dworker --resources)
         self.deaths = []  # (time, address, cause) of worker deaths told by nannies
         self.last_seen = {}
         # workers removed as silent or disconnected, which may come back with
@@ -156,7 +157,8 @@ class Center(Server):
         info = {"type": type(self).__name__, "id": self.id,
                 "workers": list(self.ncores),
                 "heartbeat_timeout": self.heartbeat_timeout,
-                "allowed_failures": self.scheduler.allowed_failures}
+                "allowed_failures": self.scheduler.allowed_failures,
+                "resources": dict(self.resources)}
         if self.validate:
             info["invariant_errors"] = list(self.invariant_errors)
         return info
@@ -188,7 +190,7 @@ class Center(Server):
     # -- workers arriving and leaving ---------------------------------------
 
     def register(self, stream, address=None, ncores=None, keys=(), services=None,
-                 name=None, nbytes=None, nanny=None, now=None):
+                 name=None, nbytes=None, nanny=None, now=None, resources=None):
         address = coerce_to_address(address)
         if name is not None:
             for other, other_name in self.names.items():
@@ -205,6 +207,8 @@ class Center(Server):
         self.names[address] = name if name is not None else address
         if nanny is not None:
             self.nannies[address] = coerce_to_address(nanny)
+        if resources:
+            self.resources[address] = dict(resources)
         self.last_seen[address] = time.time()
         if stream is not None:
             self.worker_streams[address] = stream
@@ -255,6 +259,7 @@ class Center(Server):
         self.worker_services.pop(address, None)
         self.names.pop(address, None)
         self.nannies.pop(address, None)
+        self.resources.pop(address, None)
         self.last_seen.pop(address, None)
         stream = self.worker_streams.pop(address, None)
         if stream is not None:
@@ -303,7 +308,8 @@ class Center(Server):
         rejoining = self._rejoining.pop(address, None)
         if rejoining is not None:
             self.scheduler.rejoin(address, *rejoining)
-        self.scheduler.add_worker(address, self.ncores.get(address))
+        self.scheduler.add_worker(address, self.ncores.get(address),
+                                  resources=self.resources.get(address))
         self.send_scheduler_messages()
         await handle_batches(stream, self.stream_handlers, {"address": address},
                              sender=address, limits=self.limits, stall=self.stall_timeout,

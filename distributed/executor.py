@@ -112,7 +112,7 @@ _executors = weakref.WeakSet()
 #: compute, get and persist refuse them by name (they are never passed on to
 #: the function; to give a function a keyword argument of such a name, bind
 #: it: ``submit(functools.partial(f, fifo_timeout=1), x)``)
-UNSUPPORTED_KEYWORDS = ("resources", "actor", "actors", "fifo_timeout")
+UNSUPPORTED_KEYWORDS = ("actor", "actors", "fifo_timeout")
 
 
 class _DefaultScheduler:
@@ -1038,7 +1038,8 @@ class Executor:
         return blob
 
     def submit(self, func, *args, key=None, pure=True, workers=None,
-               allow_other_workers=False, priority=0, retries=None, **kwargs):
+               allow_other_workers=False, priority=0, retries=None, resources=None,
+               **kwargs):
         """Run ``func(*args, **kwargs)`` on the cluster; return a Future.
 
         Futures among the arguments (nested in lists, tuples, dicts too) are
@@ -1048,12 +1049,15 @@ class Executor:
         ``allow_other_workers=True``, only a preference).  ``priority``:
         among tasks ready to run, higher goes first (default 0; ties: first
         submitted first).  ``retries=n``: if it raises, run it again, up to
-        ``n`` times, before the future errs.  dask's other scheduling
-        keywords (:data:`UNSUPPORTED_KEYWORDS`) raise ``TypeError``.
+        ``n`` times, before the future errs.  ``resources={'GPU': 1}``: it
+        runs only on a worker started with at least that much
+        (``dworker --resources GPU=2``), while it is free there (the task
+        holds it while it runs).  dask's other scheduling keywords
+        (:data:`UNSUPPORTED_KEYWORDS`) raise ``TypeError``.
         """
         if not callable(func):
             raise TypeError("submit needs a callable first argument, got %r" % (func,))
-        _check_scheduling("submit", priority, retries, kwargs)
+        _check_scheduling("submit", priority, retries, kwargs, resources=resources)
         self._check_running()
         if key is not None:
             validate_key(key)
@@ -1078,6 +1082,7 @@ class Executor:
             "loose_restrictions": [key] if restrictions and allow_other_workers else [],
             "priority": {key: (-priority, next(self._priority))},
             "retries": {key: retries} if retries else {},
+            "resources": {key: resources} if resources else {},
         })
         return future
 
@@ -1138,6 +1143,8 @@ class Executor:
                 "priority": {k: v for k, v in msg["priority"].items() if mine(k)},
                 "retries": {k: v for k, v in (msg.get("retries") or {}).items()
                             if mine(k)},
+                "resources": {k: v for k, v in (msg.get("resources") or {}).items()
+                              if mine(k)},
             })
         if held:
             self._send({"op": "client-releases-keys", "keys": held})
@@ -1194,17 +1201,17 @@ class Executor:
         return {k: addresses for k in keys}
 
     def map(self, func, *iterables, key=None, pure=True, workers=None,
-            allow_other_workers=False, priority=0, retries=None, batch_size=None,
-            **kwargs):
+            allow_other_workers=False, priority=0, retries=None, resources=None,
+            batch_size=None, **kwargs):
         """``[submit(func, *args, **kwargs) for args in zip(*iterables)]``, in one
         message (cut in parts the center can read, whatever ``batch_size``,
-        accepted for dask's sake).  ``priority`` and ``retries`` as for
-        :meth:`submit`, for every task."""
+        accepted for dask's sake).  ``priority``, ``retries`` and
+        ``resources`` as for :meth:`submit`, for every task."""
         if not callable(func):
             raise TypeError("map needs a callable first argument, got %r" % (func,))
         if not iterables:
             raise TypeError("map needs at least one iterable")
-        _check_scheduling("map", priority, retries, kwargs)
+        _check_scheduling("map", priority, retries, kwargs, resources=resources)
         if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
             raise TypeError("map: batch_size must be an int >= 1, got %r" % (batch_size,))
         self._check_running()
@@ -1267,6 +1274,7 @@ class Executor:
                 else [],
                 "priority": priority,
                 "retries": dict.fromkeys(new_keys, retries) if retries else {},
+                "resources": dict.fromkeys(new_keys, resources) if resources else {},
             })
         return futures
 
@@ -1473,7 +1481,7 @@ class Executor:
     # -- task graphs --------------------------------------------------------------------
 
     def _graph_to_futures(self, dsk, keys, restrictions=None, loose_restrictions=None,
-                          priority=0, retries=None):
+                          priority=0, retries=None, resources=None):
         dsk = _normalize_graph(dsk)
         for k in itertools.chain(dsk, keys):
             validate_key(k)
@@ -1521,6 +1529,7 @@ class Executor:
             "loose_restrictions": list(loose_restrictions or ()),
             "priority": {k: (-priority, base, rank.get(k, 0)) for k in tasks},
             "retries": dict.fromkeys(tasks, retries) if retries else {},
+            "resources": dict.fromkeys(tasks, resources) if resources else {},
         })
         del held
         return futures
@@ -1545,20 +1554,23 @@ class Executor:
         return replace(task), fdeps
 
     def get(self, dsk, keys, restrictions=None, loose_restrictions=None, priority=0,
-            retries=None, **kwargs):
+            retries=None, resources=None, **kwargs):
         """Compute ``keys`` of the task graph ``dsk`` (dask's scheduler interface).
 
         ``keys`` is a key or a nested list of keys; the result has the same
         shape.  Usable as ``dask.compute(x, scheduler=e.get)`` (or
-        ``scheduler=e``: an executor called is its ``get``); ``priority``
-        and ``retries`` as for :meth:`submit`, for every task of the graph.
+        ``scheduler=e``: an executor called is its ``get``); ``priority``,
+        ``retries`` and ``resources`` as for :meth:`submit`, for every task
+        of the graph.
         """
-        _check_scheduling("get", priority, retries, kwargs, unknown=True)
+        _check_scheduling("get", priority, retries, kwargs, unknown=True,
+                          resources=resources)
         if hasattr(dsk, "__dask_graph__") and not isinstance(dsk, dict):
             dsk = dsk.__dask_graph__()
         flat = list(_flatten_keys(keys))
         futures = self._graph_to_futures(dsk, flat, restrictions, loose_restrictions,
-                                         priority=priority, retries=retries)
+                                         priority=priority, retries=retries,
+                                         resources=resources)
         try:
             results = self.gather([futures[k] for k in flat])
         finally:
@@ -1571,28 +1583,32 @@ class Executor:
     __call__ = get  # dask.compute(x, scheduler=e), dask.config.set(scheduler=e)
 
     async def _get(self, dsk, keys, restrictions=None, loose_restrictions=None,
-                   priority=0, retries=None, **kwargs):
-        _check_scheduling("get", priority, retries, kwargs, unknown=True)
+                   priority=0, retries=None, resources=None, **kwargs):
+        _check_scheduling("get", priority, retries, kwargs, unknown=True,
+                          resources=resources)
         if hasattr(dsk, "__dask_graph__") and not isinstance(dsk, dict):
             dsk = dsk.__dask_graph__()
         flat = list(_flatten_keys(keys))
         futures = self._graph_to_futures(dsk, flat, restrictions, loose_restrictions,
-                                         priority=priority, retries=retries)
+                                         priority=priority, retries=retries,
+                                         resources=resources)
         results = await self._gather([futures[k] for k in flat])
         return _pack_keys(keys, dict(zip(flat, results)))
 
     def compute(self, collections, sync=False, optimize_graph=True, priority=0,
-                retries=None, **kwargs):
+                retries=None, resources=None, **kwargs):
         """Start computing dask collections; return a future per collection.
 
         A task-graph dict gives ``{key: Future}`` for every key of the graph.
         ``sync=True`` waits and returns the results instead.
         ``optimize_graph=False`` skips dask's low-level graph optimizations;
-        ``priority`` and ``retries`` as for :meth:`submit`, for every task.
-        :func:`progress` of such a future counts the tasks of its graph.
+        ``priority``, ``retries`` and ``resources`` as for :meth:`submit`,
+        for every task.  :func:`progress` of such a future counts the tasks
+        of its graph.
         """
-        _check_scheduling("compute", priority, retries, kwargs, unknown=True)
-        sched = {"priority": priority, "retries": retries}
+        _check_scheduling("compute", priority, retries, kwargs, unknown=True,
+                          resources=resources)
+        sched = {"priority": priority, "retries": retries, "resources": resources}
         if isinstance(collections, dict):
             futures = self._graph_to_futures(collections, list(collections), **sched)
             return self.gather(futures) if sync else futures
@@ -1614,16 +1630,17 @@ class Executor:
         return await self._gather(futures) if sync else futures
 
     def persist(self, collections, optimize_graph=True, priority=0, retries=None,
-                **kwargs):
+                resources=None, **kwargs):
         """Start computing dask collections, keep the results on the cluster.
 
         Returns collections of the same type whose graphs point at futures
         (a list for a list).  ``wait``, ``progress``, ``futures_of`` take
-        them.  ``optimize_graph``, ``priority``, ``retries`` as for
-        :meth:`compute`.  dask calls it: ``x.persist()`` when the executor
+        them.  ``optimize_graph``, ``priority``, ``retries``, ``resources``
+        as for :meth:`compute`.  dask calls it: ``x.persist()`` when the executor
         is dask's scheduler, ``dask.persist(x, scheduler=e.get)``.
         """
-        _check_scheduling("persist", priority, retries, kwargs, unknown=True)
+        _check_scheduling("persist", priority, retries, kwargs, unknown=True,
+                          resources=resources)
         single = not isinstance(collections, (list, tuple))
         colls = [collections] if single else list(collections)
         out = []
@@ -1631,7 +1648,7 @@ class Executor:
             dsk, keys = _collection_graph(c, finalize=False, optimize_graph=optimize_graph)
             flat = list(_flatten_keys(keys))
             futures = self._graph_to_futures(dsk, flat, priority=priority,
-                                             retries=retries)
+                                             retries=retries, resources=resources)
             rebuild, args = c.__dask_postpersist__()
             out.append(rebuild(futures, *args))
         return out[0] if single else out
@@ -1670,7 +1687,8 @@ class Executor:
         """What the center says of itself and its workers::
 
             {'type': 'Center', 'id': ..., 'address': '127.0.0.1:8787',
-             'workers': {'127.0.0.1:40123': {'nthreads': 1}, ...}, ...}
+             'workers': {'127.0.0.1:40123': {'nthreads': 1, 'resources': {}},
+                         ...}, ...}
         """
         return self.sync(self._scheduler_info)
 
@@ -1678,7 +1696,10 @@ class Executor:
         info = dict(await self.center.identity(timeout=self.timeout))
         ncores = await self.center.ncores(timeout=self.timeout)
         info["address"] = self.address
-        info["workers"] = {a: {"nthreads": n, "ncores": n} for a, n in ncores.items()}
+        resources = info.pop("resources", {})
+        info["workers"] = {a: {"nthreads": n, "ncores": n,
+                               "resources": resources.get(a, {})}
+                           for a, n in ncores.items()}
         return info
 
     def wait_for_workers(self, n_workers=1, timeout=None):
@@ -1949,16 +1970,17 @@ def _graph_message(tasks, keys):
     """The update-graph message sending the remembered ``tasks`` again."""
     msg = {"op": "update-graph", "tasks": {}, "dependencies": {}, "keys": keys,
            "restrictions": {}, "loose_restrictions": [], "priority": {},
-           "retries": {}, "lineage_only": True}
+           "retries": {}, "resources": {}, "lineage_only": True}
     for key, (sent, _) in tasks.items():
         msg["tasks"][key] = sent["tasks"][key]
         msg["dependencies"][key] = list(sent["dependencies"].get(key, ()))
         priority = (sent.get("priority") or {}).get(key)
         if priority is not None:
             msg["priority"][key] = priority
-        retries = (sent.get("retries") or {}).get(key)
-        if retries:
-            msg["retries"][key] = retries
+        for field in ("retries", "resources"):
+            value = (sent.get(field) or {}).get(key)
+            if value:
+                msg[field][key] = value
         restriction = (sent.get("restrictions") or {}).get(key)
         if restriction is not None:
             msg["restrictions"][key] = restriction
@@ -1967,7 +1989,8 @@ def _graph_message(tasks, keys):
     return msg
 
 
-def _check_scheduling(method, priority=0, retries=None, kwargs=(), unknown=False):
+def _check_scheduling(method, priority=0, retries=None, kwargs=(), unknown=False,
+                      resources=None):
     """Refuse bad values of ``priority``/``retries``, and dask's scheduling
     keywords this executor does not implement among ``kwargs`` (with
     ``unknown=True``, any keyword: ``kwargs`` are not the function's)."""
@@ -1976,19 +1999,24 @@ def _check_scheduling(method, priority=0, retries=None, kwargs=(), unknown=False
                         % (method, priority))
     if retries is not None and (type(retries) is not int or retries < 0):
         raise TypeError("%s: retries must be an int >= 0, got %r" % (method, retries))
+    if resources is not None and not (isinstance(resources, dict) and all(
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float))
+            and v >= 0 for k, v in resources.items())):
+        raise TypeError("%s: resources must be a dict {name: amount >= 0}, e.g. "
+                        "{'GPU': 1}, got %r" % (method, resources))
     bad = [k for k in kwargs if k in UNSUPPORTED_KEYWORDS]
     if bad:
         raise TypeError(
             "%s(%s=...): dask's scheduling keyword%s %s %s not supported by this "
             "executor (it supports workers=, allow_other_workers=, priority=, "
-            "retries=). If your function itself takes a keyword argument of that "
+            "retries=, resources=). If your function itself takes a keyword argument of that "
             "name, bind it: functools.partial(func, %s=...)"
             % (method, bad[0], "s" if len(bad) > 1 else "", ", ".join(bad),
                "are" if len(bad) > 1 else "is", bad[0]))
     if unknown and kwargs:
         raise TypeError("%s() got unexpected keyword arguments: %s (it takes "
-                        "priority=, retries=, workers=, allow_other_workers=, "
-                        "optimize_graph=)" % (method, ", ".join(sorted(kwargs))))
+                        "priority=, retries=, resources=, optimize_graph=)"
+                        % (method, ", ".join(sorted(kwargs))))
 
 
 def _to_blob_or_raise(obj, what):

@@ -164,7 +164,7 @@ class TaskState:
         "key", "state", "run_spec", "dependencies", "dependents", "waiting_on",
         "waiters", "who_wants", "priority", "processing_on", "restrictions",
         "loose_restrictions", "nbytes", "exception", "traceback", "text",
-        "suspicious", "type", "prefix", "retries", "retries_left",
+        "suspicious", "type", "prefix", "retries", "retries_left", "resources",
     )
 
     def __init__(self, key, run_spec=None, priority=(0,)):
@@ -189,6 +189,7 @@ class TaskState:
         self.prefix = key_split(key)
         self.retries = 0  # failed fetches of its inputs (missing-data)
         self.retries_left = 0  # times it may still be run again if it raises
+        self.resources = None  # {name: amount} it holds of its worker's while running
 
     def __lt__(self, other):  # heap ties
         return self.priority < other.priority
@@ -198,11 +199,16 @@ class TaskState:
 
 
 class WorkerState:
-    __slots__ = ("address", "ncores", "processing", "queue", "paused", "memory_exit")
+    __slots__ = ("address", "ncores", "processing", "queue", "paused", "memory_exit",
+                 "resources", "used_resources")
 
-    def __init__(self, address, ncores):
+    def __init__(self, address, ncores, resources=None):
         self.address = address
         self.ncores = ncores
+        #: ``{name: amount}`` it has (``dworker --resources GPU=2``), and of
+        #: those, what the tasks in ``processing`` hold
+        self.resources = dict(resources or {})
+        self.used_resources = dict.fromkeys(self.resources, 0)
         self.paused = False  # over its memory pause threshold: send it nothing
         # exiting past its memory limit: 'data' (what it held is to blame, not
         # its tasks) or 'tasks'; None: not exiting for memory
@@ -342,17 +348,19 @@ class Scheduler:
 
     # -- workers and clients ------------------------------------------------------
 
-    def add_worker(self, address, ncores=1):
+    def add_worker(self, address, ncores=1, resources=None):
         """``address`` may be sent tasks now.  The keys it registered with
         (:meth:`add_replicas`) are merged with their tasks first (see
         :meth:`add_keys`), so that a task waiting for one it holds is not
-        sent to it."""
+        sent to it.  ``resources``: ``{name: amount}`` it has, which tasks
+        asking for them (``update_graph(resources=...)``) hold while they
+        run there."""
         if address in self.workers:
             return
         held = self.has_what.get(address)
         if held:
             self.add_keys(address, list(held), self.nbytes)
-        ws = self.workers[address] = WorkerState(address, ncores or 1)
+        ws = self.workers[address] = WorkerState(address, ncores or 1, resources)
         if self.plugins:
             self._tell_plugins("add_worker", address)
         for ts in sorted(self.unrunnable, key=_priority):
@@ -559,14 +567,16 @@ class Scheduler:
 
     def update_graph(self, client, tasks=None, dependencies=None, keys=(),
                      restrictions=None, loose_restrictions=(), priority=None,
-                     lineage_only=False, retries=None):
+                     lineage_only=False, retries=None, resources=None):
         """Add tasks and say which keys ``client`` wants.
 
         ``tasks`` maps key -> run spec (opaque to the scheduler);
         ``dependencies`` maps key -> keys it needs (which must be in this
         graph or already known); ``priority`` maps key -> a sortable value
         (lowest runs first among ready tasks); ``retries`` maps key -> how
-        many times the task is run again if it raises, before it errs.
+        many times the task is run again if it raises, before it errs;
+        ``resources`` maps key -> ``{name: amount}``: it runs only on a
+        worker that has them free (``no-worker`` while none has them).
         A task whose key a worker already holds is in memory at once.
         ``lineage_only``: the tasks are sent again (to a restarted center)
         and run only where ``keys`` need them, not every one of them.
@@ -576,8 +586,10 @@ class Scheduler:
         restrictions = restrictions or {}
         priority = priority or {}
         retries = retries or {}
+        resources = resources or {}
         loose = set(loose_restrictions or ())
-        _check_graph(tasks, dependencies, keys, restrictions, priority, retries)
+        _check_graph(tasks, dependencies, keys, restrictions, priority, retries,
+                     resources)
         self.add_client(client)
         cycle = find_cycle(dependencies)
         if cycle is not None:  # its tasks would wait on each other forever
@@ -605,6 +617,8 @@ class Scheduler:
             ts.priority = priority.get(key, ts.priority)
             if key in retries:
                 ts.retries_left = retries[key]
+            if key in resources and ts.state not in PENDING:  # (not while it holds them)
+                ts.resources = dict(resources[key]) or None
             if key in restrictions:
                 ts.restrictions = set(restrictions[key])
                 ts.loose_restrictions = key in loose
@@ -763,6 +777,7 @@ class Scheduler:
         self.unrunnable.clear()
         for ws in self.workers.values():
             ws.processing.clear()
+            ws.used_resources = dict.fromkeys(ws.resources, 0)
             ws.queue.clear()
 
     # -- inputs from workers ------------------------------------------------------
@@ -788,7 +803,7 @@ class Scheduler:
             if ts.state != MEMORY:
                 other = ts.processing_on
                 if other is not None and other is not ws:
-                    other.processing.discard(ts)  # it may still report: a replica
+                    self._unprocess(other, ts)  # it may still report: a replica
                 ts.processing_on = None
                 self._set_memory(ts, "task-finished", address, type, value)
         if ws is not None:
@@ -894,18 +909,38 @@ class Scheduler:
         """Is data for ``ts``, not in memory now, wanted?"""
         return ts.state in NOT_IN_MEMORY and bool(ts.who_wants or ts.waiters)
 
-    @staticmethod
-    def _ran(ws, key, ts):
+    def _ran(self, ws, key, ts):
         """``ws`` reported on ``key``: out of its processing set.  A task
         released while running there and forgotten before the report (then
         perhaps submitted again, a new ``ts``) is found by its key: it
         would hold one of the worker's slots forever."""
-        processing = ws.processing
-        if ts is not None and ts in processing:
-            processing.discard(ts)
+        if ts is not None and ts in ws.processing:
+            self._unprocess(ws, ts)
         else:
-            for stale in [t for t in processing if t.key == key]:
-                processing.discard(stale)
+            for stale in [t for t in ws.processing if t.key == key]:
+                self._unprocess(ws, stale)
+
+    @staticmethod
+    def _unprocess(ws, ts):
+        """``ts`` runs on ``ws`` no more: its slot and resources are free."""
+        if ts in ws.processing:
+            ws.processing.discard(ts)
+            for name, amount in (ts.resources or {}).items():
+                if name in ws.used_resources:
+                    ws.used_resources[name] -= amount
+
+    @staticmethod
+    def _can_run(ws, ts):
+        """Has ``ws`` the resources ``ts`` asks for (free or not)?"""
+        return not ts.resources or all(
+            ws.resources.get(name, 0) >= amount for name, amount in ts.resources.items())
+
+    @staticmethod
+    def _fits(ws, ts):
+        """Are the resources ``ts`` asks for free on ``ws`` now?"""
+        return not ts.resources or all(
+            ws.resources.get(name, 0) - ws.used_resources.get(name, 0) >= amount
+            for name, amount in ts.resources.items())
 
     # -- transitions --------------------------------------------------------------
 
@@ -975,7 +1010,7 @@ class Scheduler:
                 self._transition(ts, NO_WORKER, cause)
             self.unrunnable.add(ts)
             return
-        if len(ws.processing) < self._limit(ws):
+        if len(ws.processing) < self._limit(ws) and self._fits(ws, ts):
             self._send(ws, ts, cause)
         else:
             self._transition(ts, QUEUED, cause, ws.address)
@@ -986,6 +1021,8 @@ class Scheduler:
         self._transition(ts, PROCESSING, cause, ws.address)
         ts.processing_on = ws
         ws.processing.add(ts)
+        for name, amount in (ts.resources or {}).items():
+            ws.used_resources[name] += amount
         who_has = {}
         nbytes = {}
         for dep in ts.dependencies:
@@ -998,17 +1035,26 @@ class Scheduler:
         })
 
     def _fill(self, ws):
-        """Send queued tasks while ``ws`` has free slots."""
+        """Send queued tasks while ``ws`` has free slots (a task whose
+        resources are not free waits on, in its place)."""
         limit = self._limit(ws)
         queue = ws.queue
+        waiting = []  # their resources are taken
         while len(ws.processing) < limit:
             if not queue:
-                self._steal_for(ws)
+                if not waiting:
+                    self._steal_for(ws)
                 if not queue:
-                    return
-            _, _, ts = heapq.heappop(queue)
+                    break
+            item = heapq.heappop(queue)
+            ts = item[2]
             if ts.state == QUEUED and ts.processing_on is ws:
-                self._send(ws, ts, "a slot is free")
+                if self._fits(ws, ts):
+                    self._send(ws, ts, "a slot is free")
+                else:
+                    waiting.append(item)
+        for item in waiting:
+            heapq.heappush(queue, item)
 
     def _limit(self, ws):
         """Tasks in flight on ``ws``: its cores plus enough to cover a round
@@ -1033,7 +1079,7 @@ class Scheduler:
             if ts.state != QUEUED or ts.processing_on is not victim:
                 continue  # stale entry: drop it
             if moved < take and (ts.restrictions is None or ws.address in ts.restrictions
-                                 or ts.loose_restrictions):
+                                 or ts.loose_restrictions) and self._can_run(ws, ts):
                 ts.processing_on = ws
                 heapq.heappush(ws.queue, item)
                 moved += 1
@@ -1053,6 +1099,13 @@ class Scheduler:
                 if not ts.loose_restrictions:
                     return None
                 candidates = None
+        if ts.resources:  # only those that have them; those with them free first
+            candidates = [ws for ws in (candidates or workers.values())
+                          if self._can_run(ws, ts)]
+            if not candidates:
+                return None
+            free = [ws for ws in candidates if self._fits(ws, ts)]
+            candidates = free or candidates
         if candidates is None:
             if ts.dependencies:
                 holders = set()
@@ -1224,6 +1277,14 @@ class Scheduler:
             self._validate_task(ts)
         for address, ws in workers.items():
             _check(ws.address == address, address, "worker filed under another address")
+            held = defaultdict(float)
+            for ts in ws.processing:
+                for name, amount in (ts.resources or {}).items():
+                    held[name] += amount
+            for name, used in ws.used_resources.items():
+                _check(abs(used - held.get(name, 0)) < 1e-9, address,
+                       "uses %s of resource %r, but its tasks hold %s", used, name,
+                       held.get(name, 0))
             for ts in ws.processing:
                 # a task released while running stays here until it reports
                 # (forgotten meanwhile, it is found by its key: see _ran)
@@ -1307,11 +1368,12 @@ class Scheduler:
                    sorted(map(str, ts.who_wants)), sorted(d.key for d in ts.waiters))
 
 
-def _check_graph(tasks, dependencies, keys, restrictions, priority, retries):
+def _check_graph(tasks, dependencies, keys, restrictions, priority, retries,
+                 resources):
     """Refuse a malformed graph whole, before any state changes."""
     for name, value in (("tasks", tasks), ("dependencies", dependencies),
                         ("restrictions", restrictions), ("priority", priority),
-                        ("retries", retries)):
+                        ("retries", retries), ("resources", resources)):
         if not isinstance(value, dict):
             raise TypeError("update-graph: %s must be a dict, got %s"
                             % (name, type(value).__name__))
@@ -1321,6 +1383,12 @@ def _check_graph(tasks, dependencies, keys, restrictions, priority, retries):
                             % (key, type(deps).__name__))
     if not isinstance(keys, (list, tuple, set, frozenset)):
         raise TypeError("update-graph: keys must be a list, got %s" % type(keys).__name__)
+    for key, wanted in resources.items():
+        if not isinstance(wanted, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
+                for k, v in wanted.items()):
+            raise TypeError("update-graph: resources of %r must be a dict {name: "
+                            "amount >= 0}, got %r" % (key, wanted))
     for key, n in retries.items():
         if type(n) is not int or n < 0:
             raise TypeError("update-graph: retries of %r must be an int >= 0, got %r"

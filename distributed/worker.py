@@ -220,11 +220,14 @@ class Worker(Server):
                  heartbeat_interval=HEARTBEAT_INTERVAL, memory_limit=None,
                  nanny=None, memory_target_fraction=None, memory_pause_fraction=None,
                  memory_terminate_fraction=None,
-                 memory_monitor_interval=MEMORY_MONITOR_INTERVAL, **kwargs):
+                 memory_monitor_interval=MEMORY_MONITOR_INTERVAL, resources=None, **kwargs):
         if center_port is None:
             center_ip, center_port = parse_address(coerce_to_address(center_ip))
         self.loop = loop or IOLoop.current()
         self.ncores = ncores or os.cpu_count() or 1
+        #: ``{name: amount}`` this worker has: tasks submitted with
+        #: ``resources={'GPU': 1}`` run only where theirs are free
+        self.resources = dict(resources or {})
         self.name = name
         self.data = {}
         self.nbytes = {}
@@ -290,6 +293,7 @@ class Worker(Server):
             "center": (self.center.ip, self.center.port),
             "ncores": self.ncores,
             "name": self.name,
+            "resources": self.resources,
         }
 
     @gen.coroutine
@@ -345,6 +349,7 @@ class Worker(Server):
                     services=self.service_ports,
                     name=self.name,
                     nanny=self.nanny,
+                    resources=self.resources or None,
                     timeout=max(1, deadline - time.time()),
                 )
             except (AuthenticationError, TLSError):
@@ -649,7 +654,12 @@ class Worker(Server):
         with self._secede_lock:
             pool = self.executor
             pool._max_workers += 1
-            pool._adjust_thread_count()  # starts a thread if none is idle
+            # the pool counts finished tasks as idle threads (its semaphore can
+            # say "idle" while its only thread runs this task): forget that
+            # count, so that it starts a thread unless it has max_workers
+            while pool._idle_semaphore.acquire(timeout=0):
+                pass
+            pool._adjust_thread_count()
 
     def rejoin(self):
         """The waiting task thread runs again: back to ``ncores`` slots (the

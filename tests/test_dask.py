@@ -11,6 +11,7 @@ are imported by the workers (tests/ is on their path).
 import asyncio
 import io
 import os
+import sys
 import time
 
 import pytest
@@ -32,7 +33,8 @@ from distributed import (  # noqa: E402
 )
 from distributed.progress import TextProgressBar  # noqa: E402
 from distributed.scheduler import VALIDATE_ENV  # noqa: E402
-from distributed.utils_test import inc, poll, slowinc, uid  # noqa: E402
+from distributed.process import popen, wait_for_line  # noqa: E402
+from distributed.utils_test import inc, local_cluster, poll, slowinc, uid  # noqa: E402
 
 pytestmark = pytest.mark.processes
 
@@ -82,6 +84,13 @@ def submit_and_gather(n):
     here = get_worker().address
     futures = e.map(inc, range(n), workers=[here], pure=False)
     return sum(e.gather(futures)), here
+
+
+def span(x, delay):
+    """``(start, stop)`` of a ``delay`` s sleep."""
+    start = time.time()
+    time.sleep(delay)
+    return start, time.time()
 
 
 def touch_later(path, delay):
@@ -214,13 +223,16 @@ def test_wait_on_a_persisted_collection(e):
 
 
 def test_progress_of_a_persisted_collection(e):
-    y = da.from_delayed(dask.delayed(slowinc, pure=False)(1, delay=0.5), shape=(), dtype=int)
+    start = time.time()
+    y = da.from_delayed(dask.delayed(slowinc, pure=False)(1, delay=1), shape=(), dtype=int)
     y = (y + da.arange(10, chunks=5)).persist()
+    futures = futures_of(y)
+    assert len(futures) == 2 and not any(f.done() for f in futures)
     out = io.StringIO()
     progress(y, file=out, interval=0.05)
-    assert all(f.done() for f in futures_of(y))
+    assert all(f.done() for f in futures)
+    assert time.time() - start > 0.9  # it waited for the task
     assert "100% Completed" in out.getvalue()
-    assert "  0% Completed" in out.getvalue()  # it did not end at once
 
 
 def test_as_completed_takes_collections_and_gives_results(e):
@@ -291,11 +303,48 @@ def test_priority_of_compute_and_graphs(e):
     assert e.get({"a": (inc, 1)}, "a", priority=-1) == 2
 
 
+def test_resources_one_gpu_at_a_time(tmp_path):
+    with local_cluster(CLUSTER_ENV, n_workers=1, threads_per_worker=3,
+                       worker_options={"resources": "GPU=1,MEM=10e9"}) as c, \
+            Executor(c.center_address, set_as_default=False) as e:
+        [w] = e.scheduler_info()["workers"].values()
+        assert w["resources"] == {"GPU": 1.0, "MEM": 1e10}
+        fs = e.map(span, range(3), [0.3] * 3, resources={"GPU": 1}, pure=False)
+        spans = sorted(e.gather(fs))
+        # 3 threads, but one GPU: one after the other
+        for (_, stop), (start, _) in zip(spans, spans[1:]):
+            assert start >= stop - 0.01, spans
+        # free slots run tasks that ask for nothing meanwhile
+        gpu = e.submit(span, 0, 0.5, resources={"GPU": 1}, pure=False)
+        cpu = e.submit(span, 1, 0.1, pure=False)
+        assert cpu.result()[1] < gpu.result()[1]
+        # more than any worker has: it waits for a worker that has it
+        big = e.submit(inc, 1, resources={"GPU": 2})
+        poll(lambda: e.sync(e.center.task_states, keys=[big.key])[big.key]
+             == "no-worker")
+        assert e.compute(dask.delayed(inc)(2), resources={"MEM": 1e9}).result() == 3
+        with pytest.raises(TypeError, match="resources must be a dict"):
+            e.submit(inc, 1, resources=["GPU"])
+
+
+def test_dworker_resources_flag_under_a_nanny():
+    with local_cluster(CLUSTER_ENV, n_workers=0) as c, \
+            popen([sys.executable, "-m", "distributed.cli.dworker", c.center_address,
+                   "--resources", "GPU=2", "--ncores", "2"],
+                  env=c.security.child_env()) as p, \
+            Executor(c.center_address, set_as_default=False) as e:
+        wait_for_line(p, "^Registered with center at: ")
+        e.wait_for_workers(1, timeout=20)
+        [w] = e.scheduler_info()["workers"].values()
+        assert w["resources"] == {"GPU": 2.0}
+        assert e.submit(inc, 1, resources={"GPU": 2}).result(timeout=20) == 2
+
+
 @pytest.mark.parametrize("method", ["submit", "map"])
 def test_unsupported_keywords_are_refused_by_name(e, method, tmpfile):
     call = (lambda **kw: e.submit(flaky, tmpfile, 0, **kw)) if method == "submit" \
         else (lambda **kw: e.map(flaky, [tmpfile], [0], **kw))
-    for kw in ("resources", "actor", "fifo_timeout"):
+    for kw in ("actor", "actors", "fifo_timeout"):
         with pytest.raises(TypeError, match="%s\\(%s=" % (method, kw)):
             call(**{kw: 1})
     with pytest.raises(TypeError, match="priority must be a number"):
@@ -307,8 +356,8 @@ def test_unsupported_keywords_are_refused_by_name(e, method, tmpfile):
 
 def test_unsupported_keywords_of_graphs(e):
     x = dask.delayed(inc)(1)
-    with pytest.raises(TypeError, match="resources"):
-        x.compute(resources={"GPU": 1})  # through dask to Executor.get
+    with pytest.raises(TypeError, match="fifo_timeout"):
+        x.compute(fifo_timeout=1)  # through dask to Executor.get
     with pytest.raises(TypeError, match="unexpected keyword arguments: bogus"):
         e.compute(x, bogus=1)
     with pytest.raises(TypeError, match="unexpected keyword arguments: bogus"):

@@ -1484,3 +1484,63 @@ def test_fire_and_forget_of_an_erring_task(sim):
     sim.run_all()
     assert sim.computed == [("w1:1", "x")]
     assert "x" not in s.tasks
+
+
+# ---------------------------------------------------------------------------
+# resources= (issue 11)
+
+
+def test_resources_run_only_where_free(sim):
+    s = sim.s
+    sim.data["gpu:1"] = {}
+    s.add_worker("gpu:1", ncores=4, resources={"GPU": 1})
+    sim.add_worker("cpu:1", ncores=4)
+    t, d = graph(a=(const(1), []), b=(const(2), []), c=(const(3), []))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["a", "b", "c"],
+                   resources={"a": {"GPU": 1}, "b": {"GPU": 1}})
+    # both want the one GPU: one runs, the other waits though slots are free
+    sent = sim.pop("gpu:1")
+    assert [m["key"] for m in sent] == ["a"]
+    assert s.tasks["b"].state == "queued" and s.tasks["b"].processing_on.address == "gpu:1"
+    assert s.workers["gpu:1"].used_resources == {"GPU": 1}
+    sim.run("gpu:1", sent[0])
+    [m] = sim.pop("gpu:1")  # the GPU is free again: b goes
+    assert m["key"] == "b"
+    sim.run("gpu:1", m)
+    sim.run_all()
+    assert s.workers["gpu:1"].used_resources == {"GPU": 0}
+    assert {k for a, k in sim.computed if a == "gpu:1"} >= {"a", "b"}
+    assert sim.result("c") == 3
+
+
+def test_resources_no_worker_has_them_until_one_comes(sim):
+    s = sim.s
+    sim.add_worker("cpu:1")
+    t, d = graph(x=(const(1), []))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["x"],
+                   resources={"x": {"GPU": 2}})
+    assert s.tasks["x"].state == "no-worker"
+    sim.data["gpu:1"] = {}
+    s.add_worker("gpu:1", resources={"GPU": 1})  # not enough
+    assert s.tasks["x"].state == "no-worker"
+    sim.data["gpu:2"] = {}
+    s.add_worker("gpu:2", resources={"GPU": 2, "MEM": 10e9})
+    [m] = sim.pop("gpu:2")
+    sim.run("gpu:2", m)
+    assert sim.result("x") == 1
+
+
+def test_resources_freed_when_the_worker_dies_or_a_task_errs(sim):
+    s = sim.s
+    for a in ("g1:1", "g2:1"):
+        sim.data[a] = {}
+        s.add_worker(a, resources={"GPU": 1})
+    t, d = graph(x=(boom, []), y=(const(2), []))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["x", "y"],
+                   resources={"x": {"GPU": 1}, "y": {"GPU": 1}})
+    where = {m["key"]: a for a in ("g1:1", "g2:1") for m in s.to_workers[a]}
+    assert set(where) == {"x", "y"}
+    sim.kill(where["y"])  # y runs again on the other worker, once x frees it
+    sim.run_all()
+    assert sim.result("y") == 2 and s.tasks["x"].state == "erred"
+    assert all(ws.used_resources == {"GPU": 0} for ws in s.workers.values())
