@@ -22,6 +22,8 @@ import time
 
 from .executor import _collect_futures
 
+#: seconds between two questions to the center about one graph's tasks
+GRAPH_POLL_INTERVAL = 0.5
 #: states of a task still to run (see distributed.scheduler; a released one
 #: of a graph being computed ran, and its dependents have its data now)
 _TO_RUN = frozenset({"waiting", "no-worker", "queued", "processing"})
@@ -59,6 +61,7 @@ class _Progress:
         self.futures = futures
         self.interval = interval
         self.start = time.time()
+        self._graph_counts = {}  # future key -> (time asked, tasks done)
 
     def counts(self):
         """``(done, erred, total)``: futures, or the tasks of the graph of a
@@ -67,12 +70,19 @@ class _Progress:
         for f in self.futures:
             keys = getattr(f._state, "graph_keys", None)
             if keys and len(keys) > 1:
-                d = len(keys) if f.done() else self._graph_done(f, keys)
+                d = len(keys) if f.done() else self._graph_done_cached(f, keys)
                 done, total = done + d, total + len(keys)
             else:
                 done, total = done + f.done(), total + 1
             errors += f.status == "error"
         return done, errors, total
+
+    def _graph_done_cached(self, future, keys):
+        asked, done = self._graph_counts.get(future.key, (0, 0))
+        if time.time() - asked >= GRAPH_POLL_INTERVAL:
+            done = self._graph_done(future, keys)
+            self._graph_counts[future.key] = (time.time(), done)
+        return done
 
     @staticmethod
     def _graph_done(future, keys):

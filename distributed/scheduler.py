@@ -34,7 +34,10 @@ A worker gets at most ``saturation`` tasks beyond its cores, so that new
 and freed workers can take the rest; a worker with a free slot and nothing
 queued takes queued work from the busiest worker.  Placement prefers the
 worker already holding most of a task's input bytes, weighed against how
-long its queue is.
+long its queue is.  Among ready tasks the lowest ``priority`` goes first; a
+task with ``retries`` left runs again when it raises; a task asking for
+``resources`` runs only on a worker that has them free (see
+:meth:`Scheduler.update_graph`).
 """
 
 import heapq
