@@ -52,7 +52,9 @@ a peer asks for them or a task needs them.
 import asyncio
 import concurrent.futures
 import functools
+import heapq
 import importlib
+import itertools
 import logging
 import os
 import random  # noqa: F401 (tests fix the transfers' choice of holder through it)
@@ -155,14 +157,17 @@ class TaskState:
     ``task`` blobs), ``who_has`` its inputs' holders, ``deps`` its inputs.
     """
 
-    __slots__ = ("key", "spec", "who_has", "deps", "state")
+    __slots__ = ("key", "spec", "who_has", "deps", "state", "priority")
 
-    def __init__(self, key, spec, who_has=None):
+    def __init__(self, key, spec, who_has=None, priority=None):
         self.key = key
         self.spec = spec
         self.who_has = who_has or {}
         self.deps = list(self.who_has)
         self.state = None
+        #: the scheduler's (lowest first): the order ready tasks take threads
+        self.priority = (() if priority is None else tuple(priority)
+                         if isinstance(priority, (list, tuple)) else (priority,))
 
     def transition(self, state):
         """Move to ``state``; a released task stays released (its work goes
@@ -242,6 +247,11 @@ class Worker(Server):
             self.ncores, thread_name_prefix="distributed-worker"
         )
         self._secede_lock = threading.Lock()
+        # tasks ready to run, best first: a thread of the pool takes the
+        # first when it is free (submit(..., priority=) orders them)
+        self._ready = []
+        self._ready_lock = threading.Lock()
+        self._ready_seq = itertools.count()
         _workers.add(self)
         #: the Executor of :func:`distributed.get_executor` in its tasks
         self.client = None
@@ -679,7 +689,7 @@ class Worker(Server):
         if key in self.data:
             self._send_finished(key, None)
             return
-        ts = self.tasks[key] = TaskState(key, spec, who_has)
+        ts = self.tasks[key] = TaskState(key, spec, who_has, priority)
         if self.paused:  # nothing starts (nor is fetched) until memory is lower
             self._hold(ts, self._start_task)
             return
@@ -780,9 +790,22 @@ class Worker(Server):
             self._send_erred(key, e, e.__traceback__)
             return
         self.active.add(key)
-        future = self.executor.submit(self._run_within_memory, function, args, kwargs)
-        future.add_done_callback(
-            lambda f: self.loop.add_callback(self._task_done, key, f))
+        with self._ready_lock:
+            heapq.heappush(self._ready, (ts.priority, next(self._ready_seq), key,
+                                         function, args, kwargs))
+        # one run of the pool per ready task: it takes the best one then
+        future = self.executor.submit(self._run_next)
+        future.add_done_callback(lambda f: self.loop.add_callback(self._next_done, f))
+
+    def _run_next(self):
+        """In a task thread: run the best ready task; ``(key, outcome)``."""
+        with self._ready_lock:
+            _, _, key, function, args, kwargs = heapq.heappop(self._ready)
+        return key, self._run_within_memory(function, args, kwargs)
+
+    def _next_done(self, future):
+        key, outcome = future.result()
+        self._task_outcome(key, outcome)
 
     def _unpack(self, spec, deps, data):
         if "task" in spec:
@@ -797,8 +820,11 @@ class Worker(Server):
         return function, args, kwargs
 
     def _task_done(self, key, future):
+        self._task_outcome(key, future.result())
+
+    def _task_outcome(self, key, outcome):
         self.active.discard(key)
-        ok, result, timings = future.result()
+        ok, result, timings = outcome
         ts = self.tasks.pop(key, None)
         if ts is None or ts.state == RELEASED:
             return  # released while running; the result is not wanted

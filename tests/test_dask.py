@@ -448,3 +448,4 @@ def test_async_twins(cluster):
             await e._shutdown()
 
     asyncio.run(main())
+
