@@ -1240,8 +1240,7 @@ class Executor:
         if kwargs:
             kw, kdeps = self._replace_futures(kwargs)
             kwblob = _to_blob_or_raise(kw, "the keyword arguments of %s" % name)
-        prio = priority
-        tasks, deps, priority, new_keys, states = {}, {}, {}, [], {}
+        tasks, deps, priorities, new_keys, states = {}, {}, {}, [], {}
         base = next(self._priority)
         for i, (k, args) in enumerate(zip(keys, seqs)):
             state = self.futures.get(k)
@@ -1258,7 +1257,7 @@ class Executor:
             self._check_size(k, spec)
             tasks[k] = spec
             deps[k] = list(d | kdeps)
-            priority[k] = (-prio, base, i)
+            priorities[k] = (-priority, base, i)
             new_keys.append(k)
         restrictions = self._restrictions(new_keys, workers) if tasks else None
         # only once every task could be serialized (an error above must not
@@ -1272,7 +1271,7 @@ class Executor:
                 "keys": new_keys, "restrictions": restrictions,
                 "loose_restrictions": new_keys if restrictions and allow_other_workers
                 else [],
-                "priority": priority,
+                "priority": priorities,
                 "retries": dict.fromkeys(new_keys, retries) if retries else {},
                 "resources": dict.fromkeys(new_keys, resources) if resources else {},
             })
