@@ -16,12 +16,15 @@ from .executor import (
     Future,
     as_completed,
     default_executor,
+    fire_and_forget,
+    futures_of,
+    get_executor,
     wait,
 )
 from .local import LocalCluster
 from .progress import progress
 from .security import AuthenticationError, Security
-from .worker import Worker
+from .worker import Worker, get_worker, rejoin, secede
 
 __version__ = "0.1.0"
 
@@ -40,6 +43,12 @@ __all__ = [
     "as_completed",
     "progress",
     "default_executor",
+    "futures_of",
+    "fire_and_forget",
+    "get_executor",
+    "get_worker",
+    "secede",
+    "rejoin",
     "CancelledError",
     "Security",
     "AuthenticationError",

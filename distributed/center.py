@@ -94,6 +94,7 @@ class Center(Server):
         self.nannies = {}  # worker address -> address of the nanny running it
         self.watched = set()  # workers whose deaths a LocalCluster reports
         self.watch_all = False  # ... or all of them
+        self.resources = {}  # worker address -> {name: amount} (dworker --resources)
         self.deaths = []  # (time, address, cause) of worker deaths told by nannies
         self.death_report_grace = death_report_grace
         self._death_timers = {}  # address -> timer deciding its death unreported
@@ -161,6 +162,7 @@ class Center(Server):
             "client-releases-keys": s.client_releases_keys,
             "cancel": s.cancel,
             "retry": s.retry,
+            "fire-and-forget": s.fire_and_forget,
             "update-data": s.update_data,
             "close-stream": close_stream,
         }
@@ -185,7 +187,8 @@ class Center(Server):
                 "workers": list(self.ncores),
                 "heartbeat_timeout": self.heartbeat_timeout,
                 "allowed_failures": self.scheduler.allowed_failures,
-                "services": dict(self.service_ports)}
+                "services": dict(self.service_ports),
+                "resources": dict(self.resources)}
         if self.validate:
             info["invariant_errors"] = list(self.invariant_errors)
         return info
@@ -217,7 +220,7 @@ class Center(Server):
     # -- workers arriving and leaving ---------------------------------------
 
     def register(self, stream, address=None, ncores=None, keys=(), services=None,
-                 name=None, nbytes=None, nanny=None, now=None):
+                 name=None, nbytes=None, nanny=None, now=None, resources=None):
         address = coerce_to_address(address)
         if name is not None:
             for other, other_name in self.names.items():
@@ -234,6 +237,8 @@ class Center(Server):
         self.names[address] = name if name is not None else address
         if nanny is not None:
             self.nannies[address] = coerce_to_address(nanny)
+        if resources:
+            self.resources[address] = dict(resources)
         self.last_seen[address] = time.time()
         if stream is not None:
             self.worker_streams[address] = stream
@@ -288,6 +293,7 @@ class Center(Server):
         self.names.pop(address, None)
         self.nannies.pop(address, None)
         self.watched.discard(address)
+        self.resources.pop(address, None)
         self.last_seen.pop(address, None)
         self.metrics.pop(address, None)
         stream = self.worker_streams.pop(address, None)
@@ -361,7 +367,8 @@ class Center(Server):
         rejoining = self._rejoining.pop(address, None)
         if rejoining is not None:
             self.scheduler.rejoin(address, *rejoining)
-        self.scheduler.add_worker(address, self.ncores.get(address))
+        self.scheduler.add_worker(address, self.ncores.get(address),
+                                  resources=self.resources.get(address))
         self.send_scheduler_messages()
         await handle_batches(stream, self.stream_handlers, {"address": address},
                              sender=address, limits=self.limits, stall=self.stall_timeout,
@@ -528,10 +535,10 @@ class Center(Server):
         return self.watch_all or address in self.nannies or address in self.watched
 
     def get_task_states(self, stream=None, keys=None):
-        states = self.scheduler.task_states()
-        if keys is not None:
-            return {k: states.get(k) for k in keys}
-        return states
+        if keys is not None:  # (progress bars ask for a graph's keys often)
+            tasks = self.scheduler.tasks
+            return {k: tasks[k].state if k in tasks else None for k in keys}
+        return self.scheduler.task_states()
 
     # -- keys ----------------------------------------------------------------
 

@@ -68,7 +68,7 @@ from .scheduler import LostData
 from .security import TLSError, default_security, tls_error
 from .tokenize import Normalized, by_reference, tokenize
 from .utils import funcname, key_split, validate_key
-from .worker import _format_bytes, gather_from_workers
+from .worker import _format_bytes, gather_from_workers, get_worker, rejoin, secede, thread_state
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,12 @@ __all__ = [
     "as_completed",
     "CancelledError",
     "default_executor",
+    "futures_of",
+    "fire_and_forget",
+    "get_executor",
+    "get_worker",
+    "secede",
+    "rejoin",
 ]
 
 CancelledError = concurrent.futures.CancelledError
@@ -105,6 +111,95 @@ except ImportError:
 _current = [None]  # the last executor started: default_executor()
 _executors = weakref.WeakSet()
 
+#: dask's scheduling keywords this executor does not implement: submit, map,
+#: compute, get and persist refuse them by name (they are never passed on to
+#: the function; to give a function a keyword argument of such a name, bind
+#: it: ``submit(functools.partial(f, fifo_timeout=1), x)``)
+UNSUPPORTED_KEYWORDS = ("actor", "actors", "fifo_timeout")
+
+
+class _DefaultScheduler:
+    """dask's ``scheduler`` setting for an executor (``set_as_default``): its
+    ``get``, without keeping it alive; ``__self__`` is the executor (dask
+    calls ``scheduler.__self__.persist(...)``)."""
+
+    def __init__(self, executor):
+        self.executor = weakref.ref(executor)
+
+    @property
+    def __self__(self):
+        executor = self.executor()
+        if executor is None or executor.status == "closed":
+            raise RuntimeError("dask's default scheduler is an Executor that was "
+                               "shut down; make a new one or set another scheduler")
+        return executor
+
+    def __call__(self, dsk, keys, **kwargs):
+        return self.__self__.get(dsk, keys, **kwargs)
+
+    def __repr__(self):
+        return "<dask scheduler: %r>" % (self.executor(),)
+
+
+class _DaskDefaults:
+    """The executors that are dask's default scheduler, latest last: the
+    latest still running is dask's ``scheduler`` setting; when none runs,
+    the setting from before the first comes back.  A setting the user made
+    meanwhile (``dask.config.set(scheduler=...)``) is left alone."""
+
+    def __init__(self):
+        self.stack = []  # _DefaultScheduler, latest last
+        self.saved = (False, None)  # dask's setting before the first
+        self.lock = threading.Lock()
+
+    def push(self, executor):
+        try:
+            import dask.config
+        except ImportError:
+            return
+        with self.lock:
+            self.stack = [g for g in self.stack if g.executor() is not None]
+            if not self.stack:
+                self.saved = ("scheduler" in dask.config.config,
+                              dask.config.config.get("scheduler"))
+            self.stack.append(_DefaultScheduler(executor))
+            dask.config.set(scheduler=self.stack[-1])
+
+    def remove(self, executor):
+        with self.lock:
+            mine = [g for g in self.stack if g.executor() is executor]
+            if not mine:
+                return
+            import dask.config
+
+            current = dask.config.config.get("scheduler")
+            ours = isinstance(current, _DefaultScheduler) and current in self.stack
+            self.stack = [g for g in self.stack if g.executor() is not None
+                          and g.executor() is not executor
+                          and g.executor().status != "closed"]
+            if not ours:
+                return  # the user set another scheduler meanwhile: it stays
+            if self.stack:
+                dask.config.set(scheduler=self.stack[-1])
+            elif self.saved[0]:
+                dask.config.set(scheduler=self.saved[1])
+            else:
+                dask.config.config.pop("scheduler", None)
+
+    def current(self):
+        """The executor that is dask's scheduler now, or None."""
+        try:
+            import dask.config
+        except ImportError:
+            return None
+        current = dask.config.config.get("scheduler")
+        if isinstance(current, _DefaultScheduler):
+            return current.executor()
+        return None
+
+
+_dask_defaults = _DaskDefaults()
+
 
 def default_executor(e=None):
     """The most recently started executor (or set it with ``e``)."""
@@ -123,7 +218,7 @@ class FutureState:
     """What the executor knows of one key; shared by its Future objects."""
 
     __slots__ = ("key", "status", "type", "exception", "traceback", "text",
-                 "workers", "event", "refcount", "callbacks", "value")
+                 "workers", "event", "refcount", "callbacks", "value", "graph_keys")
 
     def __init__(self, key):
         self.key = key
@@ -137,6 +232,7 @@ class FutureState:
         self.refcount = 0
         self.callbacks = []
         self.value = None  # the pickled result, when the center sent it along
+        self.graph_keys = None  # of compute(collection): the keys of its graph
 
     def finish(self, type=None, workers=(), value=None):
         self.status = "finished"
@@ -425,11 +521,18 @@ class Executor:
     this process's ``sys.stdout`` / ``sys.stderr`` (in Jupyter: under the
     cell), each line after ``[worker name]``; ``forward_output=False`` turns
     that off.  See docs/logs.md.
+
+    ``set_as_default=True``: while it runs, the executor is dask's scheduler
+    (``x.compute()``, ``dask.compute(...)``, ``x.persist()`` run on the
+    cluster); :meth:`shutdown` gives dask back the scheduler it had before
+    (with nested executors: the one started before this one, if still
+    running).  An executor made with ``start=False`` is never the default
+    (dask's calls block).
     """
 
     def __init__(self, address=None, start=True, timeout=10, loop=None,
                  n_workers=None, threads_per_worker=1, security=None,
-                 forward_output=True, **cluster_options):
+                 forward_output=True, set_as_default=True, **cluster_options):
         if cluster_options and address is not None:
             raise TypeError("%s: options of a local cluster, but this executor "
                             "connects to %s" % (", ".join(cluster_options), address))
@@ -489,6 +592,8 @@ class Executor:
             except BaseException:
                 self._stop_loop()
                 raise
+            if set_as_default:
+                _dask_defaults.push(self)
         else:
             self.loop = loop or IOLoop.current()
 
@@ -531,11 +636,19 @@ class Executor:
                 return None, e
 
         fut = asyncio.run_coroutine_threadsafe(run(), self._asyncio_loop)
+        # in a task (it submitted tasks, get_executor()): the worker runs
+        # other tasks while this thread waits, or it could wait forever
+        worker = getattr(thread_state, "worker", None)
+        if worker is not None:
+            worker.secede()
         try:
             result, error = fut.result(timeout)
         except concurrent.futures.TimeoutError:
             fut.cancel()
             raise TimeoutError("no result within %s s" % timeout) from None
+        finally:
+            if worker is not None:
+                worker.rejoin()
         if error is not None:
             raise error
         return result
@@ -841,6 +954,7 @@ class Executor:
         if self.status == "closed":
             return
         self.status = "closed"
+        _dask_defaults.remove(self)
         for state in list(self.futures.values()):
             if not state.done():  # nothing will finish them now
                 state.cancel()
@@ -858,6 +972,7 @@ class Executor:
             await asyncio.get_running_loop().run_in_executor(None, self.cluster.close)
 
     def _stop_loop(self):
+        _dask_defaults.remove(self)
         if self._loop_thread is not None:
             self._loop_thread.stop()
         self._callback_pool.shutdown(wait=False)
@@ -1008,17 +1123,26 @@ class Executor:
         return blob
 
     def submit(self, func, *args, key=None, pure=True, workers=None,
-               allow_other_workers=False, **kwargs):
+               allow_other_workers=False, priority=0, retries=None, resources=None,
+               **kwargs):
         """Run ``func(*args, **kwargs)`` on the cluster; return a Future.
 
         Futures among the arguments (nested in lists, tuples, dicts too) are
         dependencies: the task runs once they are done, with their values.
         ``pure=True`` gives identical calls the same key (one computation);
         ``workers=`` restricts where it may run (with
-        ``allow_other_workers=True``, only a preference).
+        ``allow_other_workers=True``, only a preference).  ``priority``:
+        among tasks ready to run, higher goes first (default 0; ties: first
+        submitted first).  ``retries=n``: if it raises, run it again, up to
+        ``n`` times, before the future errs.  ``resources={'GPU': 1}``: it
+        runs only on a worker started with at least that much
+        (``dworker --resources GPU=2``), while it is free there (the task
+        holds it while it runs).  dask's other scheduling keywords
+        (:data:`UNSUPPORTED_KEYWORDS`) raise ``TypeError``.
         """
         if not callable(func):
             raise TypeError("submit needs a callable first argument, got %r" % (func,))
+        _check_scheduling("submit", priority, retries, kwargs, resources=resources)
         self._check_running()
         if key is not None:
             validate_key(key)
@@ -1041,7 +1165,9 @@ class Executor:
             "keys": [key],
             "restrictions": restrictions,
             "loose_restrictions": [key] if restrictions and allow_other_workers else [],
-            "priority": {key: (next(self._priority),)},
+            "priority": {key: (-priority, next(self._priority))},
+            "retries": {key: retries} if retries else {},
+            "resources": {key: resources} if resources else {},
         })
         return future
 
@@ -1100,6 +1226,10 @@ class Executor:
                 "restrictions": {k: v for k, v in restrictions.items() if mine(k)} or None,
                 "loose_restrictions": [k for k in loose if mine(k)],
                 "priority": {k: v for k, v in msg["priority"].items() if mine(k)},
+                "retries": {k: v for k, v in (msg.get("retries") or {}).items()
+                            if mine(k)},
+                "resources": {k: v for k, v in (msg.get("resources") or {}).items()
+                              if mine(k)},
             })
         if held:
             self._send({"op": "client-releases-keys", "keys": held})
@@ -1156,12 +1286,19 @@ class Executor:
         return {k: addresses for k in keys}
 
     def map(self, func, *iterables, key=None, pure=True, workers=None,
-            allow_other_workers=False, **kwargs):
-        """``[submit(func, *args, **kwargs) for args in zip(*iterables)]``, in one message."""
+            allow_other_workers=False, priority=0, retries=None, resources=None,
+            batch_size=None, **kwargs):
+        """``[submit(func, *args, **kwargs) for args in zip(*iterables)]``, in one
+        message (cut in parts the center can read, whatever ``batch_size``,
+        accepted for dask's sake).  ``priority``, ``retries`` and
+        ``resources`` as for :meth:`submit`, for every task."""
         if not callable(func):
             raise TypeError("map needs a callable first argument, got %r" % (func,))
         if not iterables:
             raise TypeError("map needs at least one iterable")
+        _check_scheduling("map", priority, retries, kwargs, resources=resources)
+        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+            raise TypeError("map: batch_size must be an int >= 1, got %r" % (batch_size,))
         self._check_running()
         seqs = list(zip(*iterables))
         name = funcname(func)
@@ -1188,7 +1325,7 @@ class Executor:
         if kwargs:
             kw, kdeps = self._replace_futures(kwargs)
             kwblob = _to_blob_or_raise(kw, "the keyword arguments of %s" % name)
-        tasks, deps, priority, new_keys, states = {}, {}, {}, [], {}
+        tasks, deps, priorities, new_keys, states = {}, {}, {}, [], {}
         base = next(self._priority)
         for i, (k, args) in enumerate(zip(keys, seqs)):
             state = self.futures.get(k)
@@ -1205,7 +1342,7 @@ class Executor:
             self._check_size(k, spec)
             tasks[k] = spec
             deps[k] = list(d | kdeps)
-            priority[k] = (base, i)
+            priorities[k] = (-priority, base, i)
             new_keys.append(k)
         restrictions = self._restrictions(new_keys, workers) if tasks else None
         # only once every task could be serialized (an error above must not
@@ -1219,7 +1356,9 @@ class Executor:
                 "keys": new_keys, "restrictions": restrictions,
                 "loose_restrictions": new_keys if restrictions and allow_other_workers
                 else [],
-                "priority": priority,
+                "priority": priorities,
+                "retries": dict.fromkeys(new_keys, retries) if retries else {},
+                "resources": dict.fromkeys(new_keys, resources) if resources else {},
             })
         return futures
 
@@ -1425,7 +1564,8 @@ class Executor:
 
     # -- task graphs --------------------------------------------------------------------
 
-    def _graph_to_futures(self, dsk, keys, restrictions=None, loose_restrictions=None):
+    def _graph_to_futures(self, dsk, keys, restrictions=None, loose_restrictions=None,
+                          priority=0, retries=None, resources=None):
         dsk = _normalize_graph(dsk)
         for k in itertools.chain(dsk, keys):
             validate_key(k)
@@ -1471,7 +1611,9 @@ class Executor:
             "op": "update-graph", "tasks": tasks, "dependencies": deps,
             "keys": wanted, "restrictions": restrict,
             "loose_restrictions": list(loose_restrictions or ()),
-            "priority": {k: (base, rank.get(k, 0)) for k in tasks},
+            "priority": {k: (-priority, base, rank.get(k, 0)) for k in tasks},
+            "retries": dict.fromkeys(tasks, retries) if retries else {},
+            "resources": dict.fromkeys(tasks, resources) if resources else {},
         })
         del held
         return futures
@@ -1495,16 +1637,24 @@ class Executor:
 
         return replace(task), fdeps
 
-    def get(self, dsk, keys, restrictions=None, loose_restrictions=None, **kwargs):
+    def get(self, dsk, keys, restrictions=None, loose_restrictions=None, priority=0,
+            retries=None, resources=None, **kwargs):
         """Compute ``keys`` of the task graph ``dsk`` (dask's scheduler interface).
 
         ``keys`` is a key or a nested list of keys; the result has the same
-        shape.  Usable as ``dask.compute(x, scheduler=e.get)``.
+        shape.  Usable as ``dask.compute(x, scheduler=e.get)`` (or
+        ``scheduler=e``: an executor called is its ``get``); ``priority``,
+        ``retries`` and ``resources`` as for :meth:`submit`, for every task
+        of the graph.
         """
+        _check_scheduling("get", priority, retries, kwargs, unknown=True,
+                          resources=resources)
         if hasattr(dsk, "__dask_graph__") and not isinstance(dsk, dict):
             dsk = dsk.__dask_graph__()
         flat = list(_flatten_keys(keys))
-        futures = self._graph_to_futures(dsk, flat, restrictions, loose_restrictions)
+        futures = self._graph_to_futures(dsk, flat, restrictions, loose_restrictions,
+                                         priority=priority, retries=retries,
+                                         resources=resources)
         try:
             results = self.gather([futures[k] for k in flat])
         finally:
@@ -1514,47 +1664,81 @@ class Executor:
         mapping = dict(zip(flat, results))
         return _pack_keys(keys, mapping)
 
-    async def _get(self, dsk, keys, **kwargs):
+    __call__ = get  # dask.compute(x, scheduler=e), dask.config.set(scheduler=e)
+
+    async def _get(self, dsk, keys, restrictions=None, loose_restrictions=None,
+                   priority=0, retries=None, resources=None, **kwargs):
+        _check_scheduling("get", priority, retries, kwargs, unknown=True,
+                          resources=resources)
+        if hasattr(dsk, "__dask_graph__") and not isinstance(dsk, dict):
+            dsk = dsk.__dask_graph__()
         flat = list(_flatten_keys(keys))
-        futures = self._graph_to_futures(dsk, flat)
+        futures = self._graph_to_futures(dsk, flat, restrictions, loose_restrictions,
+                                         priority=priority, retries=retries,
+                                         resources=resources)
         results = await self._gather([futures[k] for k in flat])
         return _pack_keys(keys, dict(zip(flat, results)))
 
-    def compute(self, collections, sync=False):
+    def compute(self, collections, sync=False, optimize_graph=True, priority=0,
+                retries=None, resources=None, **kwargs):
         """Start computing dask collections; return a future per collection.
 
         A task-graph dict gives ``{key: Future}`` for every key of the graph.
         ``sync=True`` waits and returns the results instead.
+        ``optimize_graph=False`` skips dask's low-level graph optimizations;
+        ``priority``, ``retries`` and ``resources`` as for :meth:`submit`,
+        for every task.  :func:`progress` of such a future counts the tasks
+        of its graph.
         """
+        _check_scheduling("compute", priority, retries, kwargs, unknown=True,
+                          resources=resources)
+        sched = {"priority": priority, "retries": retries, "resources": resources}
         if isinstance(collections, dict):
-            futures = self._graph_to_futures(collections, list(collections))
+            futures = self._graph_to_futures(collections, list(collections), **sched)
             return self.gather(futures) if sync else futures
         single = not isinstance(collections, (list, tuple))
         colls = [collections] if single else list(collections)
         futures = []
         for c in colls:
-            dsk, key = _collection_graph(c)
-            futures.append(self._graph_to_futures(dsk, [key])[key])
+            dsk, key = _collection_graph(c, optimize_graph=optimize_graph)
+            future = self._graph_to_futures(dsk, [key], **sched)[key]
+            future._state.graph_keys = list(dsk)  # what progress() counts
+            futures.append(future)
         if sync:
             results = self.gather(futures)
             return results[0] if single else results
         return futures[0] if single else futures
 
-    def persist(self, collections):
+    async def _compute(self, collections, sync=False, **kwargs):
+        futures = self.compute(collections, **kwargs)
+        return await self._gather(futures) if sync else futures
+
+    def persist(self, collections, optimize_graph=True, priority=0, retries=None,
+                resources=None, **kwargs):
         """Start computing dask collections, keep the results on the cluster.
 
-        Returns collections of the same type whose graphs point at futures.
+        Returns collections of the same type whose graphs point at futures
+        (a list for a list).  ``wait``, ``progress``, ``futures_of`` take
+        them.  ``optimize_graph``, ``priority``, ``retries``, ``resources``
+        as for :meth:`compute`.  dask calls it: ``x.persist()`` when the executor
+        is dask's scheduler, ``dask.persist(x, scheduler=e.get)``.
         """
+        _check_scheduling("persist", priority, retries, kwargs, unknown=True,
+                          resources=resources)
         single = not isinstance(collections, (list, tuple))
         colls = [collections] if single else list(collections)
         out = []
         for c in colls:
-            dsk, keys = _collection_graph(c, finalize=False)
+            dsk, keys = _collection_graph(c, finalize=False, optimize_graph=optimize_graph)
             flat = list(_flatten_keys(keys))
-            futures = self._graph_to_futures(dsk, flat)
+            futures = self._graph_to_futures(dsk, flat, priority=priority,
+                                             retries=retries, resources=resources)
             rebuild, args = c.__dask_postpersist__()
             out.append(rebuild(futures, *args))
         return out[0] if single else out
+
+    async def _persist(self, collections, **kwargs):
+        return self.persist(collections, **kwargs)
 
     # -- cluster information and administration -------------------------------------------
 
@@ -1574,6 +1758,49 @@ class Executor:
         """``{address: threads}`` of the workers."""
         addresses = None if workers is None else [coerce_to_address(w) for w in workers]
         return self.sync(self.center.ncores, addresses=addresses, timeout=self.timeout)
+
+    def nthreads(self, workers=None):
+        """``{address: threads}`` of the workers (dask's name of :meth:`ncores`)."""
+        return self.ncores(workers)
+
+    async def _nthreads(self, workers=None):
+        addresses = None if workers is None else [coerce_to_address(w) for w in workers]
+        return await self.center.ncores(addresses=addresses, timeout=self.timeout)
+
+    def scheduler_info(self):
+        """What the center says of itself and its workers::
+
+            {'type': 'Center', 'id': ..., 'address': '127.0.0.1:8787',
+             'workers': {'127.0.0.1:40123': {'nthreads': 1, 'resources': {}},
+                         ...}, ...}
+        """
+        return self.sync(self._scheduler_info)
+
+    async def _scheduler_info(self):
+        info = dict(await self.center.identity(timeout=self.timeout))
+        ncores = await self.center.ncores(timeout=self.timeout)
+        info["address"] = self.address
+        resources = info.pop("resources", {})
+        info["workers"] = {a: {"nthreads": n, "ncores": n,
+                               "resources": resources.get(a, {})}
+                           for a, n in ncores.items()}
+        return info
+
+    def wait_for_workers(self, n_workers=1, timeout=None):
+        """Wait until at least ``n_workers`` workers are connected;
+        ``TimeoutError`` after ``timeout`` seconds (None: no limit)."""
+        return self.sync(self._wait_for_workers, n_workers, timeout)
+
+    async def _wait_for_workers(self, n_workers=1, timeout=None):
+        deadline = None if timeout is None else time.time() + timeout
+        while True:
+            ncores = await self.center.ncores(timeout=self.timeout)
+            if len(ncores) >= n_workers:
+                return
+            if deadline is not None and time.time() > deadline:
+                raise TimeoutError("%d workers wanted, %d connected after %s s"
+                                   % (n_workers, len(ncores), timeout))
+            await asyncio.sleep(0.1)
 
     def story(self, *keys):
         """What happened to these keys (or futures) in the scheduler and why,
@@ -1776,7 +2003,8 @@ def _logs_or_error(address, reply):
 
 
 def wait(futures, timeout=None, return_when=ALL_COMPLETED):
-    """Wait until all (or the first of) ``futures`` are done.
+    """Wait until all (or the first of) ``futures`` are done (a future, lists,
+    dicts of them, persisted dask collections: see :func:`futures_of`).
 
     Returns ``(done, not_done)`` sets; raises ``TimeoutError`` after
     ``timeout`` seconds.
@@ -1816,15 +2044,21 @@ class as_completed:
 
         for future in as_completed(futures):
             print(future.result())
+        for future, result in as_completed(futures, with_results=True):
+            print(result)                # fetched for you; an error raises here
+
+    ``futures`` may nest them in lists and dicts, or be persisted dask
+    collections (see :func:`futures_of`).
     """
 
-    def __init__(self, futures=()):
+    def __init__(self, futures=(), with_results=False):
         import queue
 
         self.queue = queue.Queue()
         self.count = 0
         self.lock = threading.Lock()
-        for f in futures:
+        self.with_results = with_results
+        for f in _collect_futures(futures):
             self.add(f)
 
     def add(self, future):
@@ -1840,7 +2074,10 @@ class as_completed:
             if self.count == 0:
                 raise StopIteration
             self.count -= 1
-        return self.queue.get()
+        future = self.queue.get()
+        if self.with_results:
+            return future, future.result()
+        return future
 
     def __len__(self):
         return self.count
@@ -1858,19 +2095,53 @@ def _graph_message(tasks, keys):
     """The update-graph message sending the remembered ``tasks`` again."""
     msg = {"op": "update-graph", "tasks": {}, "dependencies": {}, "keys": keys,
            "restrictions": {}, "loose_restrictions": [], "priority": {},
-           "lineage_only": True}
+           "retries": {}, "resources": {}, "lineage_only": True}
     for key, (sent, _) in tasks.items():
         msg["tasks"][key] = sent["tasks"][key]
         msg["dependencies"][key] = list(sent["dependencies"].get(key, ()))
         priority = (sent.get("priority") or {}).get(key)
         if priority is not None:
             msg["priority"][key] = priority
+        for field in ("retries", "resources"):
+            value = (sent.get(field) or {}).get(key)
+            if value:
+                msg[field][key] = value
         restriction = (sent.get("restrictions") or {}).get(key)
         if restriction is not None:
             msg["restrictions"][key] = restriction
             if key in (sent.get("loose_restrictions") or ()):
                 msg["loose_restrictions"].append(key)
     return msg
+
+
+def _check_scheduling(method, priority=0, retries=None, kwargs=(), unknown=False,
+                      resources=None):
+    """Refuse bad values of ``priority``/``retries``, and dask's scheduling
+    keywords this executor does not implement among ``kwargs`` (with
+    ``unknown=True``, any keyword: ``kwargs`` are not the function's)."""
+    if isinstance(priority, bool) or not isinstance(priority, (int, float)):
+        raise TypeError("%s: priority must be a number (higher runs first), got %r"
+                        % (method, priority))
+    if retries is not None and (type(retries) is not int or retries < 0):
+        raise TypeError("%s: retries must be an int >= 0, got %r" % (method, retries))
+    if resources is not None and not (isinstance(resources, dict) and all(
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float))
+            and v >= 0 for k, v in resources.items())):
+        raise TypeError("%s: resources must be a dict {name: amount >= 0}, e.g. "
+                        "{'GPU': 1}, got %r" % (method, resources))
+    bad = [k for k in kwargs if k in UNSUPPORTED_KEYWORDS]
+    if bad:
+        raise TypeError(
+            "%s(%s=...): dask's scheduling keyword%s %s %s not supported by this "
+            "executor (it supports workers=, allow_other_workers=, priority=, "
+            "retries=, resources=). If your function itself takes a keyword argument of that "
+            "name, bind it: functools.partial(func, %s=...)"
+            % (method, bad[0], "s" if len(bad) > 1 else "", ", ".join(bad),
+               "are" if len(bad) > 1 else "is", bad[0]))
+    if unknown and kwargs:
+        raise TypeError("%s() got unexpected keyword arguments: %s (it takes "
+                        "priority=, retries=, resources=, optimize_graph=)"
+                        % (method, ", ".join(sorted(kwargs))))
 
 
 def _to_blob_or_raise(obj, what):
@@ -1895,7 +2166,85 @@ def _collect_futures(obj):
             stack.extend(reversed(list(o)))
         elif isinstance(o, dict):
             stack.extend(reversed(list(o.values())))
+        elif hasattr(o, "__dask_graph__") and not isinstance(o, type):
+            stack.extend(reversed(_graph_futures(o)))
     return out
+
+
+def _graph_futures(collection):
+    """The futures in a dask collection's graph (a persisted one's)."""
+    graph = collection.__dask_graph__()
+    if graph is None:
+        return []
+    out = []
+    for v in graph.values():
+        if isinstance(v, Future):
+            out.append(v)
+        elif _is_graph_node(v) and isinstance(getattr(v, "value", None), Future):
+            out.append(v.value)  # dask wraps a persisted future in a DataNode
+    return out
+
+
+def futures_of(obj):
+    """The futures in ``obj``: a future, lists/tuples/sets/dicts of them, or
+    dask collections (persisted: their graphs hold futures), nested.
+
+    >>> y = e.persist(x)                                  # doctest: +SKIP
+    >>> futures_of(y)                                     # doctest: +SKIP
+    [<Future: status: pending, key: ('sum-ab12', 0)>, ...]
+    """
+    return _collect_futures(obj)
+
+
+def fire_and_forget(futures):
+    """Compute the tasks of ``futures`` (a future, or collections of them) to
+    the end even if every future of them is released, or their executor
+    shuts down: the center keeps them wanted until they are in memory or
+    erred (then drops them).  For tasks run for their side effects::
+
+        fire_and_forget(e.submit(write_report, data))
+    """
+    flat = _collect_futures(futures)
+    by_executor = defaultdict(list)
+    for f in flat:
+        by_executor[f.executor].append(f.key)
+    for executor, keys in by_executor.items():
+        executor._send({"op": "fire-and-forget", "keys": keys})
+
+
+def get_executor(timeout=10):
+    """Inside a task: an :class:`Executor` connected to the worker's center,
+    so that the task can submit tasks and wait for them.  While its thread
+    waits (``result()``, ``gather``, ``wait``...), the worker runs other
+    tasks in another thread (:func:`~distributed.worker.secede`): a
+    1-thread worker cannot deadlock on a task waiting for its subtasks.
+
+    ::
+
+        def fib(n):
+            if n < 2:
+                return n
+            e = get_executor()
+            a, b = e.submit(fib, n - 1), e.submit(fib, n - 2)
+            return a.result() + b.result()
+
+    One executor per worker, shut down with it; it is not dask's default
+    scheduler (pass ``scheduler=e.get`` to dask in a task).  Outside a
+    task: :func:`default_executor`.
+    """
+    worker = getattr(thread_state, "worker", None)
+    if worker is None:
+        return default_executor()
+    with _worker_executor_lock:
+        executor = worker.client
+        if executor is None or executor.status == "closed":
+            executor = worker.client = Executor(
+                worker.center.address, timeout=timeout,
+                security=worker.pool.security, set_as_default=False)
+    return executor
+
+
+_worker_executor_lock = threading.Lock()
 
 
 def _pack_futures(obj, data):
@@ -1943,7 +2292,7 @@ def _is_graph_node(v):
     return type(v).__module__ == "dask._task_spec"
 
 
-def _collection_graph(c, finalize=True):
+def _collection_graph(c, finalize=True, optimize_graph=True):
     """``(graph, key)`` computing dask collection ``c`` (finalized), or
     ``(graph, keys)`` of its partitions with ``finalize=False``."""
     if not hasattr(c, "__dask_graph__"):
@@ -1952,7 +2301,7 @@ def _collection_graph(c, finalize=True):
     try:
         from dask.base import collections_to_expr
 
-        expr = collections_to_expr([c], True)
+        expr = collections_to_expr([c], optimize_graph)
         if finalize:
             from dask._expr import FinalizeCompute
 

@@ -7,6 +7,13 @@
 
 In Jupyter (with ipywidgets installed) it returns at once and shows a
 widget that fills as the futures finish.
+
+It takes persisted dask collections too (their futures: one per partition),
+and a future of ``e.compute(collection)`` counts the tasks of its graph (the
+center says which are still to run), not just the one future::
+
+    progress(e.persist(x))
+    progress(e.compute(x.sum()))     # [####      ] | 40% Completed: 40 of 100 tasks
 """
 
 import sys
@@ -14,6 +21,12 @@ import threading
 import time
 
 from .executor import _collect_futures
+
+#: seconds between two questions to the center about one graph's tasks
+GRAPH_POLL_INTERVAL = 0.5
+#: states of a task still to run (see distributed.scheduler; a released one
+#: of a graph being computed ran, and its dependents have its data now)
+_TO_RUN = frozenset({"waiting", "no-worker", "queued", "processing"})
 
 __all__ = ["progress", "TextProgressBar"]
 
@@ -28,7 +41,8 @@ def _in_notebook():
 
 
 def progress(*futures, notebook=None, width=40, interval=0.1, file=None):
-    """Show the progress of ``futures`` (lists and dicts of them accepted)."""
+    """Show the progress of ``futures`` (lists and dicts of them, and dask
+    collections, accepted)."""
     flat = _collect_futures(list(futures))
     if notebook is None:
         notebook = _in_notebook()
@@ -47,11 +61,43 @@ class _Progress:
         self.futures = futures
         self.interval = interval
         self.start = time.time()
+        self._graph_counts = {}  # future key -> (time asked, tasks done)
 
     def counts(self):
-        done = sum(1 for f in self.futures if f.done())
-        errors = sum(1 for f in self.futures if f.status == "error")
-        return done, errors, len(self.futures)
+        """``(done, erred, total)``: futures, or the tasks of the graph of a
+        future of ``compute``."""
+        done = errors = total = 0
+        for f in self.futures:
+            keys = getattr(f._state, "graph_keys", None)
+            if keys and len(keys) > 1:
+                d = len(keys) if f.done() else self._graph_done_cached(f, keys)
+                done, total = done + d, total + len(keys)
+            else:
+                done, total = done + f.done(), total + 1
+            errors += f.status == "error"
+        return done, errors, total
+
+    def _graph_done_cached(self, future, keys):
+        asked, done = self._graph_counts.get(future.key, (0, 0))
+        if time.time() - asked >= GRAPH_POLL_INTERVAL:
+            done = self._graph_done(future, keys)
+            self._graph_counts[future.key] = (time.time(), done)
+        return done
+
+    @staticmethod
+    def _graph_done(future, keys):
+        """How many tasks of ``future``'s graph are done, as the center says
+        (none until the center knows the graph's final key)."""
+        executor = future.executor
+        try:
+            states = executor.sync(executor.center.task_states, keys=keys,
+                                   timeout=executor.timeout)
+        except Exception:  # an executor on the caller's loop, a lost center
+            return 0
+        if states.get(future.key) is None:
+            return 0  # the graph has not reached the center yet
+        left = sum(1 for k in keys if states.get(k) in _TO_RUN)
+        return min(len(keys) - left, len(keys) - 1)
 
 
 class TextProgressBar(_Progress):

@@ -39,7 +39,10 @@ A worker gets at most ``saturation`` tasks beyond its cores, so that new
 and freed workers can take the rest; a worker with a free slot and nothing
 queued takes queued work from the busiest worker.  Placement prefers the
 worker already holding most of a task's input bytes, weighed against how
-long its queue is.
+long its queue is.  Among ready tasks the lowest ``priority`` goes first; a
+task with ``retries`` left runs again when it raises; a task asking for
+``resources`` runs only on a worker that has them free (see
+:meth:`Scheduler.update_graph`).
 """
 
 import heapq
@@ -77,6 +80,9 @@ TRANSITION_LOG_LENGTH = 100000
 #: set (to anything but "" or "0") to run :meth:`Scheduler.validate` in the
 #: center after every batch of messages (the executor and resilience tests do)
 VALIDATE_ENV = "DISTRIBUTED_VALIDATE"
+#: the client that wants the keys of :meth:`Scheduler.fire_and_forget`
+#: until they are computed (a name no executor has: theirs are "executor-...")
+FIRE_AND_FORGET = "fire-and-forget"
 
 # -- task states -------------------------------------------------------------------
 
@@ -119,7 +125,8 @@ TRANSITIONS = {
     (PROCESSING, MEMORY): "a worker finished it (or a client scattered it)",
     (PROCESSING, ERRED): "it raised, or killed too many workers",
     (PROCESSING, RELEASED): "nobody wants it any more (it may still finish), its "
-                            "worker left, or it could not fetch its inputs",
+                            "worker left, it could not fetch its inputs, or it "
+                            "raised and has retries left (submit(..., retries=n))",
     (PROCESSING, LOST): "its worker died, one death too many: held until the "
                         "worker's nanny says why",
     (MEMORY, RELEASED): "nobody wants it any more, or every holder lost it",
@@ -180,6 +187,7 @@ class TaskState:
         "waiters", "who_wants", "priority", "processing_on", "restrictions",
         "loose_restrictions", "nbytes", "exception", "traceback", "text",
         "suspicious", "type", "prefix", "retries", "deaths", "lost_with",
+        "retries_left", "resources",
     )
 
     def __init__(self, key, run_spec=None, priority=(0,)):
@@ -204,7 +212,9 @@ class TaskState:
         self.lost_with = None  # state 'lost': the WorkerDeath it waits on
         self.type = None
         self.prefix = key_split(key)
-        self.retries = 0
+        self.retries = 0  # failed fetches of its inputs (missing-data)
+        self.retries_left = 0  # times it may still be run again if it raises
+        self.resources = None  # {name: amount} it holds of its worker's while running
 
     def __lt__(self, other):  # heap ties
         return self.priority < other.priority
@@ -214,11 +224,16 @@ class TaskState:
 
 
 class WorkerState:
-    __slots__ = ("address", "ncores", "processing", "queue", "paused", "memory_exit")
+    __slots__ = ("address", "ncores", "processing", "queue", "paused", "memory_exit",
+                 "resources", "used_resources")
 
-    def __init__(self, address, ncores):
+    def __init__(self, address, ncores, resources=None):
         self.address = address
         self.ncores = ncores
+        #: ``{name: amount}`` it has (``dworker --resources GPU=2``), and of
+        #: those, what the tasks in ``processing`` hold
+        self.resources = dict(resources or {})
+        self.used_resources = dict.fromkeys(self.resources, 0)
         self.paused = False  # over its memory pause threshold: send it nothing
         # exiting past its memory limit: 'data' (what it held is to blame, not
         # its tasks) or 'tasks'; None: not exiting for memory
@@ -417,18 +432,20 @@ class Scheduler:
 
     # -- workers and clients ------------------------------------------------------
 
-    def add_worker(self, address, ncores=1):
+    def add_worker(self, address, ncores=1, resources=None):
         """``address`` may be sent tasks now.  The keys it registered with
         (:meth:`add_replicas`) are merged with their tasks first (see
         :meth:`add_keys`), so that a task waiting for one it holds is not
-        sent to it."""
+        sent to it.  ``resources``: ``{name: amount}`` it has, which tasks
+        asking for them (``update_graph(resources=...)``) hold while they
+        run there."""
         if address in self.workers:
             return
         self.decide_death(address)  # a worker of that address that died is gone
         held = self.has_what.get(address)
         if held:
             self.add_keys(address, list(held), self.nbytes)
-        ws = self.workers[address] = WorkerState(address, ncores or 1)
+        ws = self.workers[address] = WorkerState(address, ncores or 1, resources)
         if self.plugins:
             self._tell_plugins("add_worker", address)
         for ts in sorted(self.unrunnable, key=_priority):
@@ -741,12 +758,16 @@ class Scheduler:
 
     def update_graph(self, client, tasks=None, dependencies=None, keys=(),
                      restrictions=None, loose_restrictions=(), priority=None,
-                     lineage_only=False):
+                     lineage_only=False, retries=None, resources=None):
         """Add tasks and say which keys ``client`` wants.
 
         ``tasks`` maps key -> run spec (opaque to the scheduler);
         ``dependencies`` maps key -> keys it needs (which must be in this
-        graph or already known); ``priority`` maps key -> a sortable value.
+        graph or already known); ``priority`` maps key -> a sortable value
+        (lowest runs first among ready tasks); ``retries`` maps key -> how
+        many times the task is run again if it raises, before it errs;
+        ``resources`` maps key -> ``{name: amount}``: it runs only on a
+        worker that has them free (``no-worker`` while none has them).
         A task whose key a worker already holds is in memory at once.
         ``lineage_only``: the tasks are sent again (to a restarted center)
         and run only where ``keys`` need them, not every one of them.
@@ -755,8 +776,11 @@ class Scheduler:
         dependencies = dependencies or {}
         restrictions = restrictions or {}
         priority = priority or {}
+        retries = retries or {}
+        resources = resources or {}
         loose = set(loose_restrictions or ())
-        _check_graph(tasks, dependencies, keys, restrictions, priority)
+        _check_graph(tasks, dependencies, keys, restrictions, priority, retries,
+                     resources)
         self.add_client(client)
         cycle = find_cycle(dependencies)
         if cycle is not None:  # its tasks would wait on each other forever
@@ -782,6 +806,10 @@ class Scheduler:
             elif ts.state == RELEASED and ts.run_spec is None:
                 ts.run_spec = spec
             ts.priority = priority.get(key, ts.priority)
+            if key in retries:
+                ts.retries_left = retries[key]
+            if key in resources and ts.state not in PENDING:  # (not while it holds them)
+                ts.resources = dict(resources[key]) or None
             if key in restrictions:
                 ts.restrictions = set(restrictions[key])
                 ts.loose_restrictions = key in loose
@@ -859,6 +887,23 @@ class Scheduler:
         self._request(roots + rerun)
         self._flush_releases()
 
+    def fire_and_forget(self, client, keys):
+        """Compute ``keys`` (known tasks) even once no client wants them any
+        more: they are wanted by :data:`FIRE_AND_FORGET` until in memory or
+        erred, then released (if nobody else wants them)."""
+        self.add_client(FIRE_AND_FORGET)
+        keys = [k for k in keys if k in self.tasks
+                and self.tasks[k].state not in (MEMORY, ERRED)]  # done already
+        wanted = self._want(FIRE_AND_FORGET, keys)
+        self._request([ts for ts in wanted if ts.state == RELEASED])
+        self._flush_releases()
+
+    def _done_with_fire_and_forget(self, ts):
+        """``ts`` is in memory or erred: :data:`FIRE_AND_FORGET` wants it no more."""
+        if FIRE_AND_FORGET in ts.who_wants:
+            ts.who_wants.discard(FIRE_AND_FORGET)
+            self.clients[FIRE_AND_FORGET].discard(ts.key)
+
     def _want(self, client, keys):
         """``client`` wants ``keys``: their tasks (an unknown key errs for it)."""
         wanted = []
@@ -924,6 +969,7 @@ class Scheduler:
         self.unrunnable.clear()
         for ws in self.workers.values():
             ws.processing.clear()
+            ws.used_resources = dict.fromkeys(ws.resources, 0)
             ws.queue.clear()
         if self.plugins:
             self._tell_plugins("restart")
@@ -955,7 +1001,7 @@ class Scheduler:
             if ts.state != MEMORY:
                 other = ts.processing_on
                 if other is not None and other is not ws:
-                    other.processing.discard(ts)  # it may still report: a replica
+                    self._unprocess(other, ts)  # it may still report: a replica
                 ts.processing_on = None
                 self._set_memory(ts, "task-finished", address, type, value)
         if ws is not None:
@@ -969,8 +1015,14 @@ class Scheduler:
             self._ran(ws, key, ts)
         if ts is not None and ts.state == PROCESSING and ts.processing_on is ws:
             ts.processing_on = None
-            self._erred(ts, exception, traceback, text, cause="task-erred",
-                        worker=address)
+            if ts.retries_left > 0:  # submit(..., retries=n): run it again
+                ts.retries_left -= 1
+                self._transition(ts, RELEASED, "task-erred (%s); run again, %d "
+                                 "retries left" % (text, ts.retries_left), address)
+                self._request([ts])
+            else:
+                self._erred(ts, exception, traceback, text, cause="task-erred",
+                            worker=address)
         if ws is not None:
             self._fill(ws)
         self._flush_releases()
@@ -1055,18 +1107,38 @@ class Scheduler:
         """Is data for ``ts``, not in memory now, wanted?"""
         return ts.state in NOT_IN_MEMORY and bool(ts.who_wants or ts.waiters)
 
-    @staticmethod
-    def _ran(ws, key, ts):
+    def _ran(self, ws, key, ts):
         """``ws`` reported on ``key``: out of its processing set.  A task
         released while running there and forgotten before the report (then
         perhaps submitted again, a new ``ts``) is found by its key: it
         would hold one of the worker's slots forever."""
-        processing = ws.processing
-        if ts is not None and ts in processing:
-            processing.discard(ts)
+        if ts is not None and ts in ws.processing:
+            self._unprocess(ws, ts)
         else:
-            for stale in [t for t in processing if t.key == key]:
-                processing.discard(stale)
+            for stale in [t for t in ws.processing if t.key == key]:
+                self._unprocess(ws, stale)
+
+    @staticmethod
+    def _unprocess(ws, ts):
+        """``ts`` runs on ``ws`` no more: its slot and resources are free."""
+        if ts in ws.processing:
+            ws.processing.discard(ts)
+            for name, amount in (ts.resources or {}).items():
+                if name in ws.used_resources:
+                    ws.used_resources[name] -= amount
+
+    @staticmethod
+    def _can_run(ws, ts):
+        """Has ``ws`` the resources ``ts`` asks for (free or not)?"""
+        return not ts.resources or all(
+            ws.resources.get(name, 0) >= amount for name, amount in ts.resources.items())
+
+    @staticmethod
+    def _fits(ws, ts):
+        """Are the resources ``ts`` asks for free on ``ws`` now?"""
+        return not ts.resources or all(
+            ws.resources.get(name, 0) - ws.used_resources.get(name, 0) >= amount
+            for name, amount in ts.resources.items())
 
     # -- transitions --------------------------------------------------------------
 
@@ -1136,7 +1208,7 @@ class Scheduler:
                 self._transition(ts, NO_WORKER, cause)
             self.unrunnable.add(ts)
             return
-        if len(ws.processing) < self._limit(ws):
+        if len(ws.processing) < self._limit(ws) and self._fits(ws, ts):
             self._send(ws, ts, cause)
         else:
             self._transition(ts, QUEUED, cause, ws.address)
@@ -1147,6 +1219,8 @@ class Scheduler:
         self._transition(ts, PROCESSING, cause, ws.address)
         ts.processing_on = ws
         ws.processing.add(ts)
+        for name, amount in (ts.resources or {}).items():
+            ws.used_resources[name] += amount
         who_has = {}
         nbytes = {}
         for dep in ts.dependencies:
@@ -1159,17 +1233,26 @@ class Scheduler:
         })
 
     def _fill(self, ws):
-        """Send queued tasks while ``ws`` has free slots."""
+        """Send queued tasks while ``ws`` has free slots (a task whose
+        resources are not free waits on, in its place)."""
         limit = self._limit(ws)
         queue = ws.queue
+        waiting = []  # their resources are taken
         while len(ws.processing) < limit:
             if not queue:
-                self._steal_for(ws)
+                if not waiting:
+                    self._steal_for(ws)
                 if not queue:
-                    return
-            _, _, ts = heapq.heappop(queue)
+                    break
+            item = heapq.heappop(queue)
+            ts = item[2]
             if ts.state == QUEUED and ts.processing_on is ws:
-                self._send(ws, ts, "a slot is free")
+                if self._fits(ws, ts):
+                    self._send(ws, ts, "a slot is free")
+                else:
+                    waiting.append(item)
+        for item in waiting:
+            heapq.heappush(queue, item)
 
     def _limit(self, ws):
         """Tasks in flight on ``ws``: its cores plus enough to cover a round
@@ -1194,7 +1277,7 @@ class Scheduler:
             if ts.state != QUEUED or ts.processing_on is not victim:
                 continue  # stale entry: drop it
             if moved < take and (ts.restrictions is None or ws.address in ts.restrictions
-                                 or ts.loose_restrictions):
+                                 or ts.loose_restrictions) and self._can_run(ws, ts):
                 ts.processing_on = ws
                 heapq.heappush(ws.queue, item)
                 moved += 1
@@ -1214,6 +1297,13 @@ class Scheduler:
                 if not ts.loose_restrictions:
                     return None
                 candidates = None
+        if ts.resources:  # only those that have them; those with them free first
+            candidates = [ws for ws in (candidates or workers.values())
+                          if self._can_run(ws, ts)]
+            if not candidates:
+                return None
+            free = [ws for ws in candidates if self._fits(ws, ts)]
+            candidates = free or candidates
         if candidates is None:
             if ts.dependencies:
                 holders = set()
@@ -1266,6 +1356,7 @@ class Scheduler:
         for dep in ts.dependencies:
             dep.waiters.discard(ts)
             self._maybe_release(dep)
+        self._done_with_fire_and_forget(ts)
         self._maybe_release(ts)
 
     def _erred(self, ts, exception, traceback, text, cause=None, worker=None):
@@ -1299,6 +1390,7 @@ class Scheduler:
         for dep in ts.dependencies:
             dep.waiters.discard(ts)
             self._maybe_release(dep)
+        self._done_with_fire_and_forget(ts)
         self._maybe_forget(ts)
 
     def _maybe_release(self, ts):
@@ -1383,6 +1475,14 @@ class Scheduler:
             self._validate_task(ts)
         for address, ws in workers.items():
             _check(ws.address == address, address, "worker filed under another address")
+            held = defaultdict(float)
+            for ts in ws.processing:
+                for name, amount in (ts.resources or {}).items():
+                    held[name] += amount
+            for name, used in ws.used_resources.items():
+                _check(abs(used - held.get(name, 0)) < 1e-9, address,
+                       "uses %s of resource %r, but its tasks hold %s", used, name,
+                       held.get(name, 0))
             for ts in ws.processing:
                 # a task released while running stays here until it reports
                 # (forgotten meanwhile, it is found by its key: see _ran)
@@ -1482,10 +1582,12 @@ class Scheduler:
                    sorted(map(str, ts.who_wants)), sorted(d.key for d in ts.waiters))
 
 
-def _check_graph(tasks, dependencies, keys, restrictions, priority):
+def _check_graph(tasks, dependencies, keys, restrictions, priority, retries,
+                 resources):
     """Refuse a malformed graph whole, before any state changes."""
     for name, value in (("tasks", tasks), ("dependencies", dependencies),
-                        ("restrictions", restrictions), ("priority", priority)):
+                        ("restrictions", restrictions), ("priority", priority),
+                        ("retries", retries), ("resources", resources)):
         if not isinstance(value, dict):
             raise TypeError("update-graph: %s must be a dict, got %s"
                             % (name, type(value).__name__))
@@ -1495,6 +1597,16 @@ def _check_graph(tasks, dependencies, keys, restrictions, priority):
                             % (key, type(deps).__name__))
     if not isinstance(keys, (list, tuple, set, frozenset)):
         raise TypeError("update-graph: keys must be a list, got %s" % type(keys).__name__)
+    for key, wanted in resources.items():
+        if not isinstance(wanted, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and v >= 0
+                for k, v in wanted.items()):
+            raise TypeError("update-graph: resources of %r must be a dict {name: "
+                            "amount >= 0}, got %r" % (key, wanted))
+    for key, n in retries.items():
+        if type(n) is not int or n < 0:
+            raise TypeError("update-graph: retries of %r must be an int >= 0, got %r"
+                            % (key, n))
     for key in itertools.chain(tasks, keys):
         validate_key(key)  # a NaN key could never be found again
 

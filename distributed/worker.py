@@ -56,7 +56,9 @@ a peer asks for them or a task needs them.
 import asyncio
 import concurrent.futures
 import functools
+import heapq
 import importlib
+import itertools
 import logging
 import os
 import random  # noqa: F401 (tests fix the transfers' choice of holder through it)
@@ -65,6 +67,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 
 import psutil
 from tornado import gen
@@ -114,7 +117,13 @@ from .worker_memory import (  # noqa: F401 (importable from here, as they always
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Worker", "gather_from_workers", "MEMORY_EXIT_CODE", "MEMORY_BLAME"]
+__all__ = ["Worker", "gather_from_workers", "MEMORY_EXIT_CODE", "MEMORY_BLAME",
+           "get_worker", "secede", "rejoin"]
+
+#: in a task's thread: ``.worker``, the Worker running it (see get_worker)
+thread_state = threading.local()
+#: the workers of this process
+_workers = weakref.WeakSet()
 
 #: seconds between heartbeats to the center
 HEARTBEAT_INTERVAL = 1.0
@@ -154,15 +163,18 @@ class TaskState:
     ``task`` blobs), ``who_has`` its inputs' holders, ``deps`` its inputs.
     """
 
-    __slots__ = ("key", "spec", "who_has", "deps", "state", "transfer")
+    __slots__ = ("key", "spec", "who_has", "deps", "state", "transfer", "priority")
 
-    def __init__(self, key, spec, who_has=None):
+    def __init__(self, key, spec, who_has=None, priority=None):
         self.key = key
         self.spec = spec
         self.who_has = who_has or {}
         self.deps = list(self.who_has)
         self.state = None
         self.transfer = None  # (start, stop) of fetching its inputs
+        #: the scheduler's (lowest first): the order ready tasks take threads
+        self.priority = (() if priority is None else tuple(priority)
+                         if isinstance(priority, (list, tuple)) else (priority,))
 
     def transition(self, state):
         """Move to ``state``; a released task stays released (its work goes
@@ -220,11 +232,14 @@ class Worker(Server):
                  heartbeat_interval=HEARTBEAT_INTERVAL, memory_limit=None,
                  nanny=None, memory_target_fraction=None, memory_pause_fraction=None,
                  memory_terminate_fraction=None,
-                 memory_monitor_interval=MEMORY_MONITOR_INTERVAL, **kwargs):
+                 memory_monitor_interval=MEMORY_MONITOR_INTERVAL, resources=None, **kwargs):
         if center_port is None:
             center_ip, center_port = parse_address(coerce_to_address(center_ip))
         self.loop = loop or IOLoop.current()
         self.ncores = ncores or os.cpu_count() or 1
+        #: ``{name: amount}`` this worker has: tasks submitted with
+        #: ``resources={'GPU': 1}`` run only where theirs are free
+        self.resources = dict(resources or {})
         self.name = name
         self.data = {}
         self.nbytes = {}
@@ -238,6 +253,15 @@ class Worker(Server):
         self.executor = concurrent.futures.ThreadPoolExecutor(
             self.ncores, thread_name_prefix="distributed-worker"
         )
+        self._secede_lock = threading.Lock()
+        # tasks ready to run, best first: a thread of the pool takes the
+        # first when it is free (submit(..., priority=) orders them)
+        self._ready = []
+        self._ready_lock = threading.Lock()
+        self._ready_seq = itertools.count()
+        _workers.add(self)
+        #: the Executor of :func:`distributed.get_executor` in its tasks
+        self.client = None
         if local_dir:
             os.makedirs(local_dir, exist_ok=True)
         self.local_dir = tempfile.mkdtemp(prefix="worker-", dir=local_dir)
@@ -292,6 +316,7 @@ class Worker(Server):
             "center": (self.center.ip, self.center.port),
             "ncores": self.ncores,
             "name": self.name,
+            "resources": self.resources,
         }
 
     @gen.coroutine
@@ -352,6 +377,7 @@ class Worker(Server):
                     services=self.service_ports,
                     name=self.name,
                     nanny=self.nanny,
+                    resources=self.resources or None,
                     timeout=max(1, deadline - time.time()),
                 )
             except (AuthenticationError, TLSError):
@@ -431,6 +457,9 @@ class Worker(Server):
             service.stop()
         self.stop()
         self.pool.close()
+        if self.client is not None:  # tasks' get_executor(): its own loop thread
+            threading.Thread(target=self.client.shutdown, kwargs={"timeout": 2},
+                             daemon=True).start()
         self.executor.shutdown(wait=False)
         self.memory.close()
         shutil.rmtree(self.local_dir, ignore_errors=True)
@@ -641,7 +670,10 @@ class Worker(Server):
         """In a task thread: :func:`_run_function`, with room made in memory
         before it and for its result after it (see
         :meth:`WorkerMemoryManager.room_for`): a result that can be neither
-        kept nor spilled fails the task with ``MemoryError``."""
+        kept nor spilled fails the task with ``MemoryError``.  The task can
+        find its worker with :func:`get_worker`."""
+        thread_state.worker = self
+        thread_state.seceded = 0
         if type(self.data) is dict:
             return _run_function(function, args, kwargs)
         memory = self.memory
@@ -652,6 +684,31 @@ class Worker(Server):
             if error is not None:  # the result is dropped: nothing keeps it
                 ok, result = False, (error, error.__traceback__)
         return ok, result, timings
+
+    # -- task threads that wait (a task submitting tasks) ----------------------
+
+    def secede(self):
+        """A task thread is about to wait (for tasks it submitted): let one
+        more thread run tasks meanwhile, so that what it waits for can run
+        (a 1-thread worker would deadlock otherwise).  :meth:`rejoin` when
+        done waiting.  Threads beyond ``ncores`` stay idle in the pool and
+        serve the next seceding task: at most ``ncores`` + the tasks
+        waiting at once."""
+        with self._secede_lock:
+            pool = self.executor
+            pool._max_workers += 1
+            # the pool counts finished tasks as idle threads (its semaphore can
+            # say "idle" while its only thread runs this task): forget that
+            # count, so that it starts a thread unless it has max_workers
+            while pool._idle_semaphore.acquire(timeout=0):
+                pass
+            pool._adjust_thread_count()
+
+    def rejoin(self):
+        """The waiting task thread runs again: back to ``ncores`` slots (the
+        thread started for it runs no new task while it is busy)."""
+        with self._secede_lock:
+            self.executor._max_workers -= 1
 
     # -- tasks from the scheduler ------------------------------------------------
     #
@@ -665,7 +722,7 @@ class Worker(Server):
         if key in self.data:
             self._send_finished(key, None)
             return
-        ts = self.tasks[key] = TaskState(key, spec, who_has)
+        ts = self.tasks[key] = TaskState(key, spec, who_has, priority)
         if self.paused:  # nothing starts (nor is fetched) until memory is lower
             self._hold(ts, self._start_task)
             return
@@ -769,9 +826,22 @@ class Worker(Server):
             return
         self.active.add(key)
         out = self._outputs[key] = output.TaskOutput()
-        future = self.executor.submit(self._run_captured, out, function, args, kwargs)
-        future.add_done_callback(
-            lambda f: self.loop.add_callback(self._task_done, key, f))
+        with self._ready_lock:
+            heapq.heappush(self._ready, (ts.priority, next(self._ready_seq), key,
+                                         function, args, kwargs, out))
+        # one run of the pool per ready task: it takes the best one then
+        future = self.executor.submit(self._run_next)
+        future.add_done_callback(lambda f: self.loop.add_callback(self._next_done, f))
+
+    def _run_next(self):
+        """In a task thread: run the best ready task; ``(key, outcome)``."""
+        with self._ready_lock:
+            _, _, key, function, args, kwargs, out = heapq.heappop(self._ready)
+        return key, self._run_captured(out, function, args, kwargs)
+
+    def _next_done(self, future):
+        key, outcome = future.result()
+        self._task_outcome(key, outcome)
 
     def _run_captured(self, out, function, args, kwargs):
         """In a task thread: :meth:`_run_within_memory`, what it prints going to
@@ -804,8 +874,11 @@ class Worker(Server):
         return function, args, kwargs
 
     def _task_done(self, key, future):
+        self._task_outcome(key, future.result())
+
+    def _task_outcome(self, key, outcome):
         self.active.discard(key)
-        ok, result, timings = future.result()
+        ok, result, timings = outcome
         out = self._outputs.pop(key, None)
         ts = self.tasks.pop(key, None)
         if ts is None or ts.state == RELEASED:
@@ -964,6 +1037,47 @@ class Worker(Server):
             self.ncores,
             self.status,
         )
+
+
+def get_worker():
+    """The :class:`Worker` running the current task (call it inside a task).
+
+    >>> def task():
+    ...     return get_worker().address
+    >>> e.submit(task).result()                           # doctest: +SKIP
+    '127.0.0.1:40123'
+
+    Outside a task thread: the only worker of this process, if there is
+    exactly one; else ``ValueError``.
+    """
+    worker = getattr(thread_state, "worker", None)
+    if worker is not None:
+        return worker
+    running = [w for w in list(_workers) if w.status not in ("closing", "closed")]
+    if len(running) == 1:
+        return running[0]
+    raise ValueError("get_worker() is called inside a task (no task runs in this "
+                     "thread, and this process has %d workers)" % len(running))
+
+
+def secede():
+    """In a task: this thread waits now; the worker runs other tasks meanwhile
+    (see :meth:`Worker.secede`).  Pair it with :func:`rejoin`.  A task's
+    executor (:func:`distributed.get_executor`) does both around its waits."""
+    worker = getattr(thread_state, "worker", None)
+    if worker is None:
+        raise ValueError("secede() is called inside a task")
+    worker.secede()
+    thread_state.seceded = getattr(thread_state, "seceded", 0) + 1
+
+
+def rejoin():
+    """In a task that seceded: it is back to work on one of the worker's slots."""
+    worker = getattr(thread_state, "worker", None)
+    if worker is None or not getattr(thread_state, "seceded", 0):
+        raise ValueError("rejoin() is called inside a task that seceded")
+    thread_state.seceded -= 1
+    worker.rejoin()
 
 
 @functools.lru_cache(maxsize=512)

@@ -253,7 +253,7 @@ def test_center_port_in_use():
 
 def example_value(option):
     """A non-default value for ``option``, as text on a command line."""
-    special = {"memory_limit": "2GB", "host": "127.0.0.2"}
+    special = {"memory_limit": "2GB", "host": "127.0.0.2", "resources": "GPU=2,MEM=10e9"}
     if option.dest in special:
         return special[option.dest]
     if option.type is float:
@@ -327,6 +327,7 @@ def test_every_dworker_flag_reaches_the_children_and_the_worker():
     assert kwargs == {
         "ip": "127.0.0.2", "ncores": 7, "name": "example-name",
         "local_dir": "example-local_dir", "memory_limit": 2 * 10**9,
+        "resources": {"GPU": 2.0, "MEM": 10e9},
         "nanny": "example-nanny_address",
         "services": {"http": HTTPWorker}, "service_ports": {"http": 7},
         "log_length": 7}

@@ -1595,3 +1595,151 @@ def test_internals_doc_diagram_is_the_transition_table():
     edges = {(names.get(a, a), names.get(b, b))
              for a, b in re.findall(r"^    (\S+) --> (\S+):", text, re.M)}
     assert edges == set(TRANSITIONS)
+
+
+# ---------------------------------------------------------------------------
+# retries=, fire_and_forget (issue 11)
+
+
+def flaky(fails):
+    """A task that raises the first ``fails`` times it runs."""
+    calls = [0]
+
+    def run():
+        calls[0] += 1
+        if calls[0] <= fails:
+            raise ZeroDivisionError("attempt %d" % calls[0])
+        return calls[0]
+    return run
+
+
+def test_retries_run_an_erred_task_again(sim):
+    s = sim.s
+    sim.add_worker("w1:1")
+    t, d = graph(x=(flaky(2), []), y=(inc, ["x"]))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["y"], retries={"x": 2})
+    sim.run_all()
+    assert sim.result("y") == 4  # x succeeded on its third run
+    assert [k for _, k in sim.computed] == ["x", "x", "x", "y"]
+    assert not sim.client_msgs("c1", "task-erred")
+    causes = [e["cause"] for e in s.story("x")]
+    assert sum("retries left" in c for c in causes) == 2
+    assert "1 retries left" in causes[2] and "0 retries left" in causes[5]
+
+
+def test_retries_run_out_then_the_error(sim):
+    s = sim.s
+    sim.add_worker("w1:1")
+    t, d = graph(x=(flaky(5), []))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["x"], retries={"x": 1})
+    sim.run_all()
+    assert [k for _, k in sim.computed] == ["x", "x"]
+    [msg] = sim.client_msgs("c1", "task-erred")
+    assert "attempt 2" in str(msg["exception"])
+    assert s.tasks["x"].state == "erred"
+
+
+def test_no_retries_by_default(sim):
+    s = sim.s
+    sim.add_worker("w1:1")
+    t, d = graph(x=(flaky(1), []))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["x"])
+    sim.run_all()
+    assert len(sim.computed) == 1
+    assert sim.client_msgs("c1", "task-erred")
+
+
+def test_retries_must_be_counts(sim):
+    sim.add_worker("w1:1")
+    t, d = graph(x=(const(1), []))
+    with pytest.raises(TypeError, match="retries of 'x'"):
+        sim.s.update_graph("c1", tasks=t, dependencies=d, keys=["x"], retries={"x": -1})
+    assert "x" not in sim.s.tasks  # refused whole
+
+
+def test_fire_and_forget_computes_released_keys_then_drops_them(sim):
+    s = sim.s
+    sim.add_worker("w1:1")
+    t, d = graph(x=(const(1), []), y=(inc, ["x"]))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["y"])
+    s.fire_and_forget("c1", ["y"])
+    s.client_releases_keys("c1", ["y"])
+    assert s.tasks["y"].state in ("waiting", "processing")  # still wanted
+    sim.run_all()
+    assert [k for _, k in sim.computed] == ["x", "y"]
+    # done: nobody wants it, the scheduler forgot it and the worker dropped it
+    assert "y" not in s.tasks and "x" not in s.tasks
+    assert not sim.data["w1:1"]
+    assert not s.clients["fire-and-forget"]
+
+
+def test_fire_and_forget_of_an_erring_task(sim):
+    s = sim.s
+    sim.add_worker("w1:1")
+    t, d = graph(x=(boom, []))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["x"])
+    s.fire_and_forget("c1", ["x"])
+    s.client_releases_keys("c1", ["x"])
+    sim.run_all()
+    assert sim.computed == [("w1:1", "x")]
+    assert "x" not in s.tasks
+
+
+# ---------------------------------------------------------------------------
+# resources= (issue 11)
+
+
+def test_resources_run_only_where_free(sim):
+    s = sim.s
+    sim.data["gpu:1"] = {}
+    s.add_worker("gpu:1", ncores=4, resources={"GPU": 1})
+    sim.add_worker("cpu:1", ncores=4)
+    t, d = graph(a=(const(1), []), b=(const(2), []), c=(const(3), []))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["a", "b", "c"],
+                   resources={"a": {"GPU": 1}, "b": {"GPU": 1}})
+    # both want the one GPU: one runs, the other waits though slots are free
+    sent = sim.pop("gpu:1")
+    assert [m["key"] for m in sent] == ["a"]
+    assert s.tasks["b"].state == "queued" and s.tasks["b"].processing_on.address == "gpu:1"
+    assert s.workers["gpu:1"].used_resources == {"GPU": 1}
+    sim.run("gpu:1", sent[0])
+    [m] = sim.pop("gpu:1")  # the GPU is free again: b goes
+    assert m["key"] == "b"
+    sim.run("gpu:1", m)
+    sim.run_all()
+    assert s.workers["gpu:1"].used_resources == {"GPU": 0}
+    assert {k for a, k in sim.computed if a == "gpu:1"} >= {"a", "b"}
+    assert sim.result("c") == 3
+
+
+def test_resources_no_worker_has_them_until_one_comes(sim):
+    s = sim.s
+    sim.add_worker("cpu:1")
+    t, d = graph(x=(const(1), []))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["x"],
+                   resources={"x": {"GPU": 2}})
+    assert s.tasks["x"].state == "no-worker"
+    sim.data["gpu:1"] = {}
+    s.add_worker("gpu:1", resources={"GPU": 1})  # not enough
+    assert s.tasks["x"].state == "no-worker"
+    sim.data["gpu:2"] = {}
+    s.add_worker("gpu:2", resources={"GPU": 2, "MEM": 10e9})
+    [m] = sim.pop("gpu:2")
+    sim.run("gpu:2", m)
+    assert sim.result("x") == 1
+
+
+def test_resources_freed_when_the_worker_dies_or_a_task_errs(sim):
+    s = sim.s
+    for a in ("g1:1", "g2:1"):
+        sim.data[a] = {}
+        s.add_worker(a, resources={"GPU": 1})
+    t, d = graph(x=(boom, []), y=(const(2), []))
+    s.update_graph("c1", tasks=t, dependencies=d, keys=["x", "y"],
+                   resources={"x": {"GPU": 1}, "y": {"GPU": 1}})
+    where = {m["key"]: a for a in ("g1:1", "g2:1") for m in s.to_workers[a]}
+    assert set(where) == {"x", "y"}
+    sim.kill(where["y"])  # y runs again on the other worker, once x frees it
+    sim.run_all()
+    assert sim.result("y") == 2 and s.tasks["x"].state == "erred"
+    assert all(ws.used_resources == {"GPU": 0} for ws in s.workers.values())

@@ -580,3 +580,34 @@ async def test_worker_announcing_a_memory_exit_does_not_reconnect(center, w):
     await asyncio.sleep(0.5)
     assert w.address not in center.ncores
     assert w.status == "closing"
+
+
+def test_secede_starts_a_thread_though_the_pool_thinks_one_is_idle():
+    """A 1-thread pool that ran tasks counts its busy thread as idle; a task
+    seceding must still get another thread (else it waits forever)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.worker import Worker
+
+    class Fake:  # the two attributes secede/rejoin use
+        executor = ThreadPoolExecutor(1)
+        _secede_lock = threading.Lock()
+        secede = Worker.secede
+        rejoin = Worker.rejoin
+
+    w = Fake()
+    for f in [w.executor.submit(int) for _ in range(5)]:
+        f.result()
+
+    def waiter():
+        w.secede()
+        try:
+            return w.executor.submit(lambda: 42).result(timeout=5)
+        finally:
+            w.rejoin()
+
+    try:
+        assert w.executor.submit(waiter).result(timeout=10) == 42
+        assert w.executor._max_workers == 1  # back to its cores
+    finally:
+        w.executor.shutdown()

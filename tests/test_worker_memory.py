@@ -3,6 +3,7 @@ task states and the sharing of peer transfers (no sockets, no processes)."""
 
 import asyncio
 import shutil
+import threading
 from concurrent.futures import Future
 
 import pytest
@@ -248,3 +249,28 @@ def test_transfers_are_shared_and_forgotten():
     results = asyncio.run(f())
     assert calls == [["x", "y"], ["z"]]
     assert sorted(k for r in results for k in r.data) == ["x", "y", "z"]
+
+
+_ran = []
+
+
+def _record(x):
+    _ran.append(x)
+
+
+def test_ready_tasks_take_threads_by_priority(worker):
+    """However many tasks the scheduler sent ahead, a free thread takes the
+    ready one of lowest priority value (submit(..., priority=) is negated)."""
+    from distributed.protocol import to_blob
+
+    free = threading.Event()
+    worker.executor.submit(free.wait, 10)  # its one thread is busy
+    del _ran[:]
+    for key, priority in [("a", (0, 1)), ("b", (0, 2)), ("urgent", (-5, 3)),
+                          ("c", (0, 0))]:
+        worker._compute_task(key=key, spec={"function": to_blob(_record),
+                                            "args": to_blob((key,))},
+                             priority=priority)
+    free.set()
+    worker.executor.shutdown(wait=True)
+    assert _ran == ["urgent", "c", "a", "b"]

@@ -44,6 +44,7 @@ from .utils import (
     options_argv,
     parse_memory_limit,
     parse_port,
+    parse_resources,
     raise_open_files_limit,
     run_until_signal,
     security_from_args,
@@ -95,6 +96,12 @@ OPTIONS = [
            % (100 * MEMORY_TARGET_FRACTION, 100 * MEMORY_PAUSE_FRACTION,
               100 * MEMORY_TERMINATE_FRACTION, MEMORY_EXIT_CODE),
            default_text="no limit"),
+    Option("--resources", kwarg="resources", convert=parse_resources,
+           children=(NANNY_CHILD, NPROCS_CHILD), metavar="NAME=AMOUNT,...",
+           help="what this worker has of resources that tasks ask for with "
+           "submit(..., resources={'GPU': 1}): 'GPU=2,MEM=10e9'; a task runs only "
+           "where its resources are free (each of --nprocs workers has them all)",
+           default_text="none"),
     Option("--connect-timeout", type=float, default=CONNECT_RETRY_TIMEOUT,
            children=(NANNY_CHILD, NPROCS_CHILD),  # the command: Worker._start(timeout=)
            help="seconds to keep trying to reach the center before giving up"),
@@ -129,7 +136,7 @@ def worker_kwargs(args):
     """The ``Worker(...)`` keywords of parsed ``args`` (all but ``security``).
 
     >>> worker_kwargs(make_parser().parse_args(['127.0.0.1:8787', '--ncores', '2']))
-    {'ip': None, 'ncores': 2, 'name': None, 'local_dir': None, 'memory_limit': None, 'nanny': None, 'log_length': None}
+    {'ip': None, 'ncores': 2, 'name': None, 'local_dir': None, 'memory_limit': None, 'resources': None, 'nanny': None, 'log_length': None}
     """
     return constructor_kwargs(OPTIONS, args)
 

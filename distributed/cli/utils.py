@@ -25,6 +25,31 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+def parse_resources(text):
+    """``'GPU=2,MEM=10e9'`` -> ``{'GPU': 2.0, 'MEM': 1e10}`` (``dworker --resources``).
+
+    >>> parse_resources('GPU=2, MEM=10e9')
+    {'GPU': 2.0, 'MEM': 10000000000.0}
+    """
+    if text is None:
+        return None
+    resources = {}
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        name, sep, amount = part.partition("=")
+        name = name.strip()
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1
+        if not sep or not name or not value >= 0:
+            raise ValueError("resources %r not understood: use NAME=AMOUNT pairs "
+                             "separated by commas, e.g. 'GPU=2,MEM=10e9'" % text)
+        resources[name] = value
+    return resources or None
+
+
 def parse_memory_limit(text):
     """``'4GB'`` / ``'512MiB'`` / ``'0.5'`` (of RAM) / ``'auto'`` / ``'0'`` -> bytes or None.
 
