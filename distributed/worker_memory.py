@@ -495,7 +495,7 @@ class WorkerMemoryManager:
         # the stream's end must not look like a lost center: a worker that
         # registered again before the exit would be given the rescheduled
         # tasks and die with them counted against them
-        self.worker.status = "closing"
+        self.worker.status = "exiting"  # not "closing": _close still runs
         batched = self.worker.batched
         if batched is None or batched.closed:
             return

@@ -579,7 +579,7 @@ async def test_worker_announcing_a_memory_exit_does_not_reconnect(center, w):
     await asyncio.get_running_loop().run_in_executor(None, w.memory._announce_exit, "data")
     await asyncio.sleep(0.5)
     assert w.address not in center.ncores
-    assert w.status == "closing"
+    assert w.status == "exiting"
 
 
 def test_secede_starts_a_thread_though_the_pool_thinks_one_is_idle():
