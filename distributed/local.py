@@ -178,7 +178,13 @@ class LocalCluster:
                 return await r.call(op, timeout=5, **kwargs)
 
         try:
-            return asyncio.run(call())
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # no loop runs in this thread
+                return asyncio.run(call())
+            # a loop runs here (Jupyter, async code): asyncio.run would refuse
+            with ThreadPoolExecutor(1) as pool:
+                return pool.submit(lambda: asyncio.run(call())).result()
         except Exception as e:
             logger.info("could not tell the center %s: %s", op, e)
 

@@ -1,9 +1,11 @@
 """Local clusters: ``Executor()`` without an address, ``LocalCluster``, and
 workers dying under real load (SIGKILL)."""
 
+import asyncio
 import os
 import signal
 import threading
+import warnings
 
 import psutil
 import pytest
@@ -182,3 +184,28 @@ def test_lost_data_names_the_cause_the_cluster_saw():
             x.result(timeout=20)
         assert "which died (killed by signal SIGKILL" in str(info.value), info.value
         poll(lambda: cluster.deaths, timeout=10)
+
+
+def test_cluster_made_inside_a_running_loop_still_reports_deaths():
+    """As in Jupyter, where the main thread runs an event loop: the
+    cluster's calls to the center (watch its workers, report a death) are
+    made from a thread of their own, not refused (a coroutine never
+    awaited), and LostData still names the cause."""
+
+    async def main():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            cluster = LocalCluster(n_workers=1)
+        return cluster
+
+    cluster = asyncio.run(main())
+    try:
+        with Executor(cluster.center_address) as e:
+            victim = cluster.workers[0]
+            [x] = e.scatter([123], workers=[victim.address])
+            os.kill(victim.pid, signal.SIGKILL)
+            with pytest.raises(LostData) as info:
+                x.result(timeout=20)
+            assert "which died (killed by signal SIGKILL" in str(info.value), info.value
+    finally:
+        cluster.close()
