@@ -17,7 +17,7 @@ import sys
 from ..core import coerce_to_address
 from ..http import HTTPWorker
 from ..process import ENV_PARENT_PID, exit_with_parent
-from ..utils import get_ip, parse_address, with_default_port
+from ..utils import get_ip, parse_address
 from ..worker import (
     CONNECT_RETRY_TIMEOUT,
     MEMORY_EXIT_CODE,
@@ -169,7 +169,7 @@ def main(argv=None):
     setup_logging(args.verbose)
     raise_open_files_limit()
     try:
-        center = coerce_to_address(with_default_port(args.center))  # 'host': :8787
+        center = coerce_to_address(args.center)
         center_ip, center_port = parse_address(center)
         worker_kwargs(args)  # a bad --memory-limit is a usage error, before anything starts
     except (TypeError, ValueError) as e:
