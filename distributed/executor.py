@@ -432,6 +432,9 @@ class NotACenterError(ConnectionError):
 
 #: seconds :func:`_what_is_at` waits for each of its two probes (run together)
 PROBE_TIMEOUT = 1.0
+#: seconds an executor waits for a center's first answer before it also looks
+#: (:func:`_what_is_at`) at what listens there; it keeps waiting if a center
+PROBE_AFTER = 1.0
 
 
 class _Found(str):
@@ -773,8 +776,20 @@ class Executor:
             try:
                 await write(stream, {"op": "register-client", "client": self.id,
                                      "output": self.forward_output, "reply": False})
-                first = await asyncio.wait_for(read(stream), max(0.1, deadline - time.time()))
+                reading = asyncio.ensure_future(read(stream))
+                try:
+                    if found is None:  # no answer soon: look at what is there meanwhile
+                        await asyncio.wait([reading], timeout=min(
+                            PROBE_AFTER, max(0.1, deadline - time.time())))
+                        if not reading.done():
+                            found = await self._check_is_center()
+                    first = await asyncio.wait_for(reading, max(0.1, deadline - time.time()))
+                finally:
+                    reading.cancel()
                 break
+            except NotACenterError:
+                stream.close()
+                raise
             except ssl.SSLError as e:  # TLS 1.3: a refused certificate shows now
                 raise tls_error(e, self.address) or e
             except (StreamClosedError, asyncio.TimeoutError) as e:
@@ -783,12 +798,7 @@ class Executor:
                 if error is not None:
                     raise error from None
                 if found is None:  # once: is it a center at all?
-                    found = await _what_is_at(self.address, self.security)
-                    if found.not_center:
-                        raise NotACenterError("%s is not a center: it is %s; give the "
-                                              "Executor the center's TCP port (dcenter "
-                                              "prints it: '%s ...')"
-                                              % (self.address, found, CENTER_STARTED)) from None
+                    found = await self._check_is_center()
                 if time.time() + delay > deadline:
                     raise TimeoutError(
                         "%s did not answer as a center within %s s: it is %s"
@@ -807,6 +817,16 @@ class Executor:
         self.batched = BatchedSend(stream, self.loop,
                                    max_bytes=self.max_message_size // 2)
         self.loop.add_callback(self._handle_report, stream)
+
+    async def _check_is_center(self):
+        """What listens at our address (:func:`_what_is_at`), when it did not
+        answer as a center; :class:`NotACenterError` if it surely is not one."""
+        found = await _what_is_at(self.address, self.security)
+        if found.not_center:
+            raise NotACenterError("%s is not a center: it is %s; give the Executor the "
+                                  "center's TCP port (dcenter prints it: '%s ...')"
+                                  % (self.address, found, CENTER_STARTED))
+        return found
 
     async def _connect_center(self, deadline=None):
         """A connection to the center, trying again (connection refused, closed
