@@ -44,7 +44,7 @@ from .batched import BatchedSend, close_stream, handle_batches
 from .core import ConnectionPool, Server, coerce_to_address, rpc
 from .output import OUTPUT_QUEUE_LIMIT, STREAMS
 from .scheduler import ALLOWED_FAILURES, VALIDATE_ENV, InvariantError, Scheduler
-from .utils import log_safe
+from .utils import CENTER_PORT, log_safe
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ NO_HEARTBEAT = ("it stopped answering heartbeats for %.0f s (heartbeat timeout %
 class Center(Server):
     """Central metadata node of a cluster (see the module docstring)."""
 
-    default_port = 8787
+    default_port = CENTER_PORT
 
-    def __init__(self, ip=None, port=8787, heartbeat_timeout=HEARTBEAT_TIMEOUT,
+    def __init__(self, ip=None, port=CENTER_PORT, heartbeat_timeout=HEARTBEAT_TIMEOUT,
                  loop=None, services=None, service_ports=None,
                  allowed_failures=ALLOWED_FAILURES, validate=None,
                  death_report_grace=DEATH_REPORT_GRACE, **kwargs):

@@ -54,6 +54,8 @@ from .protocol import (
 )
 from .security import AuthenticationError, Security, TLSError, default_security, tls_error
 from .utils import (
+    PortInUse,
+    check_port,
     format_exception_text,
     log_safe,
     parse_address,
@@ -601,7 +603,13 @@ class Server(TCPServer):
         if address is None:
             address = self.ip or self.default_ip
         bind = "" if address in ("0.0.0.0", "") else address
-        super().listen(port, bind)
+        check_port(port)  # the system would wrap 99999 around to 34463
+        try:
+            super().listen(port, bind)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUse("the " + type(self).__name__, "tcp", address, port) from None
         for sock in self._sockets.values():
             self.port = sock.getsockname()[1]
             break

@@ -43,6 +43,7 @@ from collections import Counter, defaultdict, namedtuple
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
+from tornado.tcpclient import TCPClient
 
 from .batched import BatchedSend, handle_batches
 from .core import (
@@ -67,7 +68,8 @@ from .protocol import DEFAULT_LIMITS, from_blob, to_blob
 from .scheduler import LostData
 from .security import TLSError, default_security, tls_error
 from .tokenize import Normalized, by_reference, tokenize
-from .utils import funcname, key_split, validate_key
+from .cli.utils import CENTER_STARTED
+from .utils import funcname, key_split, validate_key, with_default_port
 from .worker import _format_bytes, gather_from_workers, get_worker, rejoin, secede, thread_state
 
 logger = logging.getLogger(__name__)
@@ -423,6 +425,73 @@ class _Released:
 _ReleasedState = _Released()
 
 
+class NotACenterError(ConnectionError):
+    """The executor's address is a server, but not a center (a worker, a
+    dashboard's HTTP port, ...): the message says what it found."""
+
+
+#: seconds :func:`_what_is_at` waits for each of its two probes (run together)
+PROBE_TIMEOUT = 1.0
+#: seconds an executor waits for a center's first answer before it also looks
+#: (:func:`_what_is_at`) at what listens there; it keeps waiting if a center
+PROBE_AFTER = 1.0
+
+
+class _Found(str):
+    """What :func:`_what_is_at` found, in words; ``not_center``: surely not a center."""
+
+    not_center = False
+
+
+def _found(text, not_center=False):
+    found = _Found(text)
+    found.not_center = not_center
+    return found
+
+
+async def _what_is_at(address, security, timeout=PROBE_TIMEOUT):
+    """What listens at ``address``, which did not answer an executor as a
+    center would: a node of ours says its type (``identity``), an HTTP server
+    answers a ``GET``, anything else accepts and says nothing or closes.
+    Takes at most about ``timeout`` seconds (the probes run together).
+
+    Returns a :class:`_Found` string, e.g. ``'a Worker'``, ``'an HTTP server
+    (a dashboard or a status port?)'``.
+    """
+    ip, port = parse_address(address)
+
+    async def identity():
+        stream = await connect(address, timeout=timeout, security=security)
+        try:
+            await write(stream, {"op": "identity"})
+            return await asyncio.wait_for(read(stream), timeout)
+        finally:
+            stream.close()
+
+    async def http():
+        stream = await asyncio.wait_for(TCPClient().connect(ip, port), timeout)
+        try:
+            await stream.write(b"GET / HTTP/1.0\r\n\r\n")
+            return await asyncio.wait_for(stream.read_bytes(64, partial=True), timeout)
+        finally:
+            stream.close()
+
+    node, answer = await asyncio.gather(identity(), http(), return_exceptions=True)
+    if isinstance(node, dict) and node.get("type"):
+        if node["type"] == "Center":
+            return _found("a center that is slow to answer")
+        return _found("a %s" % node["type"], not_center=True)
+    if isinstance(answer, bytes) and answer.startswith(b"HTTP/"):
+        return _found("an HTTP server (a dashboard or a status port?)", not_center=True)
+    if isinstance(answer, bytes):
+        return _found("a server that answers %r" % answer[:32], not_center=True)
+    if isinstance(answer, (asyncio.TimeoutError, TimeoutError)):
+        return _found("a server that accepts connections and says nothing: not a "
+                      "center, or one too busy to answer")
+    return _found("a server that closes connections without answering: not a center, "
+                  "or one refusing connections (too many open?)")
+
+
 def _run_callback(fn, future):
     try:
         fn(future)
@@ -537,7 +606,9 @@ class Executor:
             raise TypeError("%s: options of a local cluster, but this executor "
                             "connects to %s" % (", ".join(cluster_options), address))
         self.id = "executor-" + uuid.uuid4().hex
-        self.address = coerce_to_address(address) if address is not None else None
+        # a host alone: the center's default port (``Executor('127.0.0.1')``)
+        self.address = (coerce_to_address(with_default_port(address))
+                        if address is not None else None)
         self.timeout = timeout
         #: print what our tasks print (the center sends it only if so)
         self.forward_output = forward_output
@@ -699,13 +770,26 @@ class Executor:
         """
         deadline = time.time() + self.timeout
         delay = 0.05
+        found = None  # what listens there, once it did not answer as a center
         while True:
             stream = await self._connect_center(deadline)
             try:
                 await write(stream, {"op": "register-client", "client": self.id,
                                      "output": self.forward_output, "reply": False})
-                first = await asyncio.wait_for(read(stream), max(0.1, deadline - time.time()))
+                reading = asyncio.ensure_future(read(stream))
+                try:
+                    if found is None:  # no answer soon: look at what is there meanwhile
+                        await asyncio.wait([reading], timeout=min(
+                            PROBE_AFTER, max(0.1, deadline - time.time())))
+                        if not reading.done():
+                            found = await self._check_is_center()
+                    first = await asyncio.wait_for(reading, max(0.1, deadline - time.time()))
+                finally:
+                    reading.cancel()
                 break
+            except NotACenterError:
+                stream.close()
+                raise
             except ssl.SSLError as e:  # TLS 1.3: a refused certificate shows now
                 raise tls_error(e, self.address) or e
             except (StreamClosedError, asyncio.TimeoutError) as e:
@@ -713,10 +797,12 @@ class Executor:
                 error = tls_error(e, self.address) if isinstance(e, StreamClosedError) else None
                 if error is not None:
                     raise error from None
+                if found is None:  # once: is it a center at all?
+                    found = await self._check_is_center()
                 if time.time() + delay > deadline:
                     raise TimeoutError(
-                        "the center at %s did not answer within %s s: %s"
-                        % (self.address, self.timeout, e or type(e).__name__)) from None
+                        "%s did not answer as a center within %s s: it is %s"
+                        % (self.address, self.timeout, found)) from None
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 0.5)
         if is_error_message(first):  # refused: no or another auth token
@@ -731,6 +817,16 @@ class Executor:
         self.batched = BatchedSend(stream, self.loop,
                                    max_bytes=self.max_message_size // 2)
         self.loop.add_callback(self._handle_report, stream)
+
+    async def _check_is_center(self):
+        """What listens at our address (:func:`_what_is_at`), when it did not
+        answer as a center; :class:`NotACenterError` if it surely is not one."""
+        found = await _what_is_at(self.address, self.security)
+        if found.not_center:
+            raise NotACenterError("%s is not a center: it is %s; give the Executor the "
+                                  "center's TCP port (dcenter prints it: '%s ...')"
+                                  % (self.address, found, CENTER_STARTED))
+        return found
 
     async def _connect_center(self, deadline=None):
         """A connection to the center, trying again (connection refused, closed
@@ -748,8 +844,9 @@ class Executor:
             except (OSError, TimeoutError, StreamClosedError) as e:
                 if time.time() + delay > deadline:
                     raise TimeoutError(
-                        "could not connect to the center at %s within %s s: %s"
-                        % (self.address, self.timeout, e)) from None
+                        "could not connect to the center at %s within %s s: %s; is a "
+                        "center running there (dcenter prints its address: '%s ...')?"
+                        % (self.address, self.timeout, e, CENTER_STARTED)) from None
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 0.5)
 

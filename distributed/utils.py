@@ -45,6 +45,26 @@ def get_ip(host="8.8.8.8", port=80):
     return "127.0.0.1"
 
 
+#: the TCP port a center listens on unless told otherwise, and where an
+#: executor looks for one given only a host (``Executor('127.0.0.1')``)
+CENTER_PORT = 8787
+
+
+def with_default_port(address, port=CENTER_PORT):
+    """``'host'`` (or ``'tcp://host'``, ``'[::1]'``) -> ``'host:port'``; an
+    address that has a port, or is not a string, is returned unchanged.
+
+    >>> with_default_port('127.0.0.1'), with_default_port('10.0.0.5:9000')
+    ('127.0.0.1:8787', '10.0.0.5:9000')
+    """
+    if not isinstance(address, str):
+        return address
+    scheme, sep, rest = address.rpartition("://")
+    if ":" in rest and not (rest.startswith("[") and rest.endswith("]")):
+        return address
+    return scheme + sep + unparse_address(rest.strip("[]"), port)
+
+
 def parse_address(addr):
     """``'ip:port'`` (or ``'tcp://ip:port'``, ``'[::1]:port'``) -> ``(ip, port)``."""
     if not isinstance(addr, str):
@@ -176,3 +196,33 @@ def log_safe(value, limit=LOG_SAFE_LIMIT):
 def new_id():
     return uuid.uuid4().hex
 
+
+
+class PortInUse(OSError):
+    """A listener could not take its port: says which port of which listener.
+
+    ``listener`` is ``'tcp'`` (a node's TCP port: ``--port``) or ``'http'``
+    (its HTTP/dashboard port: ``--http-port``); ``errno`` is ``EADDRINUSE``.
+
+    >>> str(PortInUse('the Center', 'tcp', '127.0.0.1', 8787))
+    'the TCP port 8787 of the Center (127.0.0.1:8787) is already in use'
+    """
+
+    def __init__(self, node, listener, host, port):
+        import errno
+
+        what = "TCP" if listener == "tcp" else "HTTP (dashboard)"
+        super().__init__(errno.EADDRINUSE, "the %s port %d of %s (%s) is already in use"
+                         % (what, port, node, unparse_address(host or "0.0.0.0", port)))
+        self.listener = listener
+        self.port = port
+
+    def __str__(self):
+        return self.strerror
+
+
+def check_port(port):
+    """``ValueError`` unless ``port`` is a TCP port number (0-65535; 0: a free one)."""
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError("port %r is out of range: use 0-65535 (0: a free one)" % (port,))
+    return port

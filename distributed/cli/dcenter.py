@@ -20,6 +20,7 @@ from .utils import (
     DASHBOARD_STARTED,
     LOCALHOST,
     LOG_LENGTH_OPTION,
+    PRELOAD_OPTION,
     SECURITY_OPTIONS,
     VERBOSE,
     Option,
@@ -29,7 +30,9 @@ from .utils import (
     no_http_service,
     options_argv,
     parse_port,
+    port_number,
     raise_open_files_limit,
+    run_preload,
     run_until_signal,
     security_from_args,
     setup_logging,
@@ -45,7 +48,7 @@ OPTIONS = [
     Option("--host", default=LOCALHOST, kwarg="ip",
            help="address to listen on and advertise: this machine only by default; "
            "use this machine's IP or 0.0.0.0 to accept workers from other hosts"),
-    Option("--port", type=int, default=Center.default_port, kwarg="port",
+    Option("--port", type=port_number, default=Center.default_port, kwarg="port",
            help="TCP port for workers and executors (0 picks a free one)"),
     Option("--http-port", aliases=("--dashboard-address",), type=parse_port,
            default=DASHBOARD_PORT, kwarg=http_service(HTTPCenter), metavar="HTTP_PORT",
@@ -61,6 +64,7 @@ OPTIONS = [
            kwarg="heartbeat_timeout",
            help="seconds without a heartbeat before a worker counts as dead"),
     LOG_LENGTH_OPTION,
+    PRELOAD_OPTION,
     *SECURITY_OPTIONS,
     VERBOSE,
 ]
@@ -115,6 +119,7 @@ def main(argv=None):
         center = Center(security=security, **center_kwargs(args))
         center.on_close = stopping.set
         center.listen(args.port)
+        await run_preload(args.preload, center)
         warn_if_exposed(logger, "the center", args.host, security)
         print(CENTER_STARTED, center.address, flush=True)
         if "http" in center.service_ports:

@@ -32,6 +32,7 @@ from .utils import (
     NANNY_CHILD,
     NANNY_STARTED,
     NPROCS_CHILD,
+    PRELOAD_OPTION,
     SECURITY_OPTIONS,
     VERBOSE,
     WORKER_REGISTERED,
@@ -44,8 +45,10 @@ from .utils import (
     options_argv,
     parse_memory_limit,
     parse_port,
+    port_number,
     parse_resources,
     raise_open_files_limit,
+    run_preload,
     run_until_signal,
     security_from_args,
     setup_logging,
@@ -71,7 +74,7 @@ OPTIONS = [
     Option("--host", kwarg="ip", children=(NANNY_CHILD, NPROCS_CHILD),
            help="address to listen on and advertise",
            default_text="the address of the interface that reaches the center"),
-    Option("--port", type=int, default=FREE_PORT, children=(NANNY_CHILD, NPROCS_CHILD),
+    Option("--port", type=port_number, default=FREE_PORT, children=(NANNY_CHILD, NPROCS_CHILD),
            spread=_consecutive,  # the command listens on it
            help="TCP port (0: a free port); with --nprocs, the first of consecutive ports"),
     Option("--ncores", aliases=("--nthreads",), type=int, kwarg="ncores",
@@ -115,6 +118,7 @@ OPTIONS = [
            help="also serve JSON status (/info.json, /resources.json) on this "
            "port (0: a free one)"),
     LOG_LENGTH_OPTION,
+    PRELOAD_OPTION,
     *SECURITY_OPTIONS,
     VERBOSE,
 ]
@@ -189,6 +193,7 @@ def main(argv=None):
         warn_if_exposed(logger, "the worker", args.host, security)
         print(WORKER_STARTED, worker.address, flush=True)
         await worker._start(timeout=args.connect_timeout)
+        await run_preload(args.preload, worker)
         print(WORKER_REGISTERED, worker.center.address, flush=True)
         if "http" in worker.service_ports:
             print("HTTP status at http://%s:%d/info.json"

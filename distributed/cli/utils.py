@@ -8,6 +8,7 @@ of its children are all made from it, so a new flag is one new row.
 
 import argparse
 import asyncio
+import inspect
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import psutil
 
 from ..logs import LOG_LENGTH, LOG_LENGTH_ENV
 from ..security import ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY, ENV_TOKEN, Security
-from ..utils import is_loopback
+from ..utils import PortInUse, is_loopback
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
           "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
@@ -262,14 +263,37 @@ def options_argv(options, values, exclude=(), index=None, what="option"):
     return argv
 
 
+class PortError(ValueError, argparse.ArgumentTypeError):
+    """A port number out of range: argparse prints its message after the
+    option's name (``argument --port: ...``); elsewhere it is a ValueError."""
+
+
+def port_number(text):
+    """A TCP port from ``'8787'``: ``PortError`` unless it is in 0-65535 (0:
+    a free one), rather than a port the system would wrap around (99999 ->
+    34463).
+
+    >>> port_number('8787')
+    8787
+    """
+    try:
+        port = int(text)
+    except (TypeError, ValueError):
+        raise PortError("%r is not a port number: use 0-65535 (0: a free one)"
+                        % (text,)) from None
+    if not 0 <= port <= 65535:
+        raise PortError("port %d is out of range: use 0-65535 (0: a free one)" % port)
+    return port
+
+
 def parse_port(text):
     """A port from ``'8787'``, ``':8787'`` or ``'host:8787'`` (the form of
-    dask's ``--dashboard-address``).
+    dask's ``--dashboard-address``), checked as :func:`port_number` does.
 
     >>> parse_port(':8788'), parse_port('8788')
     (8788, 8788)
     """
-    return int(str(text).rpartition(":")[2])
+    return port_number(str(text).rpartition(":")[2])
 
 
 def http_service(service):
@@ -319,6 +343,61 @@ LOG_LENGTH_OPTION = Option(
 #: ``-v``: every child logs as much as its parent
 VERBOSE = Option("--verbose", aliases=("-v",), switch=True, help="log what happens",
                  children=(NANNY_CHILD, NPROCS_CHILD))
+
+
+#: ``--preload``: every process that runs a node (a nanny's worker, each of
+#: ``--nprocs``) runs the hook with its own node
+PRELOAD_OPTION = Option(
+    "--preload", children=(NANNY_CHILD, NPROCS_CHILD), metavar="MODULE",
+    help="import MODULE (a module name, or the path of a .py file) and call its "
+    "dask_setup(node) once the node (the Worker or the Center object) has started; "
+    "an error in it stops the command")
+
+
+class PreloadError(RuntimeError):
+    """A ``--preload`` module that could not be imported, or whose hook raised."""
+
+
+def import_preload(module):
+    """The module ``module`` names: a module name, or the path of a .py file."""
+    import importlib
+    import importlib.util
+
+    if module.endswith(".py") or os.sep in module:
+        path = os.path.abspath(module)
+        name = os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or not os.path.isfile(path):
+            raise FileNotFoundError("no such file: %s" % path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    return importlib.import_module(module)
+
+
+async def run_preload(module, node):
+    """``--preload MODULE``: import it and call its ``dask_setup(node)``, if it
+    has one (awaited when it is a coroutine function); :class:`PreloadError`,
+    naming the module and the error, when either fails.
+
+    ::
+
+        # setup.py, run as: dworker 127.0.0.1:8787 --preload setup.py
+        def dask_setup(worker):
+            worker.my_cache = {}
+    """
+    if module is None:
+        return
+    try:
+        mod = import_preload(module)
+        hook = getattr(mod, "dask_setup", None)
+        if hook is not None:
+            result = hook(node)
+            if inspect.isawaitable(result):
+                await result
+    except Exception as e:
+        raise PreloadError("--preload %s: %s: %s" % (module, type(e).__name__, e)) from None
 
 
 def security_from_args(args, parser):
@@ -432,7 +511,13 @@ def run_until_signal(start, stop, prog=None):
 
     try:
         asyncio.run(main())
-    except (OSError, TimeoutError, EOFError, ValueError) as e:
+    except PortInUse as e:
+        option = "--port" if e.listener == "tcp" else "--http-port"
+        print("%s: error: %s; start it with another %s, or %s 0 for a free one"
+              % (prog or os.path.basename(sys.argv[0]), e, option, option),
+              file=sys.stderr, flush=True)
+        return 1
+    except (OSError, TimeoutError, EOFError, ValueError, PreloadError) as e:
         print("%s: error: %s" % (prog or os.path.basename(sys.argv[0]), e), file=sys.stderr,
               flush=True)
         return 1

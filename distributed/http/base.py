@@ -24,6 +24,8 @@ from urllib.parse import urlencode
 from tornado import web
 from tornado.httpserver import HTTPServer
 
+from ..utils import PortInUse, check_port
+
 logger = logging.getLogger(__name__)
 
 #: the query argument that logs in
@@ -159,11 +161,15 @@ class HTTPService:
     def listen(self, port=0):
         address = self.address or getattr(self.node, "ip", None) or "127.0.0.1"
         bind = "" if address == "0.0.0.0" else address
+        check_port(port)
         try:
             self.server.listen(port, bind)
         except OSError as e:
-            if e.errno != errno.EADDRINUSE or not port or port != self.default_port:
+            if e.errno != errno.EADDRINUSE:
                 raise
+            if not port or port != self.default_port:
+                node = "the " + type(self.node).__name__ if self.node is not None else "a node"
+                raise PortInUse(node, "http", address, port) from None
             logger.warning("port %d is taken; the dashboard uses a free port instead", port)
             self.server.listen(0, bind)
         for sock in self.server._sockets.values():
