@@ -8,6 +8,7 @@ import ctypes
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -164,7 +165,11 @@ def test_busy_worker_is_not_dead():
             assert f.result() == 5
 
 
-def test_stopped_worker_is_removed_and_comes_back():
+@contextmanager
+def a_stopped_worker():
+    """A center that removes a worker after 2 s without a heartbeat, two
+    workers, and an executor; yields ``(e, pids, victim, other)`` with the
+    ``victim`` worker SIGSTOPped, and continues it on the way out."""
     port = free_port()
     with processes() as start:
         start_center(start, port, "--heartbeat-timeout", "2")
@@ -175,13 +180,19 @@ def test_stopped_worker_is_removed_and_comes_back():
             victim, other = sorted(pids)
             os.kill(pids[victim], signal.SIGSTOP)
             try:
-                poll(lambda: victim not in e.ncores(), timeout=15)
-                # the rest of the cluster keeps working meanwhile
-                assert e.submit(inc, 41, pure=False).result(timeout=10) == 42
+                yield e, pids, victim, other
             finally:
                 os.kill(pids[victim], signal.SIGCONT)
-            # once continued it notices and registers again
-            poll(lambda: victim in e.ncores(), timeout=15)
+
+
+def test_stopped_worker_is_removed_and_comes_back():
+    with a_stopped_worker() as (e, pids, victim, other):
+        poll(lambda: victim not in e.ncores(), timeout=15)
+        # the rest of the cluster keeps working meanwhile
+        assert e.submit(inc, 41, pure=False).result(timeout=10) == 42
+        os.kill(pids[victim], signal.SIGCONT)
+        # once continued it notices and registers again
+        poll(lambda: victim in e.ncores(), timeout=15)
 
 
 def test_nanny_restarts_killed_worker():
@@ -354,20 +365,9 @@ def test_run_on_a_stopped_worker_fails_when_it_is_removed():
     for a worker that stopped answering: once the center removes it (no
     heartbeat), the call fails with an error naming the worker, and the
     other worker's answer is not what hangs."""
-    port = free_port()
-    with processes() as start:
-        start_center(start, port, "--heartbeat-timeout", "2")
-        start_worker(start, port, "--ncores", "1")
-        start_worker(start, port, "--ncores", "1")
-        with Executor("127.0.0.1:%d" % port) as e:
-            pids = e.run(os.getpid)
-            victim, other = sorted(pids)
-            os.kill(pids[victim], signal.SIGSTOP)
-            try:
-                t = time.time()
-                with pytest.raises(Exception, match="%s closed before the reply to 'run'" % victim):
-                    e.run(os.getpid)
-                assert time.time() - t < 15
-                assert e.run(os.getpid, workers=[other]) == {other: pids[other]}
-            finally:
-                os.kill(pids[victim], signal.SIGCONT)
+    with a_stopped_worker() as (e, pids, victim, other):
+        t = time.time()
+        with pytest.raises(Exception, match="%s closed before the reply to 'run'" % victim):
+            e.run(os.getpid)
+        assert time.time() - t < 15
+        assert e.run(os.getpid, workers=[other]) == {other: pids[other]}
