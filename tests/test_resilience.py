@@ -28,6 +28,16 @@ def processes():
     return utils_test.processes(env={VALIDATE_ENV: "1"})
 
 
+def small_cluster(start, *center_args, workers=1):
+    """A center (``center_args``) and ``workers`` single-threaded workers
+    under nannies, started with ``start``; returns the center's process, the
+    nannies' and the address an executor connects to."""
+    port = free_port()
+    center = start_center(start, port, *center_args)
+    nannies = [start_worker(start, port, "--ncores", "1") for _ in range(workers)]
+    return center, nannies, "127.0.0.1:%d" % port
+
+
 def test_center_restart_keeps_data():
     port = free_port()
     with processes() as start:
@@ -118,12 +128,9 @@ def test_rejoining_worker_keeps_only_what_is_needed():
     """A worker frozen past the heartbeat timeout comes back with its keys:
     those released meanwhile are deleted (on the worker too); one still
     needed and held nowhere else is taken back."""
-    port = free_port()
     with processes() as start:
-        start_center(start, port, "--heartbeat-timeout", "2")
-        start_worker(start, port, "--ncores", "1")
-        start_worker(start, port, "--ncores", "1")
-        with Executor("127.0.0.1:%d" % port) as e:
+        _, _, address = small_cluster(start, "--heartbeat-timeout", "2", workers=2)
+        with Executor(address) as e:
             pids = e.run(os.getpid)
             victim, other = sorted(pids)
             released = e.submit(np.ones, 10 ** 6, workers=[victim])
@@ -170,12 +177,9 @@ def a_stopped_worker():
     """A center that removes a worker after 2 s without a heartbeat, two
     workers, and an executor; yields ``(e, pids, victim, other)`` with the
     ``victim`` worker SIGSTOPped, and continues it on the way out."""
-    port = free_port()
     with processes() as start:
-        start_center(start, port, "--heartbeat-timeout", "2")
-        start_worker(start, port, "--ncores", "1")
-        start_worker(start, port, "--ncores", "1")
-        with Executor("127.0.0.1:%d" % port) as e:
+        _, _, address = small_cluster(start, "--heartbeat-timeout", "2", workers=2)
+        with Executor(address) as e:
             pids = e.run(os.getpid)
             victim, other = sorted(pids)
             os.kill(pids[victim], signal.SIGSTOP)
@@ -213,12 +217,9 @@ def test_nanny_restarts_killed_worker():
 
 
 def test_restart_replaces_workers_under_nannies():
-    port = free_port()
     with processes() as start:
-        start_center(start, port)
-        start_worker(start, port, "--ncores", "1")
-        start_worker(start, port, "--ncores", "1")
-        with Executor("127.0.0.1:%d" % port) as e:
+        _, _, address = small_cluster(start, workers=2)
+        with Executor(address) as e:
             before = set(e.run(os.getpid).values())
             x = e.submit(inc, 1)
             x.result()
@@ -252,10 +253,8 @@ def test_poison_task_ends_as_killed_worker():
 def poison_cluster(start, *center_args):
     """A center (``center_args``) and one worker under a nanny; returns the
     center's and the nanny's processes and the executor's address."""
-    port = free_port()
-    center = start_center(start, port, *center_args)
-    nanny = start_worker(start, port, "--ncores", "1")
-    return center, nanny, "127.0.0.1:%d" % port
+    center, (nanny,), address = small_cluster(start, *center_args)
+    return center, nanny, address
 
 
 def test_segfaulting_task_ends_as_killed_worker_naming_sigsegv():
@@ -289,12 +288,9 @@ def test_task_calling_exit_ends_as_killed_worker_naming_the_exit_code():
 
 
 def test_scattered_data_lost_with_a_killed_worker_names_the_cause():
-    port = free_port()
     with processes() as start:
-        start_center(start, port)
-        start_worker(start, port, "--ncores", "1")
-        start_worker(start, port, "--ncores", "1")
-        with Executor("127.0.0.1:%d" % port) as e:
+        _, _, address = small_cluster(start, workers=2)
+        with Executor(address) as e:
             pids = e.run(os.getpid)
             victim = sorted(pids)[0]
             [x] = e.scatter([123], workers=[victim])
