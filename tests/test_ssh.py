@@ -336,8 +336,14 @@ def test_dssh_killed_leaves_nothing_behind(hosts, mark):
     try:
         started(p, token)
         assert len(ours(mark)) >= 5  # center, 2 nannies, 2 workers (and the boots)
+        clients = [c for c in psutil.Process(p.pid).children() if c.name() == "ssh"]
+        assert len(clients) == 3  # the center's session, and a worker's on h1 and h2
         os.kill(p.pid, signal.SIGKILL)  # the launcher only, not its ssh clients
         none_left(mark, timeout=30)
+        # nor do its ssh clients (each in a session of its own) outlive it
+        poll(lambda: not [c for c in clients if c.is_running()
+                          and c.status() != psutil.STATUS_ZOMBIE],
+             timeout=10, msg="the ssh clients ended")
     finally:
         p.stop()
 
