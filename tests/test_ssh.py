@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -275,10 +276,11 @@ def test_map_across_hosts_and_a_killed_worker(hosts, mark):
     none_left(mark, timeout=20)
 
 
-def dssh(hosts, mark, *extra, env=None):
+def dssh(hosts, mark, *extra, env=None, names=("h1", "h2"), config=None):
     """``python -m distributed.cli.dssh h1 h2 ...`` with the test hosts."""
-    args = [sys.executable, "-m", "distributed.cli.dssh", "h1", "h2",
-            "--ssh-config", hosts.ssh_config(), "--center-port", "0", "--no-dashboard",
+    args = [sys.executable, "-m", "distributed.cli.dssh", *names,
+            "--ssh-config", config or hosts.ssh_config(), "--center-port", "0",
+            "--no-dashboard",
             "--nthreads", "1", "--remote-python", sys.executable, "--grace", "5",
             "--remote-env", "PYTHONPATH=" + ROOT, "--remote-env", "%s=%s" % (MARK, mark)]
     return Process(args + list(extra), env=env, cwd=ROOT)
@@ -346,6 +348,33 @@ def test_dssh_killed_leaves_nothing_behind(hosts, mark):
              timeout=10, msg="the ssh clients ended")
     finally:
         p.stop()
+
+
+@pytest.mark.processes
+def test_dssh_ctrl_c_while_starting(hosts, mark):
+    """A host that never answers (a port that accepts and stays silent): Ctrl-C
+    during the start-up stops what did start (the center and h1's worker) at
+    once, without waiting for the start-up's timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        config = hosts.ssh_config()
+        with open(config, "a") as f:
+            f.write(SSH_CONFIG.format(name="silent", address="127.0.0.1",
+                                      port=silent.getsockname()[1], key=hosts.key))
+        token = uuid.uuid4().hex
+        p = dssh(hosts, mark, names=("h1", "silent"), config=config,
+                 env=dict(os.environ, DISTRIBUTED_AUTH_TOKEN=token))
+        try:
+            p.wait_for_line(r"\[h1\] Registered with center", timeout=60)
+            assert ours(mark)
+            t0 = time.time()
+            p.send_signal(signal.SIGINT)
+            assert p.wait(30) == 130
+            assert time.time() - t0 < 20  # not the 60 s start-up timeout
+            none_left(mark, timeout=10)
+        finally:
+            p.stop()
 
 
 # -- one host per network namespace ----------------------------------------------------

@@ -33,6 +33,7 @@ at (``$SSH_CONNECTION``), so the workers must be able to reach that address
 too; ``center_ip`` names another one.
 """
 
+import asyncio
 import atexit
 import json
 import logging
@@ -314,9 +315,14 @@ class SSHCluster:
             for _ in range(self.nprocs):
                 p.wait_for_line(WORKER_REGISTERED, timeout=max(1, deadline - time.time()))
 
-        with ThreadPoolExecutor(len(self.workers)) as pool:
+        # not ``with``: on an error or Ctrl-C, close() must not wait for the
+        # other hosts' start-up first (closing their sessions ends the waits)
+        pool = ThreadPoolExecutor(len(self.workers))
+        try:
             for f in [pool.submit(registered, p) for p in self.workers]:
                 f.result()
+        finally:
+            pool.shutdown(wait=False)
 
     @property
     def scheduler_address(self):
@@ -335,6 +341,15 @@ class SSHCluster:
                 list(pool.map(lambda p: p.close(), workers))
         if self.center is not None:
             self.center.close()
+
+    async def _close(self):
+        """:meth:`close` for ``async def`` code (it runs in a thread)::
+
+            cluster = await asyncio.to_thread(SSHCluster, hosts)   # the start-up blocks
+            ...
+            await cluster._close()
+        """
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def __enter__(self):
         return self
