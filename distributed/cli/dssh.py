@@ -27,46 +27,48 @@ from .utils import (
     SECURITY_OPTIONS,
     Option,
     build_parser,
+    constructor_kwargs,
     parse_memory_limit,
     port_number,
     security_from_args,
 )
 
-#: the ``dssh`` options (besides the hosts, ``--ssh-option`` and ``--remote-env``)
+#: the ``dssh`` options (besides the hosts, ``--ssh-option`` and ``--remote-env``);
+#: ``kwarg``: the ``SSHCluster`` keyword each becomes
 OPTIONS = [
-    Option("--center-host", aliases=("--scheduler",),
+    Option("--center-host", aliases=("--scheduler",), kwarg="center_host",
            help="the host that runs the center", default_text="the first host"),
-    Option("--center-port", type=port_number, default=CENTER_PORT,
+    Option("--center-port", type=port_number, default=CENTER_PORT, kwarg="center_port",
            help="the center's port (0: a free one)"),
-    Option("--center-ip", help="the address the center listens on and workers reach it at",
+    Option("--center-ip", kwarg="center_ip", help="the address the center listens on and workers reach it at",
            default_text="the address ssh reaches the center's host at"),
     Option("--http-port", type=port_number,
            help="the center's dashboard port (0: a free one)",
            default_text="dcenter's default"),
     Option("--no-dashboard", switch=True, help="start the center without its dashboard"),
-    Option("--nprocs", aliases=("--nworkers",), type=int, default=1,
+    Option("--nprocs", aliases=("--nworkers",), type=int, default=1, kwarg="nprocs",
            help="worker processes on every host"),
-    Option("--nthreads", aliases=("--ncores",), type=int,
+    Option("--nthreads", aliases=("--ncores",), type=int, kwarg="nthreads",
            help="threads of every worker process",
            default_text="the host's cores divided by --nprocs"),
-    Option("--memory-limit", help="memory of every worker process (see dworker --help)",
+    Option("--memory-limit", kwarg="memory_limit", help="memory of every worker process (see dworker --help)",
            default_text="no limit"),
-    Option("--ssh-key", aliases=("--ssh-private-key",), help="private key file (ssh -i)",
+    Option("--ssh-key", aliases=("--ssh-private-key",), kwarg="ssh_key", help="private key file (ssh -i)",
            default_text="ssh's own choice"),
-    Option("--ssh-port", type=port_number, help="sshd's port on every host (ssh -p)",
+    Option("--ssh-port", type=port_number, kwarg="ssh_port", help="sshd's port on every host (ssh -p)",
            default_text="ssh's own choice, 22"),
-    Option("--ssh-username", help="user name on every host (ssh -l)",
+    Option("--ssh-username", kwarg="ssh_username", help="user name on every host (ssh -l)",
            default_text="ssh's own choice"),
-    Option("--ssh-config", help="ssh configuration file (ssh -F)",
+    Option("--ssh-config", kwarg="ssh_config", help="ssh configuration file (ssh -F)",
            default_text="~/.ssh/config"),
-    Option("--remote-python", default="python3",
+    Option("--remote-python", default="python3", kwarg="remote_python",
            help="the Python on the hosts that has distributed installed"),
     Option("--token-file", default=os.path.join("~", ".distributed", "dssh-token"),
            help="where to write the auth token dssh makes when none is given "
            "(readable by you only); clients read it: "
            "DISTRIBUTED_AUTH_TOKEN=$(cat FILE)"),
-    Option("--timeout", type=float, default=60, help="seconds for the start-up"),
-    Option("--grace", type=float, default=GRACE,
+    Option("--timeout", type=float, default=60, kwarg="timeout", help="seconds for the start-up"),
+    Option("--grace", type=float, default=GRACE, kwarg="grace",
            help="seconds a remote process has to stop before it is killed"),
     *SECURITY_OPTIONS,
 ]
@@ -115,20 +117,22 @@ def write_token(path, token):
 
 
 def cluster_kwargs(args):
-    """The ``SSHCluster`` keywords of parsed ``args`` (all but ``security``)."""
-    center_options = {}
+    """The ``SSHCluster`` keywords of parsed ``args`` (all but ``security``).
+
+    >>> kw = cluster_kwargs(make_parser().parse_args(
+    ...     ['n1', 'n2', '--nthreads', '2', '--no-dashboard', '--remote-env', 'A=1']))
+    >>> kw['hosts'], kw['nthreads'], kw['center_options'], kw['remote_env']
+    (['n1', 'n2'], 2, {'no_dashboard': True}, {'A': '1'})
+    """
+    kwargs = constructor_kwargs(OPTIONS, args)
+    center_options = {}  # --http-port and --no-dashboard: dcenter's own options
     if args.http_port is not None:
         center_options["http_port"] = args.http_port
     if args.no_dashboard:
         center_options["no_dashboard"] = True
-    return dict(
-        hosts=args.hosts, center_host=args.center_host, center_port=args.center_port,
-        center_ip=args.center_ip, nprocs=args.nprocs, nthreads=args.nthreads,
-        memory_limit=args.memory_limit, center_options=center_options,
-        ssh_key=args.ssh_key, ssh_port=args.ssh_port, ssh_username=args.ssh_username,
-        ssh_config=args.ssh_config, ssh_options=args.ssh_option,
-        remote_python=args.remote_python, remote_env=dict(args.remote_env),
-        timeout=args.timeout, grace=args.grace, echo=True)
+    kwargs.update(hosts=args.hosts, center_options=center_options,
+                  ssh_options=args.ssh_option, remote_env=dict(args.remote_env), echo=True)
+    return kwargs
 
 
 def main(argv=None):
