@@ -187,13 +187,18 @@ class RemoteProcess:
     def close(self, timeout=None):
         """End the session's input: the command gets SIGTERM there, and SIGKILL
         ``grace`` s later; the ``ssh`` client is stopped if it is still there
-        after ``timeout`` s (default: ``grace`` + 5)."""
+        after ``timeout`` s (default: ``grace`` + 5, or 2 if nothing came back yet)."""
         try:
             self.process.proc.stdin.close()
         except OSError:
             pass
+        if timeout is None:
+            # a session that printed nothing may still be connecting (a silent
+            # host): no need to wait for it; a remote side that did start
+            # stops its command by itself when the session ends
+            timeout = self.grace + 5 if len(self.process.output) else 2
         try:
-            self.process.wait(self.grace + 5 if timeout is None else timeout)
+            self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             logger.warning("%s: the ssh session did not end; stopping it", self.host)
         self.process.stop(timeout=1)
