@@ -276,6 +276,34 @@ def test_map_across_hosts_and_a_killed_worker(hosts, mark):
     none_left(mark, timeout=20)
 
 
+@pytest.mark.processes
+def test_tls_files_reach_every_host(hosts, mark, tmp_path):
+    """TLS settings travel like the token: the files' paths go to every remote
+    process (here all "hosts" share this file system), and the cluster runs on TLS."""
+    pytest.importorskip("cryptography")
+    from test_security import _make_certs
+
+    from distributed.security import Security
+
+    certs = _make_certs(tmp_path)["ca"]
+    security = Security(token=uuid.uuid4().hex, **certs)
+    with SSHCluster(["h1", "h2"], center_port=0, nthreads=1,
+                    center_options={"no_dashboard": True}, security=security,
+                    ssh_config=hosts.ssh_config(), remote_python=sys.executable,
+                    remote_env=remote_env(mark), grace=5) as cluster:
+        assert cluster.security is security
+        workers = worker_processes(mark, hosts.sshd["h2"])
+        assert workers and all(p.environ().get("DISTRIBUTED_TLS_CERT") == certs["tls_cert"]
+                               for p in workers)
+        e = Executor(cluster.center_address, security=security, timeout=20)
+        try:
+            assert len(e.ncores()) == 2
+            assert e.gather(e.map(inc, range(10))) == list(range(1, 11))
+        finally:
+            e.shutdown()
+    none_left(mark, timeout=20)
+
+
 def dssh(hosts, mark, *extra, env=None, names=("h1", "h2"), config=None):
     """``python -m distributed.cli.dssh h1 h2 ...`` with the test hosts."""
     args = [sys.executable, "-m", "distributed.cli.dssh", *names,
