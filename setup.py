@@ -52,6 +52,9 @@ setup(
         "console_scripts": [
             "dcenter=distributed.cli.dcenter:main",
             "dworker=distributed.cli.dworker:main",
+            # a center and workers on other hosts over SSH; dcluster: its 2016 name
+            "dssh=distributed.cli.dssh:main",
+            "dcluster=distributed.cli.dssh:main",
         ],
     },
 )

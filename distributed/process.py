@@ -117,7 +117,10 @@ class _Lines:
 
 
 class Process:
-    def __init__(self, args, env=None, echo=False, **kwargs):
+    def __init__(self, args, env=None, echo=False, stdin=subprocess.DEVNULL, **kwargs):
+        """``echo``: print the output as our own (a string: before each line,
+        e.g. ``'[node1] '``); ``stdin``: ``subprocess.PIPE`` to write to the
+        child (``p.proc.stdin``, text), nothing by default."""
         env = dict(os.environ if env is None else env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env[ENV_PARENT_PID] = str(os.getpid())
@@ -127,7 +130,7 @@ class Process:
             args,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             text=True,
             errors="replace",  # a task printing bytes must not stop the pump
             env=env,
@@ -147,7 +150,8 @@ class Process:
             for line in iter(lambda: stdout.readline(MAX_LINE), ""):
                 self.output.append(line)
                 if self.echo:
-                    print(line, end="", flush=True)
+                    prefix = self.echo if isinstance(self.echo, str) else ""
+                    print(prefix + line, end="", flush=True)
                 self.lines.put(line)
         except (OSError, ValueError):  # closed under us
             pass

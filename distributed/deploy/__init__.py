@@ -1,0 +1,12 @@
+"""Ways to start a cluster on other machines.
+
+- :class:`distributed.deploy.ssh.SSHCluster` (and the ``dssh`` command, alias
+  ``dcluster``): a center and workers started over SSH with the system
+  ``ssh`` client::
+
+      from distributed.deploy.ssh import SSHCluster
+      with SSHCluster(["node1", "node2"], nthreads=4) as cluster:
+          e = Executor(cluster)
+
+:class:`distributed.LocalCluster` starts one on this machine.
+"""
