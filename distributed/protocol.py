@@ -42,6 +42,7 @@ import struct
 
 import copyreg
 import types
+from collections import ChainMap
 
 import cloudpickle
 import msgpack
@@ -173,7 +174,44 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-class _CloudPickler(cloudpickle.Pickler):
+def _with_filename(make_code, args, filename):
+    """Rebuild a code object pickled by :func:`_reduce_code`."""
+    return make_code(*args).replace(co_filename=filename)
+
+
+_cloudpickle_reduce_code = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+def _reduce_code(code):
+    """cloudpickle's reduction of a code object, which puts ``<dynamic-code>``
+    for its file name, with the real file name put back on load.
+
+    A task's function defined in a script or a notebook cell is pickled by
+    value; with its file name, the frames of its traceback point at the
+    script's path (or the cell's file name), and the client, which has that
+    source (the file, or IPython's cache of its cells in ``linecache``),
+    shows the failing line::
+
+        >>> def f(x):
+        ...     return 1 / x
+        >>> from_blob(to_blob(f)).__code__.co_filename == f.__code__.co_filename
+        True
+
+    (Keys never depend on it: :mod:`distributed.tokenize` hashes functions
+    with cloudpickle's own, deterministic, pickle.)
+    """
+    make_code, args = _cloudpickle_reduce_code(code)
+    return _with_filename, (make_code, args, code.co_filename)
+
+
+class _SourcePickler(cloudpickle.Pickler):
+    """cloudpickle, whose code objects keep their file name (:func:`_reduce_code`)."""
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code},
+                              cloudpickle.Pickler.dispatch_table)
+
+
+class _CloudPickler(_SourcePickler):
     """Same as :class:`_Pickler`, for objects only cloudpickle can pickle."""
 
     def __init__(self, file, oob, frames):
@@ -248,7 +286,9 @@ def to_blob(obj):
             return payload
     except Exception:
         pass
-    return cloudpickle.dumps(obj, protocol=5)
+    f = io.BytesIO()
+    _SourcePickler(f, protocol=5).dump(obj)
+    return f.getvalue()
 
 
 def from_blob(blob):
