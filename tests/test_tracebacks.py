@@ -17,6 +17,7 @@ import pytest
 
 from distributed.process import Process
 from distributed.protocol import deserialize, from_blob, serialize, to_blob
+from distributed.tokenize import tokenize
 from distributed.utils_test import child_env
 
 SCRIPT = '''\
@@ -116,6 +117,21 @@ def _cell_function(source, filename):
     namespace = {"__name__": "__main__"}
     exec(compile(source, filename, "exec"), namespace)
     return namespace["f"]
+
+
+@pytest.mark.pure
+def test_keys_do_not_depend_on_the_file_name():
+    """The same function from two cells (two file names) has one token, and
+    the pickles that travel differ only by the file name."""
+    source = "def f(x):\n    return x + 1\n"
+    f1, f2 = (_cell_function(source, "<ipython-input-%d-abc>" % i) for i in (1, 2))
+    try:
+        assert tokenize(f1, 1) == tokenize(f2, 1)
+        assert to_blob(f1) != to_blob(f2)
+        assert to_blob(f1).replace(b"input-1", b"input-2") == to_blob(f2)
+    finally:
+        for i in (1, 2):
+            linecache.cache.pop("<ipython-input-%d-abc>" % i, None)
 
 
 @pytest.mark.processes
