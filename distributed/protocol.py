@@ -36,6 +36,7 @@ bytes; tests drive it with truncated, oversized and garbage input.
 """
 
 import io
+import itertools
 import os
 import pickle
 import struct
@@ -49,10 +50,6 @@ import msgpack
 from tblib import pickling_support
 
 from .security import MAGIC as AUTH_MAGIC
-
-# Tracebacks pickle (as real traceback objects on the other side), so that a
-# remote error re-raises with the frames where it happened.
-copyreg.pickle(types.TracebackType, pickling_support.pickle_traceback)
 
 __all__ = [
     "dumps",
@@ -150,28 +147,7 @@ DEFAULT_LIMITS = Limits()
 
 
 # ---------------------------------------------------------------------------
-# Serialization of arbitrary objects
-
-
-class _Pickler(pickle.Pickler):
-    """Pickler that sends large ``bytes`` out of band, like protocol-5 buffers.
-
-    ``bytes`` is pickled by the C fast path before ``reducer_override`` is
-    consulted, so ``persistent_id`` is the one hook that can see it.  The
-    buffer callback is a closure over plain lists, not a bound method: a
-    pickler referring to itself would be a reference cycle, and its memo
-    would keep every object it pickled alive until the cyclic GC runs.
-    """
-
-    def __init__(self, file, oob, frames):
-        super().__init__(file, protocol=5, buffer_callback=_buffer_callback(oob))
-        self._frames = frames
-
-    def persistent_id(self, obj):
-        if type(obj) is bytes and len(obj) >= BUFFER_THRESHOLD:
-            self._frames.append(obj)
-            return len(self._frames) - 1
-        return None
+# The user's source on the other side: code and tracebacks
 
 
 def _with_filename(make_code, args, filename):
@@ -204,10 +180,130 @@ def _reduce_code(code):
     return _with_filename, (make_code, args, code.co_filename)
 
 
-class _SourcePickler(cloudpickle.Pickler):
-    """cloudpickle, whose code objects keep their file name (:func:`_reduce_code`)."""
+def _pickle_traceback(tb):
+    """Pickle a traceback as tblib does (each frame's file, function and
+    line), plus where in its line each frame was (the column range of the
+    instruction, Python >= 3.11), so that the traceback rebuilt on the other
+    side underlines the failing expression, not the columns of tblib's stub.
+    """
+    _, args = pickling_support.pickle_traceback(tb)
+    positions = []
+    while tb is not None:
+        positions.append(_position(tb))
+        tb = tb.tb_next
+    return _unpickle_traceback, (args, tuple(positions))
 
-    dispatch_table = ChainMap({types.CodeType: _reduce_code},
+
+def _position(tb):
+    """``(end line - line, column, end column)`` of ``tb``'s instruction, or None."""
+    try:
+        line, end_line, col, end_col = next(itertools.islice(
+            tb.tb_frame.f_code.co_positions(), tb.tb_lasti // 2, None))
+    except (AttributeError, StopIteration, TypeError, ValueError):
+        return None  # Python < 3.11, or no position
+    if None in (line, end_line, col, end_col):
+        return None
+    return end_line - line, col, end_col
+
+
+def _unpickle_traceback(args, positions):
+    """A real traceback: one frame per pickled one, made (as tblib does) by
+    running a stub that raises, whose code carries the frame's file,
+    function, line and column range."""
+    frames, rest = [(args[0], args[1])], args[2]
+    while rest is not None:
+        frames.append((rest.tb_frame, rest.tb_lineno))
+        rest = rest.tb_next
+    if len(positions) != len(frames) or not hasattr(types.CodeType, "co_positions"):
+        return pickling_support.unpickle_traceback(*args)
+    top = last = None
+    for (frame, lineno), position in zip(frames, positions):
+        code = _STUB.replace(co_firstlineno=lineno, co_filename=frame.f_code.co_filename,
+                             co_name=frame.f_code.co_name,
+                             co_linetable=_location_table(len(_STUB.co_code) // 2, position))
+        try:
+            exec(code, dict(frame.f_globals), {})
+        except Exception as e:
+            tb = e.__traceback__.tb_next  # the stub's frame
+        if last is None:
+            top = tb
+        else:
+            last.tb_next = tb
+        last = tb
+    return top
+
+
+_STUB = compile("raise __traceback_maker", "<stub>", "exec")
+
+
+def _location_table(units, position):
+    """A code object's location table (Python >= 3.11, Objects/locations.md)
+    giving its ``units`` code units the line ``co_firstlineno`` and
+    ``position``'s columns (none if ``position`` is None)."""
+    table = bytearray()
+    while units > 0:
+        n = min(units, 8)
+        if position is None:  # 13: no columns; the line delta 0
+            table += bytes([0x80 | (13 << 3) | (n - 1), 0])
+        else:  # 14: long form; line delta 0, end line delta, column + 1, end column + 1
+            end_lines, col, end_col = position
+            table += bytes([0x80 | (14 << 3) | (n - 1), 0])
+            table += _varint(end_lines) + _varint(col + 1) + _varint(end_col + 1)
+        units -= n
+    return bytes(table)
+
+
+def _varint(value):
+    out = bytearray()
+    while value >= 64:
+        out.append(0x40 | (value & 63))
+        value >>= 6
+    out.append(value)
+    return bytes(out)
+
+
+# Tracebacks pickle (as real traceback objects on the other side), so that a
+# remote error re-raises with the frames where it happened.  Our picklers
+# have it in their own dispatch table: importing dask.multiprocessing puts
+# tblib's plain one in copyreg's.
+copyreg.pickle(types.TracebackType, _pickle_traceback)
+
+_DISPATCH_TABLE = ChainMap({types.TracebackType: _pickle_traceback}, copyreg.dispatch_table)
+
+
+# ---------------------------------------------------------------------------
+# Serialization of arbitrary objects
+
+
+class _Pickler(pickle.Pickler):
+    """Pickler that sends large ``bytes`` out of band, like protocol-5 buffers.
+
+    ``bytes`` is pickled by the C fast path before ``reducer_override`` is
+    consulted, so ``persistent_id`` is the one hook that can see it.  The
+    buffer callback is a closure over plain lists, not a bound method: a
+    pickler referring to itself would be a reference cycle, and its memo
+    would keep every object it pickled alive until the cyclic GC runs.
+    """
+
+    dispatch_table = _DISPATCH_TABLE
+
+    def __init__(self, file, oob, frames):
+        super().__init__(file, protocol=5, buffer_callback=_buffer_callback(oob))
+        self._frames = frames
+
+    def persistent_id(self, obj):
+        if type(obj) is bytes and len(obj) >= BUFFER_THRESHOLD:
+            self._frames.append(obj)
+            return len(self._frames) - 1
+        return None
+
+
+class _SourcePickler(cloudpickle.Pickler):
+    """cloudpickle, whose code objects keep their file name (:func:`_reduce_code`)
+    and whose tracebacks their columns (:func:`_pickle_traceback`)."""
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code,
+                               types.TracebackType: _pickle_traceback},
                               cloudpickle.Pickler.dispatch_table)
 
 
@@ -281,13 +377,21 @@ def to_blob(obj):
     never needs to (nor could always) import the classes inside.
     """
     try:
-        payload = pickle.dumps(obj, protocol=5)
+        payload = _dumps(obj, _BlobPickler)
         if b"__main__" not in payload:
             return payload
     except Exception:
         pass
+    return _dumps(obj, _SourcePickler)
+
+
+class _BlobPickler(pickle.Pickler):
+    dispatch_table = _DISPATCH_TABLE
+
+
+def _dumps(obj, pickler_class):
     f = io.BytesIO()
-    _SourcePickler(f, protocol=5).dump(obj)
+    pickler_class(f, protocol=5).dump(obj)
     return f.getvalue()
 
 

@@ -47,8 +47,14 @@ if __name__ == "__main__":
             try:
                 future.result()
             except Exception as error:
-                print("".join(traceback.format_exception(error)))
+                remote = "".join(traceback.format_exception(error))
+                print(remote)
             print("".join(traceback.format_tb(future.traceback())))
+            try:
+                func(arg)
+            except Exception as error:  # the same frame, formatted here
+                local = traceback.format_tb(error.__traceback__)[-1]
+            print("LIKE A LOCAL ERROR:", local in remote, repr(local))
             print("END OF CASE", flush=True)
 '''
 
@@ -78,6 +84,8 @@ def test_script_tracebacks_show_the_script_lines(tmp_path):
         assert text.count(frame) == 2, text
         assert error in text, text
         assert "<dynamic-code>" not in text, text
+        # with the columns of the failing expression (Python >= 3.11's ^^^)
+        assert "LIKE A LOCAL ERROR: True" in text, text
     # the lambda's frame comes after the frame of the function that called it
     assert cases[1].index("line 12, in outer") < cases[1].index("line 11, in <lambda>")
 
@@ -99,6 +107,33 @@ def test_code_keeps_its_file_name_through_a_pickle():
         for code in [f2.__code__, L2.method.__code__, L2().method().__code__]:
             assert code.co_filename == __file__
         assert f2.__code__.co_firstlineno == f.__code__.co_firstlineno
+
+
+def _failing_chain(d):
+    return _fail_in_a_call(d) + (
+        1)
+
+
+def _fail_in_a_call(d):
+    return d["key"] * 2
+
+
+@pytest.mark.pure
+def test_rebuilt_traceback_formats_like_the_original():
+    """Files, lines, functions, and the columns of each failing expression
+    (tblib alone puts those of its stub), even after dask.multiprocessing
+    put tblib's own traceback pickling in copyreg."""
+    pytest.importorskip("dask.multiprocessing")
+    try:
+        _failing_chain({})
+    except KeyError as e:
+        tb = e.__traceback__
+    original = traceback.format_tb(tb)
+    assert "_failing_chain" in original[-2] and "_fail_in_a_call" in original[-1]
+    for rebuilt in [from_blob(to_blob(tb)), deserialize(*serialize(tb))]:
+        assert traceback.format_tb(rebuilt) == original
+    if sys.version_info >= (3, 11):
+        assert original[-1].rstrip().endswith('return d["key"] * 2\n           ~^^^^^^^')
 
 
 @pytest.mark.pure
