@@ -137,8 +137,8 @@ def test_rebuilt_traceback_formats_like_the_original():
 
 
 @pytest.mark.pure
-def test_blob_of_a_function_is_still_cloudpickle_loadable():
-    """A blob is plain pickle data: one who has distributed loads it without us."""
+def test_blob_of_a_function_loads_with_plain_pickle():
+    """A blob is plain pickle data (``pickle.loads``), our own reducers included."""
     import pickle
 
     g = eval("lambda x: x * 3")  # not importable: pickled by value
