@@ -56,6 +56,12 @@ if __name__ == "__main__":
                 local = traceback.format_tb(error.__traceback__)[-1]
             print("LIKE A LOCAL ERROR:", local in remote, repr(local))
             print("END OF CASE", flush=True)
+        import dask
+        try:  # a dask graph, run by the executor as dask's scheduler
+            dask.delayed(divide)(0).compute()
+        except Exception as error:
+            print("".join(traceback.format_exception(error)))
+        print("END OF CASE", flush=True)
 '''
 
 
@@ -70,7 +76,7 @@ def test_script_tracebacks_show_the_script_lines(tmp_path):
     finally:
         p.stop()
     cases = out.split("END OF CASE")
-    assert len(cases) == 4, out  # three cases, then what follows the last
+    assert len(cases) == 5, out  # four cases, then what follows the last
     expected = [
         (7, "divide", "return 1 / x  # line 7", "ZeroDivisionError: division by zero"),
         (11, "<lambda>", "check = lambda v: [][v]  # line 11",
@@ -86,6 +92,8 @@ def test_script_tracebacks_show_the_script_lines(tmp_path):
         assert "<dynamic-code>" not in text, text
         # with the columns of the failing expression (Python >= 3.11's ^^^)
         assert "LIKE A LOCAL ERROR: True" in text, text
+    frame = 'File "%s", line 7, in divide\n    return 1 / x  # line 7' % path
+    assert frame in cases[3] and "ZeroDivisionError" in cases[3], cases[3]
     # the lambda's frame comes after the frame of the function that called it
     assert cases[1].index("line 12, in outer") < cases[1].index("line 11, in <lambda>")
 
