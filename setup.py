@@ -46,6 +46,10 @@ setup(
             # that ran the task (tests/test_logs.py)
             "ipykernel>=6",
             "jupyter_client>=7",
+            # run the notebooks of docs/examples in a real kernel and check
+            # their outputs (tests/test_notebooks.py)
+            "nbclient>=0.7",
+            "nbformat>=5.7",
         ],
     },
     entry_points={

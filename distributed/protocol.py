@@ -36,22 +36,20 @@ bytes; tests drive it with truncated, oversized and garbage input.
 """
 
 import io
+import itertools
 import os
 import pickle
 import struct
 
 import copyreg
 import types
+from collections import ChainMap
 
 import cloudpickle
 import msgpack
 from tblib import pickling_support
 
 from .security import MAGIC as AUTH_MAGIC
-
-# Tracebacks pickle (as real traceback objects on the other side), so that a
-# remote error re-raises with the frames where it happened.
-copyreg.pickle(types.TracebackType, pickling_support.pickle_traceback)
 
 __all__ = [
     "dumps",
@@ -149,6 +147,131 @@ DEFAULT_LIMITS = Limits()
 
 
 # ---------------------------------------------------------------------------
+# The user's source on the other side: code and tracebacks
+
+
+def _with_filename(make_code, args, filename):
+    """Rebuild a code object pickled by :func:`_reduce_code`."""
+    return make_code(*args).replace(co_filename=filename)
+
+
+_cloudpickle_reduce_code = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+def _reduce_code(code):
+    """cloudpickle's reduction of a code object, which puts ``<dynamic-code>``
+    for its file name, with the real file name put back on load.
+
+    A task's function defined in a script or a notebook cell is pickled by
+    value; with its file name, the frames of its traceback point at the
+    script's path (or the cell's file name), and the client, which has that
+    source (the file, or IPython's cache of its cells in ``linecache``),
+    shows the failing line::
+
+        >>> def f(x):
+        ...     return 1 / x
+        >>> from_blob(to_blob(f)).__code__.co_filename == f.__code__.co_filename
+        True
+
+    (Keys never depend on it: :mod:`distributed.tokenize` hashes functions
+    with cloudpickle's own, deterministic, pickle.)
+    """
+    make_code, args = _cloudpickle_reduce_code(code)
+    return _with_filename, (make_code, args, code.co_filename)
+
+
+def _pickle_traceback(tb):
+    """Pickle a traceback as tblib does (each frame's file, function and
+    line), plus where in its line each frame was (the column range of the
+    instruction, Python >= 3.11), so that the traceback rebuilt on the other
+    side underlines the failing expression, not the columns of tblib's stub.
+    """
+    _, args = pickling_support.pickle_traceback(tb)
+    positions = []
+    while tb is not None:
+        positions.append(_position(tb))
+        tb = tb.tb_next
+    return _unpickle_traceback, (args, tuple(positions))
+
+
+def _position(tb):
+    """``(end line - line, column, end column)`` of ``tb``'s instruction, or None."""
+    try:
+        line, end_line, col, end_col = next(itertools.islice(
+            tb.tb_frame.f_code.co_positions(), tb.tb_lasti // 2, None))
+    except (AttributeError, StopIteration, TypeError, ValueError):
+        return None  # Python < 3.11, or no position
+    if None in (line, end_line, col, end_col):
+        return None
+    return end_line - line, col, end_col
+
+
+def _unpickle_traceback(args, positions):
+    """A real traceback: one frame per pickled one, made (as tblib does) by
+    running a stub that raises, whose code carries the frame's file,
+    function, line and column range."""
+    frames, rest = [(args[0], args[1])], args[2]
+    while rest is not None:
+        frames.append((rest.tb_frame, rest.tb_lineno))
+        rest = rest.tb_next
+    if len(positions) != len(frames) or not hasattr(types.CodeType, "co_positions"):
+        return pickling_support.unpickle_traceback(*args)
+    top = last = None
+    for (frame, lineno), position in zip(frames, positions):
+        code = _STUB.replace(co_firstlineno=lineno, co_filename=frame.f_code.co_filename,
+                             co_name=frame.f_code.co_name,
+                             co_linetable=_location_table(len(_STUB.co_code) // 2, position))
+        try:
+            exec(code, dict(frame.f_globals), {})
+        except Exception as e:
+            tb = e.__traceback__.tb_next  # the stub's frame
+        if last is None:
+            top = tb
+        else:
+            last.tb_next = tb
+        last = tb
+    return top
+
+
+_STUB = compile("raise __traceback_maker", "<stub>", "exec")
+
+
+def _location_table(units, position):
+    """A code object's location table (Python >= 3.11, Objects/locations.md)
+    giving its ``units`` code units the line ``co_firstlineno`` and
+    ``position``'s columns (none if ``position`` is None)."""
+    table = bytearray()
+    while units > 0:
+        n = min(units, 8)
+        if position is None:  # 13: no columns; the line delta 0
+            table += bytes([0x80 | (13 << 3) | (n - 1), 0])
+        else:  # 14: long form; line delta 0, end line delta, column + 1, end column + 1
+            end_lines, col, end_col = position
+            table += bytes([0x80 | (14 << 3) | (n - 1), 0])
+            table += _varint(end_lines) + _varint(col + 1) + _varint(end_col + 1)
+        units -= n
+    return bytes(table)
+
+
+def _varint(value):
+    out = bytearray()
+    while value >= 64:
+        out.append(0x40 | (value & 63))
+        value >>= 6
+    out.append(value)
+    return bytes(out)
+
+
+# Tracebacks pickle (as real traceback objects on the other side), so that a
+# remote error re-raises with the frames where it happened.  Our picklers
+# have it in their own dispatch table: importing dask.multiprocessing puts
+# tblib's plain one in copyreg's.
+copyreg.pickle(types.TracebackType, _pickle_traceback)
+
+_DISPATCH_TABLE = ChainMap({types.TracebackType: _pickle_traceback}, copyreg.dispatch_table)
+
+
+# ---------------------------------------------------------------------------
 # Serialization of arbitrary objects
 
 
@@ -162,6 +285,8 @@ class _Pickler(pickle.Pickler):
     would keep every object it pickled alive until the cyclic GC runs.
     """
 
+    dispatch_table = _DISPATCH_TABLE
+
     def __init__(self, file, oob, frames):
         super().__init__(file, protocol=5, buffer_callback=_buffer_callback(oob))
         self._frames = frames
@@ -173,7 +298,16 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-class _CloudPickler(cloudpickle.Pickler):
+class _SourcePickler(cloudpickle.Pickler):
+    """cloudpickle, whose code objects keep their file name (:func:`_reduce_code`)
+    and whose tracebacks their columns (:func:`_pickle_traceback`)."""
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code,
+                               types.TracebackType: _pickle_traceback},
+                              cloudpickle.Pickler.dispatch_table)
+
+
+class _CloudPickler(_SourcePickler):
     """Same as :class:`_Pickler`, for objects only cloudpickle can pickle."""
 
     def __init__(self, file, oob, frames):
@@ -243,12 +377,22 @@ def to_blob(obj):
     never needs to (nor could always) import the classes inside.
     """
     try:
-        payload = pickle.dumps(obj, protocol=5)
+        payload = _dumps(obj, _BlobPickler)
         if b"__main__" not in payload:
             return payload
     except Exception:
         pass
-    return cloudpickle.dumps(obj, protocol=5)
+    return _dumps(obj, _SourcePickler)
+
+
+class _BlobPickler(pickle.Pickler):
+    dispatch_table = _DISPATCH_TABLE
+
+
+def _dumps(obj, pickler_class):
+    f = io.BytesIO()
+    pickler_class(f, protocol=5).dump(obj)
+    return f.getvalue()
 
 
 def from_blob(blob):
