@@ -1812,29 +1812,40 @@ class Executor:
         ``retries`` and ``resources`` as for :meth:`submit`, for every task
         of the graph.
         """
-        _check_scheduling("get", priority, retries, kwargs, unknown=True,
-                          resources=resources)
-        return self.sync(self._get, dsk, keys, restrictions, loose_restrictions,
-                         priority=priority, retries=retries, resources=resources)
+        futures = self._get_futures(dsk, keys, restrictions, loose_restrictions,
+                                    priority, retries, resources, kwargs)
+        return self.sync(self._gather_keys, keys, futures)
 
     __call__ = get  # dask.compute(x, scheduler=e), dask.config.set(scheduler=e)
 
     async def _get(self, dsk, keys, restrictions=None, loose_restrictions=None,
                    priority=0, retries=None, resources=None, **kwargs):
+        futures = self._get_futures(dsk, keys, restrictions, loose_restrictions,
+                                    priority, retries, resources, kwargs)
+        return await self._gather_keys(keys, futures)
+
+    def _get_futures(self, dsk, keys, restrictions, loose_restrictions, priority,
+                     retries, resources, kwargs):
+        """Send the graph of :meth:`get` (in the caller's thread: a bad
+        keyword or worker raises here); ``{key: Future}`` of ``keys``."""
         _check_scheduling("get", priority, retries, kwargs, unknown=True,
                           resources=resources)
         if hasattr(dsk, "__dask_graph__") and not isinstance(dsk, dict):
             dsk = dsk.__dask_graph__()
+        return self._graph_to_futures(dsk, list(_flatten_keys(keys)), restrictions,
+                                      loose_restrictions, priority=priority,
+                                      retries=retries, resources=resources)
+
+    async def _gather_keys(self, keys, futures):
+        """The results of :meth:`get`'s ``futures``, in the shape of ``keys``;
+        the futures are released (the results are the caller's now)."""
         flat = list(_flatten_keys(keys))
-        futures = self._graph_to_futures(dsk, flat, restrictions, loose_restrictions,
-                                         priority=priority, retries=retries,
-                                         resources=resources)
         try:
             results = await self._gather([futures[k] for k in flat])
-        finally:  # the results are ours now: the cluster may drop them
+        finally:
             for f in futures.values():
                 f.release()
-            del futures
+            futures.clear()
         return _pack_keys(keys, dict(zip(flat, results)))
 
     def compute(self, collections, sync=False, optimize_graph=True, priority=0,
@@ -2215,6 +2226,8 @@ class as_completed:
             print(future.result())
         for future, result in as_completed(futures, with_results=True):
             print(result)                # fetched for you; an error raises here
+        async for future in as_completed(futures):     # in a coroutine
+            print(await future)
 
     ``futures`` may nest them in lists and dicts, or be persisted dask
     collections (see :func:`futures_of`).
@@ -2227,13 +2240,50 @@ class as_completed:
         self.count = 0
         self.lock = threading.Lock()
         self.with_results = with_results
+        self._waiter = None  # (loop, asyncio.Event) of an `async for` waiting
         for f in _collect_futures(futures):
             self.add(f)
 
     def add(self, future):
         with self.lock:
             self.count += 1
-        future.executor._on_loop(future._add_callback, lambda: self.queue.put(future))
+        future.executor._on_loop(future._add_callback, lambda: self._put(future))
+
+    def _put(self, future):
+        self.queue.put(future)
+        with self.lock:
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, event = waiter
+            loop.call_soon_threadsafe(event.set)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        import queue
+
+        with self.lock:
+            if self.count == 0:
+                raise StopAsyncIteration
+            self.count -= 1
+        while True:
+            try:
+                future = self.queue.get_nowait()
+                break
+            except queue.Empty:
+                pass
+            event = asyncio.Event()
+            with self.lock:
+                self._waiter = (asyncio.get_running_loop(), event)
+            if self.queue.empty():  # else: put meanwhile, take it
+                await event.wait()
+        if not self.with_results:
+            return future
+        if future.executor.asynchronous:
+            return future, await future._result()
+        # a threaded executor's future: fetched on its loop, not blocking ours
+        return future, await asyncio.get_running_loop().run_in_executor(None, future.result)
 
     def __iter__(self):
         return self

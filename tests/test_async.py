@@ -132,12 +132,12 @@ def test_cancel_and_retry_act_at_once(cluster, tmp_path):
 
     async def main():
         async with Executor(cluster.center_address, asynchronous=True) as e:
-            x = e.submit(slowinc, 1, delay=5)
+            x = e.submit(slowinc, 1, delay=2)
             e.cancel(x)  # not awaited
             assert x.cancelled()
             with pytest.raises(CancelledError):
                 await x
-            y = e.submit(slowinc, 2, delay=5)
+            y = e.submit(slowinc, 2, delay=2)
             assert await e.cancel([y]) is None
             assert y.cancelled()
             z = e.submit(add_one_to, str(path), pure=False)  # no file yet: erred
@@ -290,7 +290,7 @@ def test_future_underscore_methods_wait_for_the_task(cluster):
             assert await ok._traceback() is None
             assert ok.status == "finished"
             assert await ok._result() == 2
-            slow = e.submit(slowinc, 2, delay=5)
+            slow = e.submit(slowinc, 2, delay=2)
             with pytest.raises(TimeoutError):
                 await slow._exception(timeout=0.1)
             with pytest.raises(TimeoutError):
@@ -311,6 +311,29 @@ def test_wait_one_future(cluster):
             done, _ = await _wait({"a": [e.submit(inc, 5)]})
             assert len(done) == 1
             assert await _wait([]) == (set(), set())
+
+    run(main())
+
+
+def test_as_completed_async_for(cluster, e):
+    from distributed import as_completed
+
+    async def main():
+        async with Executor(cluster.center_address, asynchronous=True) as ae:
+            # listed first, done last: it needs the other one's result
+            fast = ae.submit(inc, 1, pure=False)
+            slow = ae.submit(slowinc, fast, delay=0.3)
+            order = [f async for f in as_completed([slow, fast])]
+            assert order == [fast, slow]
+            pairs = [p async for p in as_completed(ae.map(inc, range(5)),
+                                                   with_results=True)]
+            assert sorted(r for _, r in pairs) == [1, 2, 3, 4, 5]
+            assert all(f.key.startswith("inc-") for f, _ in pairs)
+            assert [f async for f in as_completed([])] == []
+        # a threaded executor's futures, in a coroutine on another loop
+        threaded = e.map(inc, range(10, 13))
+        results = [r async for _, r in as_completed(threaded, with_results=True)]
+        assert sorted(results) == [11, 12, 13]
 
     run(main())
 
