@@ -326,7 +326,7 @@ class Future(_DaskTaskRef or object):
         return result[0]
 
     def __await__(self):
-        return self._result().__await__()
+        return self.executor._from_any_loop(self._result).__await__()
 
     def exception(self, timeout=None):
         """The exception the task raised (``None`` if it did not), once done."""
@@ -786,6 +786,29 @@ class Executor:
         if error is not None:
             raise error
         return result
+
+    def _from_any_loop(self, func, *args):
+        """``func(*args)`` (a coroutine function), to be awaited on the running
+        loop: a threaded executor's coroutine runs on its own loop, awaited
+        from another (Jupyter's top-level ``await future``, ``asyncio.run``)."""
+        if self._loop_thread is None or self._in_loop_thread() \
+                or self._asyncio_loop.is_closed():
+            return func(*args)
+
+        async def run():  # errors handed over as values, as in sync()
+            try:
+                return await func(*args), None
+            except BaseException as e:
+                return None, e
+
+        async def wait():
+            result, error = await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(run(), self._asyncio_loop))
+            if error is not None:
+                raise error
+            return result
+
+        return wait()
 
     def _now(self, fn, *args):
         """``fn(*args)`` (a plain function) on the executor's loop, at once:

@@ -338,6 +338,23 @@ def test_as_completed_async_for(cluster, e):
     run(main())
 
 
+def test_await_a_threaded_executors_future_on_another_loop(e):
+    # Jupyter's top-level `await future` with a normal executor: its loop
+    # runs the wait, the caller's loop awaits the outcome
+    async def main():
+        x = e.submit(slowinc, 1, delay=0.3)
+        assert not x.done()
+        assert await x == 2
+        with pytest.raises(RuntimeError, match="hello!"):
+            await e.submit(throws, 1)
+        y = e.submit(slowinc, 2, delay=2)
+        y.cancel()
+        with pytest.raises(CancelledError):
+            await y
+
+    run(main())
+
+
 def test_tornado_coroutine_with_yield(cluster):
     @gen.coroutine
     def main():
