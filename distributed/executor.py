@@ -702,8 +702,8 @@ class Executor:
                 raise
             if set_as_default:
                 _dask_defaults.push(self)
-        else:
-            self.loop = loop or IOLoop.current()
+        else:  # asynchronous: the caller's loop, the one it starts on (_start)
+            self.loop = loop
 
     # -- running coroutines -----------------------------------------------------
 
@@ -851,8 +851,9 @@ class Executor:
                 None, lambda: LocalCluster(**self._cluster_kwargs))
             self.address = self.cluster.center_address
             self.security = self.pool.security = self.cluster.security
-        if self._asyncio_loop is None:
+        if self._asyncio_loop is None:  # asynchronous: made maybe before the loop ran
             self._asyncio_loop = asyncio.get_running_loop()
+            self.loop = IOLoop.current()
         self.center = rpc(self.address, pool=self.pool)
         await self._open_stream()
         if self.cluster is None:

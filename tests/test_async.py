@@ -103,6 +103,24 @@ def test_async_with_and_the_2016_spelling(cluster):
     run(main())
 
 
+def test_made_before_its_loop_runs(cluster):
+    # made in plain code, started by the loop that asyncio.run makes later:
+    # it runs on that loop
+    e = Executor(cluster.center_address, asynchronous=True)
+    assert e.status == "created"
+
+    async def main():
+        await e
+        assert e._asyncio_loop is asyncio.get_running_loop()
+        try:
+            return await e.submit(inc, 1), await e.ncores()
+        finally:
+            await e.close()
+
+    result, ncores = run(main())
+    assert result == 2 and len(ncores) == 2 and e.status == "closed"
+
+
 def test_upload_file_awaitable(cluster, tmp_path):
     module = "async_upload_%d" % os.getpid()
     path = tmp_path / (module + ".py")
