@@ -1181,6 +1181,9 @@ class Executor:
         self.status = "closed"
 
     def __enter__(self):
+        if self.asynchronous:
+            raise TypeError("an asynchronous Executor: use `async with Executor(..., "
+                            "asynchronous=True) as e:`")
         return self
 
     def __exit__(self, *exc):

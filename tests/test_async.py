@@ -88,6 +88,9 @@ def test_async_with_and_the_2016_spelling(cluster):
         async with Executor(cluster.center_address, asynchronous=True) as e:
             assert await e.submit(inc, 10) == 11
         assert e.status == "closed"
+        with pytest.raises(TypeError, match="async with"):
+            with Executor(cluster.center_address, asynchronous=True):
+                pass
         # start=False is the same executor: awaitable methods too
         e = Executor(cluster.center_address, start=False)
         assert e.asynchronous
