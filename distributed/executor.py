@@ -11,14 +11,14 @@
 
 From a script, a thread or Jupyter the executor runs its event loop in a
 thread of its own and its methods block.  Inside a coroutine on a running
-loop, make it with ``start=False`` and use the underscore forms::
+loop, make it with ``asynchronous=True`` (or ``start=False``): it runs on
+that loop and its methods return awaitables::
 
-    e = Executor('127.0.0.1:8787', start=False)
-    await e._start()                     # or: yield e._start()
-    x = e.submit(inc, 1)
-    await x                              # or: yield x._result()
-    await e._gather([x])
-    await e._shutdown()
+    e = await Executor('127.0.0.1:8787', asynchronous=True)
+    x = e.submit(inc, 1)                 # submit and map return futures
+    await x                              # 2; in Tornado: yield x
+    await e.gather([x])                  # [2]; or the 2016 form e._gather
+    await e.shutdown()
 
 Futures are reference counted: when the last future of a key is garbage
 collected, the center is told, and the workers drop the data unless some
@@ -316,7 +316,8 @@ class Future(_DaskTaskRef or object):
         return self._state.status == "cancelled"
 
     def result(self, timeout=None):
-        """The value, waiting up to ``timeout`` seconds (``TimeoutError``)."""
+        """The value, waiting up to ``timeout`` seconds (``TimeoutError``);
+        of an asynchronous executor's future: ``await future.result()``."""
         return self.executor.sync(self._result, timeout=timeout)
 
     async def _result(self, timeout=None):
@@ -325,37 +326,35 @@ class Future(_DaskTaskRef or object):
         return result[0]
 
     def __await__(self):
-        return self._result().__await__()
+        return self.executor._from_any_loop(self._result).__await__()
 
     def exception(self, timeout=None):
-        """The exception the task raised (``None`` if it did not)."""
-        async def _():
-            await self._state.wait(timeout)
-            return self._exception()
-        return self.executor.sync(_)
+        """The exception the task raised (``None`` if it did not), once done."""
+        return self.executor.sync(self._exception, timeout)
 
-    def _exception(self):
+    async def _exception(self, timeout=None):
+        await self._state.wait(timeout)
         if self._state.status == "error":
-            exc, _ = _unpack_error(self._state)
-            return exc
+            return _unpack_error(self._state)[0]
         return None
 
     def traceback(self, timeout=None):
-        """The remote traceback of the task's exception (``None`` if none)."""
-        async def _():
-            await self._state.wait(timeout)
-            if self._state.status == "error":
-                return _unpack_error(self._state)[1]
-            return None
-        return self.executor.sync(_)
+        """The remote traceback of the task's exception (``None`` if none), once done."""
+        return self.executor.sync(self._traceback, timeout)
+
+    async def _traceback(self, timeout=None):
+        await self._state.wait(timeout)
+        if self._state.status == "error":
+            return _unpack_error(self._state)[1]
+        return None
 
     def cancel(self):
         """Cancel the task (other executors wanting the same key are unaffected)."""
-        self.executor.cancel([self])
+        return self.executor.cancel([self])
 
     def retry(self):
         """Run the task again if it erred (and the erred tasks it depends on)."""
-        self.executor.retry([self])
+        return self.executor.retry([self])
 
     def add_done_callback(self, fn):
         """Call ``fn(future)`` when the future is done (in a separate thread)."""
@@ -423,6 +422,31 @@ class _Released:
 
 
 _ReleasedState = _Released()
+
+
+class _Done:
+    """An awaitable of a value known at once: what the methods of an
+    asynchronous executor that act at once (``cancel``, ``retry``) return,
+    so that ``await e.cancel(f)`` works and so does ``e.cancel(f)``.
+
+    >>> import asyncio
+    >>> async def f():
+    ...     return await _Done(3)
+    >>> asyncio.run(f())
+    3
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __await__(self):
+        return self.value
+        yield  # a generator: awaitable, done at its first step
+
+    def __repr__(self):
+        return "<done: %r>" % (self.value,)
 
 
 class NotACenterError(ConnectionError):
@@ -595,13 +619,26 @@ class Executor:
     (``x.compute()``, ``dask.compute(...)``, ``x.persist()`` run on the
     cluster); :meth:`shutdown` gives dask back the scheduler it had before
     (with nested executors: the one started before this one, if still
-    running).  An executor made with ``start=False`` is never the default
-    (dask's calls block).
+    running).  An asynchronous executor is never the default (dask's calls
+    block).
+
+    ``asynchronous=True`` (or ``start=False``, the 2016 spelling): it runs on
+    the caller's event loop, and its methods return awaitables (``submit``
+    and ``map`` still return futures); ``await`` it, or ``async with`` it,
+    to start it (with no address: its local cluster too)::
+
+        async with Executor(address, asynchronous=True) as e:
+            x = e.submit(inc, 1)
+            await x                                    # 2
+            await e.gather(e.map(inc, range(3)))       # [1, 2, 3]
+
+    The underscore forms (``await e._gather(...)``) are the same coroutines.
     """
 
     def __init__(self, address=None, start=True, timeout=10, loop=None,
                  n_workers=None, threads_per_worker=1, security=None,
-                 forward_output=True, set_as_default=True, **cluster_options):
+                 forward_output=True, set_as_default=True, asynchronous=False,
+                 **cluster_options):
         if cluster_options and address is not None:
             raise TypeError("%s: options of a local cluster, but this executor "
                             "connects to %s" % (", ".join(cluster_options), address))
@@ -654,7 +691,7 @@ class Executor:
         }
         self._loop_thread = None
         self._asyncio_loop = None
-        if start:
+        if start and not asynchronous:
             self._loop_thread = _LoopThread()
             self.loop = self._loop_thread.loop
             self._asyncio_loop = self._loop_thread.asyncio_loop
@@ -665,14 +702,15 @@ class Executor:
                 raise
             if set_as_default:
                 _dask_defaults.push(self)
-        else:
-            self.loop = loop or IOLoop.current()
+        else:  # asynchronous: the caller's loop, the one it starts on (_start)
+            self.loop = loop
 
     # -- running coroutines -----------------------------------------------------
 
     @property
     def asynchronous(self):
-        """True when used from coroutines on the loop it runs on."""
+        """True when it runs on the caller's event loop (``asynchronous=True``
+        or ``start=False``): its public methods then return awaitables."""
         return self._loop_thread is None
 
     def _in_loop_thread(self):
@@ -683,13 +721,38 @@ class Executor:
         except RuntimeError:
             return False
 
+    def _awaitable_here(self):
+        """Should a public method return an awaitable here?  For an
+        asynchronous executor, yes, unless called from a thread without an
+        event loop while the executor's loop runs in another (a callback, a
+        thread of the user's): there it blocks, like the threaded one."""
+        if not self.asynchronous:
+            return False
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            loop = self._asyncio_loop
+            return loop is None or loop.is_closed() or not loop.is_running()
+
     def sync(self, func, *args, timeout=None, **kwargs):
-        """Run ``await func(*args, **kwargs)`` on the executor's loop; block for it."""
-        if self._loop_thread is None:
-            raise RuntimeError(
-                "this Executor runs on your event loop (start=False): use the "
-                "async forms, e.g. `await e._gather(futures)`, `await future`")
-        if not self._loop_thread.thread.is_alive():
+        """``await func(*args, **kwargs)``, the one way the public methods run
+        their coroutine twins (``gather`` is ``sync(self._gather, ...)``).
+
+        A threaded executor runs it on its loop and blocks for the result
+        (``TimeoutError`` after ``timeout`` seconds).  An asynchronous one
+        (``asynchronous=True``, ``start=False``) returns the awaitable::
+
+            e = Executor(address)                       # blocking
+            e.gather(futures)                           # [1, 2, 3]
+            e = await Executor(address, asynchronous=True)
+            await e.gather(futures)                     # [1, 2, 3]
+        """
+        if self._awaitable_here():
+            coro = func(*args, **kwargs)
+            return coro if timeout is None else asyncio.wait_for(coro, timeout)
+        if self._asyncio_loop is None or self._asyncio_loop.is_closed() or (
+                self._loop_thread is not None and not self._loop_thread.thread.is_alive()):
             # its loop is gone: nothing would ever run the call
             raise RuntimeError("the executor is %s; make a new one" % self.status)
         if self._in_loop_thread():
@@ -724,11 +787,53 @@ class Executor:
             raise error
         return result
 
+    def _from_any_loop(self, func, *args):
+        """``func(*args)`` (a coroutine function), to be awaited on the running
+        loop: a threaded executor's coroutine runs on its own loop, awaited
+        from another (Jupyter's top-level ``await future``, ``asyncio.run``)."""
+        if self._loop_thread is None or self._in_loop_thread() \
+                or self._asyncio_loop.is_closed():
+            return func(*args)
+
+        async def run():  # errors handed over as values, as in sync()
+            try:
+                return await func(*args), None
+            except BaseException as e:
+                return None, e
+
+        async def wait():
+            result, error = await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(run(), self._asyncio_loop))
+            if error is not None:
+                raise error
+            return result
+
+        return wait()
+
+    def _now(self, fn, *args):
+        """``fn(*args)`` (a plain function) on the executor's loop, at once:
+        for the methods that only send messages (``cancel``, ``retry``).  An
+        asynchronous executor returns an awaitable of the result, already
+        done (so awaiting it is optional)."""
+        if self._awaitable_here() or self._in_loop_thread():
+            result = fn(*args)
+            return _Done(result) if self.asynchronous else result
+
+        async def run():
+            return fn(*args)
+
+        return self.sync(run)
+
     def _on_loop(self, fn, *args):
         """Call ``fn(*args)`` on the executor's loop (now, if already there or if
         that loop is gone: closed, nothing else runs on it)."""
-        if (self._loop_thread is None or self._in_loop_thread()
-                or not self._loop_thread.thread.is_alive()):
+        if self._loop_thread is None:  # the caller's loop: from another thread too
+            loop = self._asyncio_loop
+            if loop is None or not loop.is_running() or self._in_loop_thread():
+                fn(*args)
+            else:
+                loop.call_soon_threadsafe(fn, *args)
+        elif self._in_loop_thread() or not self._loop_thread.thread.is_alive():
             fn(*args)
         else:
             self.loop.add_callback(fn, *args)
@@ -746,8 +851,9 @@ class Executor:
                 None, lambda: LocalCluster(**self._cluster_kwargs))
             self.address = self.cluster.center_address
             self.security = self.pool.security = self.cluster.security
-        if self._asyncio_loop is None:
+        if self._asyncio_loop is None:  # asynchronous: made maybe before the loop ran
             self._asyncio_loop = asyncio.get_running_loop()
+            self.loop = IOLoop.current()
         self.center = rpc(self.address, pool=self.pool)
         await self._open_stream()
         if self.cluster is None:
@@ -1032,18 +1138,17 @@ class Executor:
         self._specs_nbytes = 0
 
     def shutdown(self, timeout=10):
-        """Disconnect; stop the local cluster and the loop thread if ours."""
+        """Disconnect; stop the local cluster and the loop thread if ours.
+        Asynchronous: ``await e.shutdown()`` (or ``await e.close()``)."""
+        if self._loop_thread is None:
+            return self.sync(self._shutdown)
         if self.status == "closed":
             return
-        if self._loop_thread is not None:
-            try:
-                self.sync(self._shutdown, timeout=timeout)
-            except Exception:
-                logger.debug("error shutting down", exc_info=True)
-            self._stop_loop()
-        else:
-            raise RuntimeError("use `await e._shutdown()` for an Executor made "
-                               "with start=False")
+        try:
+            self.sync(self._shutdown, timeout=timeout)
+        except Exception:
+            logger.debug("error shutting down", exc_info=True)
+        self._stop_loop()
 
     close = shutdown
 
@@ -1076,6 +1181,9 @@ class Executor:
         self.status = "closed"
 
     def __enter__(self):
+        if self.asynchronous:
+            raise TypeError("an asynchronous Executor: use `async with Executor(..., "
+                            "asynchronous=True) as e:`")
         return self
 
     def __exit__(self, *exc):
@@ -1085,6 +1193,9 @@ class Executor:
         return await self._start()
 
     async def __aexit__(self, *exc):
+        await self._shutdown()
+
+    async def _close(self):
         await self._shutdown()
 
     def __del__(self):
@@ -1370,9 +1481,7 @@ class Executor:
     def _restrictions(self, keys, workers):
         if workers is None:
             return None
-        if isinstance(workers, (str, tuple)) and not isinstance(workers, list):
-            workers = [workers]
-        addresses = [coerce_to_address(w) for w in workers]
+        addresses = _addresses(workers)
         if self._loop_thread is not None and not self._in_loop_thread():
             known = self.ncores()
             unknown = [a for a in addresses if a not in known]
@@ -1563,9 +1672,7 @@ class Executor:
             items = {"%s-%s" % (type(data).__name__, tokenize(data)): data}
         ncores = await self.center.ncores(timeout=self.timeout)
         if workers is not None:
-            if isinstance(workers, (str, tuple)):
-                workers = [workers]
-            wanted = [coerce_to_address(w) for w in workers]
+            wanted = _addresses(workers)
             unknown = [w for w in wanted if w not in ncores]
             if unknown:
                 raise ValueError("scatter: no such workers %s; the workers are %s"
@@ -1607,57 +1714,45 @@ class Executor:
         return [futures[k] for k in keys_in_order]
 
     def cancel(self, futures):
-        """Cancel the tasks of ``futures``; their results raise ``CancelledError``."""
-        flat = _collect_futures(futures)
-        keys = [f.key for f in flat]
-
-        def _cancel():
-            for f in flat:
-                state = f._state
-                if self.futures.get(f.key) is state:
-                    del self.futures[f.key]
-                if not isinstance(state, _Released) and state.status != "cancelled":
-                    state.cancel()
-            self._send({"op": "cancel", "keys": keys})
-
-        if self._loop_thread is None or self._in_loop_thread():
-            _cancel()
-        else:
-            async def run():
-                _cancel()
-            self.sync(run)
+        """Cancel the tasks of ``futures``; their results raise ``CancelledError``.
+        Done at once, also by an asynchronous executor (awaiting what it
+        returns is optional)."""
+        return self._now(self._cancel_now, _collect_futures(futures))
 
     async def _cancel(self, futures):
-        self.cancel(futures)
+        self._cancel_now(_collect_futures(futures))
+
+    def _cancel_now(self, flat):
+        for f in flat:
+            state = f._state
+            if self.futures.get(f.key) is state:
+                del self.futures[f.key]
+            if not isinstance(state, _Released) and state.status != "cancelled":
+                state.cancel()
+        self._send({"op": "cancel", "keys": [f.key for f in flat]})
 
     def retry(self, futures):
         """Run the erred tasks of ``futures`` again, with the erred tasks they
-        depend on; their futures are pending until the new outcome is known."""
-        flat = _collect_futures(futures)
-
-        def _retry():
-            keys = []
-            for f in flat:
-                state = f._state
-                if self.futures.get(f.key) is state and state.status == "error":
-                    state.retry()
-                    keys.append(f.key)
-            if keys:
-                # their tasks again first: a restarted center never heard of them
-                tasks = self._lineage(keys)[0]
-                if tasks:
-                    self._send(_graph_message(tasks, []))
-                self._send({"op": "retry", "keys": keys})
-
-        if self._loop_thread is None or self._in_loop_thread():
-            _retry()
-        else:
-            async def run():
-                _retry()
-            self.sync(run)
+        depend on; their futures are pending until the new outcome is known.
+        Done at once, like :meth:`cancel`."""
+        return self._now(self._retry_now, _collect_futures(futures))
 
     async def _retry(self, futures):
-        self.retry(futures)
+        self._retry_now(_collect_futures(futures))
+
+    def _retry_now(self, flat):
+        keys = []
+        for f in flat:
+            state = f._state
+            if self.futures.get(f.key) is state and state.status == "error":
+                state.retry()
+                keys.append(f.key)
+        if keys:
+            # their tasks again first: a restarted center never heard of them
+            tasks = self._lineage(keys)[0]
+            if tasks:
+                self._send(_graph_message(tasks, []))
+            self._send({"op": "retry", "keys": keys})
 
     # -- task graphs --------------------------------------------------------------------
 
@@ -1744,36 +1839,40 @@ class Executor:
         ``retries`` and ``resources`` as for :meth:`submit`, for every task
         of the graph.
         """
-        _check_scheduling("get", priority, retries, kwargs, unknown=True,
-                          resources=resources)
-        if hasattr(dsk, "__dask_graph__") and not isinstance(dsk, dict):
-            dsk = dsk.__dask_graph__()
-        flat = list(_flatten_keys(keys))
-        futures = self._graph_to_futures(dsk, flat, restrictions, loose_restrictions,
-                                         priority=priority, retries=retries,
-                                         resources=resources)
-        try:
-            results = self.gather([futures[k] for k in flat])
-        finally:
-            for f in futures.values():
-                f.release()
-            del futures
-        mapping = dict(zip(flat, results))
-        return _pack_keys(keys, mapping)
+        futures = self._get_futures(dsk, keys, restrictions, loose_restrictions,
+                                    priority, retries, resources, kwargs)
+        return self.sync(self._gather_keys, keys, futures)
 
     __call__ = get  # dask.compute(x, scheduler=e), dask.config.set(scheduler=e)
 
     async def _get(self, dsk, keys, restrictions=None, loose_restrictions=None,
                    priority=0, retries=None, resources=None, **kwargs):
+        futures = self._get_futures(dsk, keys, restrictions, loose_restrictions,
+                                    priority, retries, resources, kwargs)
+        return await self._gather_keys(keys, futures)
+
+    def _get_futures(self, dsk, keys, restrictions, loose_restrictions, priority,
+                     retries, resources, kwargs):
+        """Send the graph of :meth:`get` (in the caller's thread: a bad
+        keyword or worker raises here); ``{key: Future}`` of ``keys``."""
         _check_scheduling("get", priority, retries, kwargs, unknown=True,
                           resources=resources)
         if hasattr(dsk, "__dask_graph__") and not isinstance(dsk, dict):
             dsk = dsk.__dask_graph__()
+        return self._graph_to_futures(dsk, list(_flatten_keys(keys)), restrictions,
+                                      loose_restrictions, priority=priority,
+                                      retries=retries, resources=resources)
+
+    async def _gather_keys(self, keys, futures):
+        """The results of :meth:`get`'s ``futures``, in the shape of ``keys``;
+        the futures are released (the results are the caller's now)."""
         flat = list(_flatten_keys(keys))
-        futures = self._graph_to_futures(dsk, flat, restrictions, loose_restrictions,
-                                         priority=priority, retries=retries,
-                                         resources=resources)
-        results = await self._gather([futures[k] for k in flat])
+        try:
+            results = await self._gather([futures[k] for k in flat])
+        finally:
+            for f in futures.values():
+                f.release()
+            futures.clear()
         return _pack_keys(keys, dict(zip(flat, results)))
 
     def compute(self, collections, sync=False, optimize_graph=True, priority=0,
@@ -1801,10 +1900,8 @@ class Executor:
             future = self._graph_to_futures(dsk, [key], **sched)[key]
             future._state.graph_keys = list(dsk)  # what progress() counts
             futures.append(future)
-        if sync:
-            results = self.gather(futures)
-            return results[0] if single else results
-        return futures[0] if single else futures
+        futures = futures[0] if single else futures
+        return self.gather(futures) if sync else futures
 
     async def _compute(self, collections, sync=False, **kwargs):
         futures = self.compute(collections, **kwargs)
@@ -1840,29 +1937,36 @@ class Executor:
     # -- cluster information and administration -------------------------------------------
 
     def who_has(self, futures=None):
-        """``{key: [address]}`` for the keys of ``futures`` (default: all)."""
+        """``{key: [address]}`` for the keys of ``futures`` (a future, or
+        lists/dicts of them; default: every key on the cluster)."""
+        return self.sync(self._who_has, futures)
+
+    async def _who_has(self, futures=None):
         keys = None if futures is None else [f.key for f in _collect_futures(futures)]
-        result = self.sync(self.center.who_has, keys=keys, timeout=self.timeout)
+        result = await self.center.who_has(keys=keys, timeout=self.timeout)
         return {k: sorted(v) for k, v in result.items()}
 
     def has_what(self, workers=None):
-        """``{address: [key]}`` for the workers (default: all)."""
-        addresses = None if workers is None else [coerce_to_address(w) for w in workers]
-        result = self.sync(self.center.has_what, addresses=addresses, timeout=self.timeout)
+        """``{address: [key]}`` for the workers (an address, or a list; default: all)."""
+        return self.sync(self._has_what, workers)
+
+    async def _has_what(self, workers=None):
+        result = await self.center.has_what(addresses=_addresses(workers),
+                                            timeout=self.timeout)
         return {a: list(v) for a, v in result.items()}
 
     def ncores(self, workers=None):
-        """``{address: threads}`` of the workers."""
-        addresses = None if workers is None else [coerce_to_address(w) for w in workers]
-        return self.sync(self.center.ncores, addresses=addresses, timeout=self.timeout)
+        """``{address: threads}`` of the workers (an address, or a list; default: all)."""
+        return self.sync(self._ncores, workers)
+
+    async def _ncores(self, workers=None):
+        return await self.center.ncores(addresses=_addresses(workers), timeout=self.timeout)
 
     def nthreads(self, workers=None):
         """``{address: threads}`` of the workers (dask's name of :meth:`ncores`)."""
         return self.ncores(workers)
 
-    async def _nthreads(self, workers=None):
-        addresses = None if workers is None else [coerce_to_address(w) for w in workers]
-        return await self.center.ncores(addresses=addresses, timeout=self.timeout)
+    _nthreads = _ncores
 
     def scheduler_info(self):
         """What the center says of itself and its workers::
@@ -1931,7 +2035,7 @@ class Executor:
         if workers is None:
             addresses = list(await self.center.ncores(timeout=self.timeout))
         else:
-            addresses = [coerce_to_address(w) for w in workers]
+            addresses = _addresses(workers)
         replies = await asyncio.gather(*[
             self._rpc(a).get_logs(n=n, timeout=self.timeout) for a in addresses],
             return_exceptions=True)
@@ -1977,7 +2081,7 @@ class Executor:
         if workers is None:
             addresses = list(await self.center.ncores(timeout=self.timeout))
         else:
-            addresses = [coerce_to_address(w) for w in workers]
+            addresses = _addresses(workers)
         results = await asyncio.gather(*[
             self._rpc(a).run(function=function, args=args, kwargs=kwargs)
             for a in addresses], return_exceptions=True)
@@ -1987,22 +2091,22 @@ class Executor:
         return dict(zip(addresses, results))
 
     def upload_file(self, path):
-        """Send a .py/.egg/.zip file to every worker and make it importable there."""
+        """Send a .py/.egg/.zip file to every worker and make it importable
+        there; ``{address: bytes}``."""
+        return self.sync(self._upload_file, path)
+
+    async def _upload_file(self, path):
         with open(path, "rb") as f:
             data = f.read()
         filename = os.path.basename(path)
-
-        async def _():
-            addresses = list(await self.center.ncores(timeout=self.timeout))
-            results = await asyncio.gather(*[
-                self._rpc(a).upload_file(filename=filename, data=data)
-                for a in addresses], return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-            return {a: r["nbytes"] for a, r in zip(addresses, results)}
-
-        return self.sync(_)
+        addresses = list(await self.center.ncores(timeout=self.timeout))
+        results = await asyncio.gather(*[
+            self._rpc(a).upload_file(filename=filename, data=data)
+            for a in addresses], return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return {a: r["nbytes"] for a, r in zip(addresses, results)}
 
     def replicate(self, futures, n=None, workers=None):
         """Copy the data of ``futures`` until ``n`` workers (default: all) hold it."""
@@ -2012,7 +2116,7 @@ class Executor:
         flat = _collect_futures(futures)
         await self._gather_states(flat)
         ncores = await self.center.ncores(timeout=self.timeout)
-        pool_ = [coerce_to_address(w) for w in workers] if workers else list(ncores)
+        pool_ = _addresses(workers) if workers else list(ncores)
         n = len(pool_) if n is None else min(n, len(pool_))
         who_has = await self.center.who_has(keys=[f.key for f in flat])
         load = {a: 0 for a in pool_}
@@ -2045,7 +2149,7 @@ class Executor:
             await self._gather_states(flat)
             keys = {f.key for f in flat}
         ncores = await self.center.ncores(timeout=self.timeout)
-        addresses = [coerce_to_address(w) for w in workers] if workers else list(ncores)
+        addresses = _addresses(workers) if workers else list(ncores)
         has_what = await self.center.has_what(addresses=addresses)
         nbytes = await self.center.nbytes()
         if keys is not None:
@@ -2104,7 +2208,8 @@ def wait(futures, timeout=None, return_when=ALL_COMPLETED):
     dicts of them, persisted dask collections: see :func:`futures_of`).
 
     Returns ``(done, not_done)`` sets; raises ``TimeoutError`` after
-    ``timeout`` seconds.
+    ``timeout`` seconds.  With an asynchronous executor's futures:
+    ``await wait(futures)``.
     """
     flat = _collect_futures(futures)
     if not flat:
@@ -2114,8 +2219,13 @@ def wait(futures, timeout=None, return_when=ALL_COMPLETED):
 
 
 async def _wait(futures, timeout=None, return_when=ALL_COMPLETED):
+    """:func:`wait`'s coroutine: ``await _wait(futures)`` takes the same
+    arguments (one future too, collections) on the executor's loop."""
     if return_when not in (ALL_COMPLETED, FIRST_COMPLETED):
         raise ValueError("return_when must be ALL_COMPLETED or FIRST_COMPLETED")
+    futures = _collect_futures(futures)
+    if not futures:
+        return DoneAndNotDoneFutures(set(), set())
     waits = [asyncio.ensure_future(f._state.wait()) for f in futures]
     try:
         done, pending = await asyncio.wait(
@@ -2143,6 +2253,8 @@ class as_completed:
             print(future.result())
         for future, result in as_completed(futures, with_results=True):
             print(result)                # fetched for you; an error raises here
+        async for future in as_completed(futures):     # in a coroutine
+            print(await future)
 
     ``futures`` may nest them in lists and dicts, or be persisted dask
     collections (see :func:`futures_of`).
@@ -2155,13 +2267,50 @@ class as_completed:
         self.count = 0
         self.lock = threading.Lock()
         self.with_results = with_results
+        self._waiter = None  # (loop, asyncio.Event) of an `async for` waiting
         for f in _collect_futures(futures):
             self.add(f)
 
     def add(self, future):
         with self.lock:
             self.count += 1
-        future.executor._on_loop(future._add_callback, lambda: self.queue.put(future))
+        future.executor._on_loop(future._add_callback, lambda: self._put(future))
+
+    def _put(self, future):
+        self.queue.put(future)
+        with self.lock:
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, event = waiter
+            loop.call_soon_threadsafe(event.set)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        import queue
+
+        with self.lock:
+            if self.count == 0:
+                raise StopAsyncIteration
+            self.count -= 1
+        while True:
+            try:
+                future = self.queue.get_nowait()
+                break
+            except queue.Empty:
+                pass
+            event = asyncio.Event()
+            with self.lock:
+                self._waiter = (asyncio.get_running_loop(), event)
+            if self.queue.empty():  # else: put meanwhile, take it
+                await event.wait()
+        if not self.with_results:
+            return future
+        if future.executor.asynchronous:
+            return future, await future._result()
+        # a threaded executor's future: fetched on its loop, not blocking ours
+        return future, await asyncio.get_running_loop().run_in_executor(None, future.result)
 
     def __iter__(self):
         return self
@@ -2239,6 +2388,26 @@ def _check_scheduling(method, priority=0, retries=None, kwargs=(), unknown=False
         raise TypeError("%s() got unexpected keyword arguments: %s (it takes "
                         "priority=, retries=, resources=, optimize_graph=)"
                         % (method, ", ".join(sorted(kwargs))))
+
+
+def _addresses(workers):
+    """The worker addresses of ``workers``: None (all), one address
+    (``'ip:port'``, ``(ip, port)``, a Worker) or a list/set/tuple of them.
+
+    >>> _addresses('127.0.0.1:8000')
+    ['127.0.0.1:8000']
+    >>> _addresses(('127.0.0.1', 8000))
+    ['127.0.0.1:8000']
+    >>> _addresses(['127.0.0.1:8000', ('127.0.0.1', 8001)])
+    ['127.0.0.1:8000', '127.0.0.1:8001']
+    """
+    if workers is None:
+        return None
+    if isinstance(workers, str) or hasattr(workers, "port") or (
+            isinstance(workers, tuple) and len(workers) == 2
+            and isinstance(workers[1], int)):
+        workers = [workers]
+    return [coerce_to_address(w) for w in workers]
 
 
 def _to_blob_or_raise(obj, what):

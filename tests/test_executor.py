@@ -1071,9 +1071,8 @@ def test_asyncio(cluster):
             g = e.submit(throws, 1)
             with pytest.raises(RuntimeError, match="hello!"):
                 await g
-            # the blocking forms are refused on one's own loop
-            with pytest.raises(RuntimeError):
-                e.gather([f])
+            # start=False is asynchronous: the public forms are awaitable too
+            assert await e.gather([f]) == [2]
             return f.key
         finally:
             await e._shutdown()
