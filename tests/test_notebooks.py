@@ -121,11 +121,11 @@ def test_getting_started_notebook(tmp_path):
 def test_async_notebook_with_top_level_await(tmp_path):
     nb = run_notebook("async.ipynb", tmp_path)
     assert result(code_cell(nb, "await future")) == "2"
-    assert result(code_cell(nb, "await e._gather(futures)")) == repr(list(range(1, 11)))
+    assert result(code_cell(nb, "await e.gather(futures)")) == repr(list(range(1, 11)))
     assert result(code_cell(nb, "await total")) == "4950"
     assert_cell_line_in_traceback(code_cell(nb, "await e.submit(divide, 0)"), 2,
                                   "return 1 / x")
-    shutdown = code_cell(nb, "await e._shutdown()")
+    shutdown = code_cell(nb, "await e.shutdown()")
     assert not [o for o in shutdown.outputs if o.output_type == "error"], shutdown.outputs
 
 
