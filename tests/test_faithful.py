@@ -4,15 +4,19 @@ bytes, a quick restart of busy workers, the center as a metadata store of
 opaque names, ``rpc.streams``, an rpc ``compute`` and its ``who_has``, and
 flags that reach the nanny's worker."""
 
+import asyncio
 import os
 import time
+from operator import add
 
 import pytest
 
 from distributed import Executor
+from distributed.center import Center
+from distributed.core import connect, read, rpc, write
 from distributed.scheduler import Scheduler
-from distributed.utils_test import (free_port, hold_gil, processes, start_center,
-                                    start_worker)
+from distributed.utils_test import (free_port, gen_cluster, hold_gil, inc, named_like,
+                                    processes, run, start_center, start_worker, wait_for)
 
 # ---------------------------------------------------------------------------
 # restart() of busy workers under nannies
@@ -144,3 +148,187 @@ def test_placement_real_workers(e):
             assert e.who_has([z])[z.key] == [big_on]
             assert e.who_has([x])[x.key] == [big_on]  # the 10 MB did not move
             del x, y, z, busy
+
+
+# ---------------------------------------------------------------------------
+# the center is first a metadata store: any string names a worker
+
+
+def on_center(**center_kwargs):
+    """Decorator: ``async def test(center)`` on a bare listening Center."""
+
+    def decorator(func):
+        def test():
+            async def main():
+                c = Center("127.0.0.1", **center_kwargs)
+                c.listen(0)
+                try:
+                    await asyncio.wait_for(func(c), 20)
+                finally:
+                    c.close()
+
+            run(main())
+
+        return named_like(test, func)
+
+    return decorator
+
+
+@pytest.mark.pure
+@on_center()
+async def test_center_metadata_takes_opaque_names(c):
+    """The 2016 metadata session, with 'alice' and 'bob' for addresses."""
+    alice, bob, admin = rpc(c.address), rpc(c.address), rpc(c.address)
+    assert await alice.register(address="alice", ncores=4) == b"OK"
+    assert "alice" in c.has_what and c.ncores["alice"] == 4
+    assert await alice.add_keys(address="alice", keys=["x", "y"]) == b"OK"
+    assert await bob.register(address="bob", ncores=4) == b"OK"
+    assert await bob.add_keys(address="bob", keys=["y", "z"], nbytes={"z": 5}) == b"OK"
+    assert await admin.who_has(keys=["x", "y"]) == {"x": {"alice"}, "y": {"alice", "bob"}}
+    assert await admin.remove_keys(address="bob", keys=["y"]) == b"OK"
+    assert await admin.has_what(keys=["alice", "bob"]) == {"alice": {"x", "y"},
+                                                         "bob": {"z"}}
+    assert await admin.has_what(addresses=["bob"]) == {"bob": {"z"}}
+    assert await admin.ncores() == {"alice": 4, "bob": 4}
+    assert await admin.ncores(addresses=["alice", "charlie"]) == {"alice": 4,
+                                                                  "charlie": None}
+    assert await admin.nbytes(keys=["z"]) == {"z": 5}
+    assert await alice.heartbeat(address="alice") == b"OK"
+    assert await admin.unregister(address="alice", close=True) == b"OK"
+    assert await admin.has_what() == {"bob": {"z"}}
+    assert await admin.who_has() == {"z": {"bob"}}
+    assert await admin.unregister(address="alice") == b"unknown"
+    # names are names: no scheduling on them, and the addresses still coerce
+    assert "bob" not in c.scheduler.workers
+    assert await admin.register(address=("127.0.0.1", 50001), ncores=1) == b"OK"
+    assert await admin.ncores(addresses=["tcp://127.0.0.1:50001"]) == {
+        "127.0.0.1:50001": 1}
+    for r in (alice, bob, admin):
+        r.close_streams()
+
+
+@pytest.mark.pure
+@on_center()
+async def test_a_name_cannot_take_tasks(c):
+    """Only scheduling needs a reachable worker: a name may not open the
+    scheduler's stream, and is never sent tasks."""
+    stream = await connect(c.address)
+    try:
+        await write(stream, {"op": "register", "address": "alice", "ncores": 1})
+        assert await read(stream) == b"OK"
+        await write(stream, {"op": "worker-stream", "address": "alice"})
+        reply = await asyncio.wait_for(read(stream), 5)
+        assert "error" in reply["status"]
+        assert "alice" in str(reply["exception"])
+    finally:
+        stream.close()
+    assert "alice" not in c.scheduler.workers
+
+
+@pytest.mark.pure
+@on_center(heartbeat_timeout=0.3)
+async def test_a_silent_name_is_removed_like_a_worker(c):
+    """A name registered and left silent goes after the heartbeat timeout,
+    with its keys, as a silent worker does; the center carries on."""
+    r = rpc(c.address)
+    await r.register(address="alice", ncores=1, keys=["x"], nbytes={"x": 1})
+    assert c.who_has["x"] == {"alice"}
+    await wait_for(lambda: "alice" not in c.ncores, timeout=5)
+    assert "x" not in c.who_has and "alice" not in c.has_what
+    r.close_streams()  # (the center closed the registration's stream)
+    with rpc(c.address) as admin:
+        assert await admin.ncores() == {}
+
+
+@pytest.mark.pure
+@gen_cluster(ncores=[1, 1])
+async def test_names_beside_real_workers(c, a, b):
+    """Tasks go to the real workers only; a key only 'alice' holds is
+    missing-data for a worker that needs it, not a crash (the scheduler's
+    invariants are checked after every batch: end_cluster fails on them)."""
+    r = rpc(c.address)
+    await r.register(address="alice", ncores=8, keys=["held-by-alice"])
+    async with Executor(c.address, start=False) as e:
+        futures = e.map(inc, range(20))
+        assert await e._gather(futures) == list(range(1, 21))
+        holders = set().union(*(c.who_has[f.key] for f in futures))
+        assert holders and holders <= {a.address, b.address}
+    resp = await rpc(a.address).compute(function=inc, keys=["held-by-alice"],
+                                        key="never", timeout=10)
+    assert resp == (b"missing-data", {"keys": ["held-by-alice"]})
+    assert "never" not in a.data
+    assert c.ncores["alice"] == 8
+    r.close_streams()
+
+
+# ---------------------------------------------------------------------------
+# rpc.streams
+
+
+@pytest.mark.pure
+@on_center()
+async def test_rpc_streams_listed_and_closed(c):
+    r = rpc(c.address)
+    assert r.streams == []
+    await r.identity()
+    [first] = r.streams
+    await r.identity()
+    assert r.streams == [first]  # reused
+    # concurrent calls each get their own
+    await asyncio.gather(*[r.ping() for _ in range(3)])
+    assert 1 < len(r.streams) <= 3 and first in r.streams
+    streams = r.streams
+    r.close_streams()
+    assert r.streams == []
+    assert all(s.closed() for s in streams)
+    # an rpc around an open stream lists that one
+    stream = await connect(c.address)
+    wrapped = rpc(stream)
+    assert wrapped.streams == [stream]
+    assert await wrapped.ping() == b"pong"
+    wrapped.close_streams()
+    assert stream.closed() and wrapped.streams == []
+
+
+# ---------------------------------------------------------------------------
+# an rpc compute keeps its result, not the inputs it fetched
+
+
+@pytest.mark.pure
+@gen_cluster(ncores=[1, 1])
+async def test_rpc_compute_keeps_result_not_inputs(c, a, b):
+    await rpc(a.address).update_data(data={"x": 1})
+    await rpc(b.address).update_data(data={"y": 2})
+    resp, meta = await rpc(a.address).compute(function=add, keys=["x", "y"], key="z")
+    assert resp == b"OK", meta
+    assert a.data["z"] == 3
+    assert "y" not in a.data and "y" not in a.nbytes
+    assert c.who_has == {"x": {a.address}, "y": {b.address}, "z": {a.address}}
+    assert c.has_what[a.address] == {"x", "z"}
+    # asked again, the input is fetched again (nothing was kept)
+    resp, meta = await rpc(a.address).compute(function=add, keys=["x", "y"], key="z2")
+    assert resp == b"OK" and a.data["z2"] == 3 and "y" not in a.data
+
+
+@pytest.mark.pure
+@gen_cluster(ncores=[1, 1, 1])
+async def test_rpc_compute_fetches_where_who_has_says(c, a, b, d):
+    """The caller's who_has wins over the center's: b holds 'x' without
+    the center knowing, d holds another 'x' the center lists."""
+    await rpc(b.address).update_data(data={"x": "from b"}, report=False)
+    await rpc(d.address).update_data(data={"x": "from d"})
+    assert c.who_has["x"] == {d.address}
+    r = rpc(a.address)
+    resp, meta = await r.compute(function=str.upper, args=("x",),
+                                 who_has={"x": [b.address]}, key="u")
+    assert resp == b"OK", meta
+    assert a.data["u"] == "FROM B"
+    resp, meta = await r.compute(function=str.upper, args=("x",), needed=["x"], key="v")
+    assert resp == b"OK" and a.data["v"] == "FROM D"  # no who_has: the center's
+    # a who_has naming no live holder is missing-data, not a fallback
+    await rpc(b.address).delete_data(keys=["x"], report=False)
+    resp = await r.compute(function=str.upper, args=("x",), who_has={"x": [b.address]},
+                           key="w")
+    assert resp == (b"missing-data", {"keys": ["x"]})
+    assert c.who_has["x"] == {d.address} and "x" not in a.data
+    r.close_streams()
