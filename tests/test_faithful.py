@@ -332,3 +332,123 @@ async def test_rpc_compute_fetches_where_who_has_says(c, a, b, d):
     assert resp == (b"missing-data", {"keys": ["x"]})
     assert c.who_has["x"] == {d.address} and "x" not in a.data
     r.close_streams()
+
+
+# ---------------------------------------------------------------------------
+# every dworker flag reaches the nanny's worker, as its environment variable
+
+
+TOKEN = "faithful flags token"
+
+
+def worker_settings():
+    """Run in a worker process (rpc ``run``): what its settings are."""
+    import logging
+    import sys
+
+    from distributed.cli import dworker
+    from distributed.cli.utils import _StderrHandler
+    from distributed.worker import get_worker
+
+    w = get_worker()
+    argv = dworker.make_parser().parse_args(sys.argv[1:])
+    return {
+        "host": w.ip, "port": w.port, "ncores": w.ncores, "name": w.name,
+        "local_dir": os.path.dirname(w.local_dir), "memory_limit": w.memory_limit,
+        "resources": w.resources, "http_port": w.service_ports.get("http"),
+        "log_length": w.logs.maxlen, "connect_timeout": argv.connect_timeout,
+        "preloaded": getattr(w, "faithful_preloaded", False),
+        "verbose": any(isinstance(h, _StderrHandler) and h.level == logging.INFO
+                       for h in logging.getLogger().handlers),
+        "auth_token": w.security.token,
+        "no_nanny": argv.no_nanny, "nanny": w.nanny,
+    }
+
+
+#: (flag and value, what ``worker_settings`` says then, its value; the
+#: environment variable that says the same, if there is one).  Values are
+#: formatted with the run's ``ports`` and ``tmp``.
+FLAG_ROWS = [
+    (["--host", "127.0.0.2"], "host", "127.0.0.2", None),
+    (["--port", "{port}"], "port", "{port}", None),
+    (["--ncores", "3"], "ncores", 3, None),
+    (["--name", "faithful-worker"], "name", "faithful-worker", None),
+    (["--local-dir", "{tmp}/spill-here"], "local_dir", "{tmp}/spill-here", None),
+    (["--memory-limit", "3GB"], "memory_limit", 3 * 10 ** 9, None),
+    (["--resources", "GPU=2,MEM=10e9"], "resources", {"GPU": 2.0, "MEM": 10e9}, None),
+    (["--connect-timeout", "12.5"], "connect_timeout", 12.5, None),
+    (["--http-port", "{http_port}"], "http_port", "{http_port}", None),
+    (["--log-length", "9"], "log_length", 9, ("DISTRIBUTED_LOG_LENGTH", "9")),
+    (["--preload", "{tmp}/faithful_preload.py"], "preloaded", True, None),
+    (["--verbose"], "verbose", True, None),
+    (["--auth-token", TOKEN], "auth_token", TOKEN, ("DISTRIBUTED_AUTH_TOKEN", TOKEN)),
+]
+#: options the nanny handles itself (its worker is always --no-nanny and
+#: told the nanny's address), and the TLS files: they travel as the token
+#: does (test_security.py::test_nanny_uses_its_own_flags[tls], test_cli_tls)
+NOT_A_ROW = {"--nprocs", "--no-nanny", "--nanny-address", "--tls-cert", "--tls-key",
+             "--tls-ca"}
+
+
+@pytest.mark.pure
+def test_every_dworker_option_has_a_row():
+    """A new dworker option gets a row in FLAG_ROWS (or a reason to be in
+    NOT_A_ROW): the test below then checks it reaches the nanny's worker."""
+    from distributed.cli import dworker
+
+    flags = {option.flag for option in dworker.OPTIONS}
+    rows = {argv[0] for argv, _, _, _ in FLAG_ROWS}
+    assert flags - NOT_A_ROW - rows == set(), "dworker options without a row"
+    assert rows | NOT_A_ROW <= flags
+
+
+def _fill(value, values):
+    if isinstance(value, str) and "{" in value:
+        text = value.format(**values)
+        return int(text) if text.isdigit() else text
+    return value
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["flags", "environment"])
+def test_every_flag_reaches_the_nannys_worker(how, tmp_path):
+    """``dworker`` with a nanny and every option at once: the worker process
+    the nanny starts has each setting; and an option that has an environment
+    variable acts as that variable does (``how='environment'``: those are
+    given as variables, and the result is the same)."""
+    import sys
+
+    from distributed.process import popen
+    from distributed.security import Security, _ENV_VARS
+    from distributed.utils_test import call, child_env, wait_for_line
+
+    (tmp_path / "faithful_preload.py").write_text(
+        "def dask_setup(worker):\n    worker.faithful_preloaded = True\n")
+    values = {"port": free_port(), "http_port": free_port(), "tmp": str(tmp_path)}
+    base = {k: v for k, v in os.environ.items()
+            if k not in _ENV_VARS and k != "DISTRIBUTED_LOG_LENGTH"}
+    argv, env = [], dict(base)
+    for flag, _, _, variable in FLAG_ROWS:
+        if how == "environment" and variable is not None:
+            env[variable[0]] = variable[1]
+        else:
+            argv += [_fill(a, values) if "{" in a else a for a in flag]
+    argv = [str(a) for a in argv]
+    center_env = child_env(dict(base, DISTRIBUTED_AUTH_TOKEN=TOKEN))
+    python = [sys.executable, "-m"]
+    with popen(python + ["distributed.cli.dcenter", "--port", "0", "--no-dashboard"],
+               env=center_env) as center:
+        address = wait_for_line(center, "Start center at").split()[-1]
+        with popen(python + ["distributed.cli.dworker", address] + argv,
+                   env=child_env(env)) as dworker:
+            nanny = wait_for_line(dworker, "Start nanny at", timeout=30).split()[-1]
+            wait_for_line(dworker, "Registered with center", timeout=60)
+            worker = "127.0.0.2:%d" % values["port"]
+            security = Security(token=TOKEN)
+            settings = call(worker, "run", security=security, function=worker_settings)
+            # the nanny speaks with the token too (it heartbeats for its worker)
+            assert call(nanny, "identity", security=security)["worker"] == worker
+    for flag, name, expected, _ in FLAG_ROWS:
+        assert settings[name] == _fill(expected, values), (flag, settings[name])
+    assert settings["no_nanny"] and settings["nanny"] == nanny
