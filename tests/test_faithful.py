@@ -12,11 +12,11 @@ from operator import add
 import pytest
 
 from distributed import Executor
-from distributed.center import Center
 from distributed.core import connect, read, rpc, write
 from distributed.scheduler import Scheduler
-from distributed.utils_test import (free_port, gen_cluster, hold_gil, inc, named_like,
-                                    processes, run, start_center, start_worker, wait_for)
+from distributed.utils_test import (free_port, gen_cluster, hold_gil, inc, processes,
+                                    start_center, start_worker, wait_for)
+from test_center import with_center  # a bare listening Center
 
 # ---------------------------------------------------------------------------
 # restart() of busy workers under nannies
@@ -62,6 +62,16 @@ def test_restart_does_not_wait_for_busy_tasks(how, tmp_path):
 # placement: where most of the input bytes are
 
 
+#: keys whose prefix (``key_split``) is "busy" / "both": the durations learned
+BUSY, BOTH = "busy-0123456789abcdef", "both-0123456789abcdef"
+
+
+def submit_one(s, key, deps=(), **kwargs):
+    """``update_graph`` of one task ``key`` needing ``deps``, wanted by 'c'."""
+    s.update_graph("c", tasks={key: "spec"}, dependencies={key: list(deps)}, keys=[key],
+                   **kwargs)
+
+
 def placed(nbytes_on_a, a_busy_for):
     """Where ``both-...`` (inputs ``a``: ``nbytes_on_a`` bytes on worker A,
     ``b``: 10 bytes on B) is sent while A runs a task and ``both`` is known
@@ -71,15 +81,13 @@ def placed(nbytes_on_a, a_busy_for):
     s.add_worker("B:1", ncores=1)
     s.update_data("c", who_has={"a": ["A:1"], "b": ["B:1"]},
                   nbytes={"a": nbytes_on_a, "b": 10})
-    s.update_graph("c", tasks={"busy-0123456789abcdef": "spec"}, dependencies={"busy-0123456789abcdef": []},
-                   keys=["busy-0123456789abcdef"], restrictions={"busy-0123456789abcdef": ["A:1"]})
+    submit_one(s, BUSY, restrictions={BUSY: ["A:1"]})
     s.durations["both"] = a_busy_for
-    s.update_graph("c", tasks={"both-0123456789abcdef": "spec"}, dependencies={"both-0123456789abcdef": ["a", "b"]},
-                   keys=["both-0123456789abcdef"])
+    submit_one(s, BOTH, ["a", "b"])
     s.validate()
     [where] = [a for a, msgs in s.to_workers.items() for m in msgs
-               if m.get("key") == "both-0123456789abcdef"]
-    assert s.tasks["both-0123456789abcdef"].state == "processing"
+               if m.get("key") == BOTH]
+    assert s.tasks[BOTH].state == "processing"
     return where
 
 
@@ -113,9 +121,8 @@ def test_placement_a_saturated_holder_shares_its_work():
                    dependencies={"busy-%08x" % i: [] for i in range(200)},
                    keys=["busy-%08x" % i for i in range(200)],
                    restrictions={"busy-%08x" % i: ["A:1"] for i in range(200)})
-    s.update_graph("c", tasks={"both-0123456789abcdef": "spec"}, dependencies={"both-0123456789abcdef": ["a"]},
-                   keys=["both-0123456789abcdef"])
-    assert s.tasks["both-0123456789abcdef"].processing_on.address == "B:1"
+    submit_one(s, BOTH, ["a"])
+    assert s.tasks[BOTH].processing_on.address == "B:1"
 
 
 def big_input():
@@ -154,28 +161,7 @@ def test_placement_real_workers(e):
 # the center is first a metadata store: any string names a worker
 
 
-def on_center(**center_kwargs):
-    """Decorator: ``async def test(center)`` on a bare listening Center."""
-
-    def decorator(func):
-        def test():
-            async def main():
-                c = Center("127.0.0.1", **center_kwargs)
-                c.listen(0)
-                try:
-                    await asyncio.wait_for(func(c), 20)
-                finally:
-                    c.close()
-
-            run(main())
-
-        return named_like(test, func)
-
-    return decorator
-
-
-@pytest.mark.pure
-@on_center()
+@with_center()
 async def test_center_metadata_takes_opaque_names(c):
     """The 2016 metadata session, with 'alice' and 'bob' for addresses."""
     alice, bob, admin = rpc(c.address), rpc(c.address), rpc(c.address)
@@ -207,8 +193,7 @@ async def test_center_metadata_takes_opaque_names(c):
         r.close_streams()
 
 
-@pytest.mark.pure
-@on_center()
+@with_center()
 async def test_a_name_cannot_take_tasks(c):
     """Only scheduling needs a reachable worker: a name may not open the
     scheduler's stream, and is never sent tasks."""
@@ -225,8 +210,7 @@ async def test_a_name_cannot_take_tasks(c):
     assert "alice" not in c.scheduler.workers
 
 
-@pytest.mark.pure
-@on_center(heartbeat_timeout=0.3)
+@with_center(heartbeat_timeout=0.3)
 async def test_a_silent_name_is_removed_like_a_worker(c):
     """A name registered and left silent goes after the heartbeat timeout,
     with its keys, as a silent worker does; the center carries on."""
@@ -240,7 +224,6 @@ async def test_a_silent_name_is_removed_like_a_worker(c):
         assert await admin.ncores() == {}
 
 
-@pytest.mark.pure
 @gen_cluster(ncores=[1, 1])
 async def test_names_beside_real_workers(c, a, b):
     """Tasks go to the real workers only; a key only 'alice' holds is
@@ -265,8 +248,7 @@ async def test_names_beside_real_workers(c, a, b):
 # rpc.streams
 
 
-@pytest.mark.pure
-@on_center()
+@with_center()
 async def test_rpc_streams_listed_and_closed(c):
     r = rpc(c.address)
     assert r.streams == []
@@ -294,7 +276,6 @@ async def test_rpc_streams_listed_and_closed(c):
 # an rpc compute keeps its result, not the inputs it fetched
 
 
-@pytest.mark.pure
 @gen_cluster(ncores=[1, 1])
 async def test_rpc_compute_keeps_result_not_inputs(c, a, b):
     await rpc(a.address).update_data(data={"x": 1})
@@ -310,7 +291,6 @@ async def test_rpc_compute_keeps_result_not_inputs(c, a, b):
     assert resp == b"OK" and a.data["z2"] == 3 and "y" not in a.data
 
 
-@pytest.mark.pure
 @gen_cluster(ncores=[1, 1, 1])
 async def test_rpc_compute_fetches_where_who_has_says(c, a, b, d):
     """The caller's who_has wins over the center's: b holds 'x' without
