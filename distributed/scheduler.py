@@ -1326,23 +1326,23 @@ class Scheduler:
             return candidates[0]
         duration = self.durations.get(ts.prefix, DEFAULT_TASK_DURATION)
 
-        def missing(ws):  # input bytes ws would have to fetch
-            return sum(dep.nbytes or 0 for dep in ts.dependencies
-                       if ws.address not in self.who_has.get(dep.key, ()))
+        missing = {ws: sum(dep.nbytes or 0 for dep in ts.dependencies  # bytes to fetch
+                           if ws.address not in self.who_has.get(dep.key, ()))
+                   for ws in candidates}
 
         def cost(ws):
             if ws.paused:
                 return float("inf")
             queued = len(ws.processing) + len(ws.queue)
-            return missing(ws) / BANDWIDTH + queued * duration / ws.ncores
+            return missing[ws] / BANDWIDTH + queued * duration / ws.ncores
 
         chosen = min(candidates, key=cost)
         # the holder of most input bytes keeps the task while it has a free
         # slot, however long the task: moving the data costs more than the
         # wait estimate says (and copies it), once there is much of it
         holder = min((ws for ws in candidates if not ws.paused),
-                     key=lambda ws: (missing(ws), _load(ws)), default=chosen)
-        if (holder is not chosen and missing(chosen) - missing(holder) >= LOCAL_BYTES
+                     key=lambda ws: (missing[ws], _load(ws)), default=chosen)
+        if (holder is not chosen and missing[chosen] - missing[holder] >= LOCAL_BYTES
                 and len(holder.processing) < self._limit(holder)
                 and self._fits(holder, ts)):
             return holder
