@@ -605,10 +605,11 @@ class Center(Server):
             coerce_to_address(w) for w in workers]
         msg = dict(msg)
         op = msg.pop("op")
-        replies = await asyncio.gather(
-            *[self.worker_rpc(a).call(op, **msg) for a in addresses],
-            return_exceptions=True,
-        )
+
+        async def send(address):  # a name that is no address ('alice') fails alone
+            return await self.worker_rpc(address).call(op, **msg)
+
+        replies = await asyncio.gather(*map(send, addresses), return_exceptions=True)
         return dict(zip(addresses, replies))
 
     def terminate(self, stream=None):

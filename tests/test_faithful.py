@@ -241,6 +241,10 @@ async def test_names_beside_real_workers(c, a, b):
     assert resp == (b"missing-data", {"keys": ["held-by-alice"]})
     assert "never" not in a.data
     assert c.ncores["alice"] == 8
+    # a broadcast reaches the workers; the name alone fails
+    replies = await r.broadcast(msg={"op": "ping"})
+    assert replies[a.address] == replies[b.address] == b"pong"
+    assert isinstance(replies["alice"], ValueError)
     r.close_streams()
 
 
