@@ -41,7 +41,7 @@ from collections import OrderedDict, defaultdict
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from .batched import BatchedSend, close_stream, handle_batches
-from .core import ConnectionPool, Server, coerce_to_address, rpc
+from .core import ConnectionPool, Server, coerce_to_address, coerce_to_name, rpc
 from .output import OUTPUT_QUEUE_LIMIT, STREAMS
 from .scheduler import ALLOWED_FAILURES, VALIDATE_ENV, InvariantError, Scheduler
 from .utils import CENTER_PORT, log_safe
@@ -221,7 +221,7 @@ class Center(Server):
 
     def register(self, stream, address=None, ncores=None, keys=(), services=None,
                  name=None, nbytes=None, nanny=None, now=None, resources=None):
-        address = coerce_to_address(address)
+        address = coerce_to_name(address)
         if name is not None:
             for other, other_name in self.names.items():
                 if other_name == name and other != address:
@@ -254,7 +254,7 @@ class Center(Server):
         return b"OK"
 
     def unregister(self, stream=None, address=None):
-        address = coerce_to_address(address)
+        address = coerce_to_name(address)
         if address not in self.ncores:
             return b"unknown"
         # the reply may have to travel on the very stream the worker registered on
@@ -263,7 +263,7 @@ class Center(Server):
         return b"OK"
 
     def heartbeat(self, stream=None, address=None, now=None, **metrics):
-        address = coerce_to_address(address)
+        address = coerce_to_name(address)
         if address not in self.ncores:
             return b"unknown"  # the worker must register (again)
         self.last_seen[address] = time.time()
@@ -543,14 +543,14 @@ class Center(Server):
     # -- keys ----------------------------------------------------------------
 
     def add_keys(self, stream=None, address=None, keys=(), nbytes=None):
-        address = coerce_to_address(address)
+        address = coerce_to_name(address)
         if address not in self.ncores:
             raise ValueError("worker %s is not registered with this center" % address)
         self.scheduler.add_replicas(address, keys, nbytes)
         return b"OK"
 
     def remove_keys(self, stream=None, address=None, keys=()):
-        self.scheduler.remove_keys(coerce_to_address(address), keys)
+        self.scheduler.remove_keys(coerce_to_name(address), keys)
         self.send_scheduler_messages()
         return b"OK"
 
@@ -564,13 +564,13 @@ class Center(Server):
             addresses = keys  # the original API named this argument ``keys``
         if addresses is None:
             return {a: set(v) for a, v in self.has_what.items()}
-        addresses = [coerce_to_address(a) for a in addresses]
+        addresses = [coerce_to_name(a) for a in addresses]
         return {a: set(self.has_what.get(a, ())) for a in addresses}
 
     def get_ncores(self, stream=None, addresses=None):
         if addresses is None:
             return dict(self.ncores)
-        addresses = [coerce_to_address(a) for a in addresses]
+        addresses = [coerce_to_name(a) for a in addresses]
         return {a: self.ncores.get(a) for a in addresses}
 
     def get_metrics(self, stream=None):
@@ -605,10 +605,11 @@ class Center(Server):
             coerce_to_address(w) for w in workers]
         msg = dict(msg)
         op = msg.pop("op")
-        replies = await asyncio.gather(
-            *[self.worker_rpc(a).call(op, **msg) for a in addresses],
-            return_exceptions=True,
-        )
+
+        async def send(address):  # a name that is no address ('alice') fails alone
+            return await self.worker_rpc(address).call(op, **msg)
+
+        replies = await asyncio.gather(*map(send, addresses), return_exceptions=True)
         return dict(zip(addresses, replies))
 
     def terminate(self, stream=None):

@@ -920,6 +920,24 @@ def coerce_to_address(o):
     )
 
 
+def coerce_to_name(o):
+    """A worker's name in the center's tables: any accepted address form ->
+    ``'ip:port'`` (as :func:`coerce_to_address`); any other string is an
+    opaque name, kept as it is (the center is first a metadata store).
+
+    >>> coerce_to_name(('127.0.0.1', 8788)), coerce_to_name('tcp://127.0.0.1:8788')
+    ('127.0.0.1:8788', '127.0.0.1:8788')
+    >>> coerce_to_name('alice')
+    'alice'
+    """
+    if isinstance(o, str):
+        try:
+            return coerce_to_address(o)
+        except ValueError:
+            return o
+    return coerce_to_address(o)
+
+
 def coerce_to_rpc(o, **kwargs):
     """Any accepted address form (or an rpc) -> an :class:`rpc`."""
     if isinstance(o, rpc):
@@ -1010,7 +1028,8 @@ class rpc:
         data = yield alice.get_data(keys=['x'], timeout=5)
 
     Concurrent calls each get their own stream; streams are reused between
-    calls and closed with :meth:`close_streams`.  ``timeout`` (seconds, per
+    calls, listed (the open ones) in ``streams`` and closed with
+    :meth:`close_streams`.  ``timeout`` (seconds, per
     call or for the whole rpc) bounds the wait for a reply and raises
     ``TimeoutError``.  ``rpc(stream)`` wraps an already-open IOStream.
     Connections use ``security`` (TLS, auth token), or the ``pool``'s.
@@ -1019,8 +1038,10 @@ class rpc:
     def __init__(self, addr=None, ip=None, port=None, timeout=None, pool=None,
                  limits=None, security=None):
         self._stream = None
+        self._streams = []  # the streams it used; closed ones are dropped
         if isinstance(addr, IOStream):
             self._stream = addr
+            self._streams.append(addr)
             self._lock = asyncio.Lock()
             peer = _peer_of(addr)
             self.ip, self.port = peer if peer else (None, None)
@@ -1069,6 +1090,8 @@ class rpc:
                     raise
         else:
             stream = self.pool.take(self.address) or await self.pool.connect(self.address)
+            if stream not in self._streams:
+                self._streams = [s for s in self._streams if not s.closed()] + [stream]
             try:
                 reply = await self._exchange(stream, msg)
             except BaseException:
@@ -1099,8 +1122,17 @@ class rpc:
                 % (self.address, msg.get("op"))
             ) from e
 
+    @property
+    def streams(self):
+        """The open streams this rpc uses (a list; a call in flight has one)."""
+        self._streams = [s for s in self._streams if not s.closed()]
+        return list(self._streams)
+
     def close_streams(self):
-        """Close the streams this rpc opened."""
+        """Close the streams this rpc opened (all of ``streams``)."""
+        for stream in self._streams:
+            stream.close()
+        self._streams = []
         if self._stream is not None:
             self._stream.close()
         elif self.address is not None:

@@ -46,7 +46,7 @@ async def story(center_address, alice_address, bob_address):
     say(response, {k: metadata[k] for k in ("key", "nbytes", "type")})
     say(">>> alice.get_data(keys=['z'])")
     say(await alice.get_data(keys=["z"]))
-    say(">>> center.who_has(keys=['a', 'z'])    # alice now holds a copy of 'a'")
+    say(">>> center.who_has(keys=['a', 'z'])    # alice kept her result, not bob's 'a'")
     say(await center.who_has(keys=["a", "z"]))
     say(">>> center.delete_data(keys=['x', 'a'])")
     say(await center.delete_data(keys=["x", "a"]))

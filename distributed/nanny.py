@@ -58,6 +58,10 @@ KMSG = "/dev/kmsg"
 KMSG_MAX_RECORDS = 100000
 _OOM_KILL = re.compile(r"^oom_kill (\d+)$", re.M)
 _KMSG_KILLED = re.compile(r"Killed process (\d+) ")
+#: seconds a worker being restarted has to stop after SIGTERM before SIGKILL
+#: (it does not wait for its running tasks; one holding the GIL cannot even
+#: take the signal): a restart is over in about this plus a worker's start
+RESTART_GRACE = 1.0
 
 
 def describe_exit(code, oom=None):
@@ -305,7 +309,7 @@ class Nanny(Server):
             self._restarting = None
 
     async def _restart(self):
-        await self.kill()
+        await self.kill(timeout=RESTART_GRACE)
         return await self.instantiate()
 
     async def _heartbeat(self):

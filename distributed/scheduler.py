@@ -38,8 +38,10 @@ allows only the pairs in :data:`TRANSITIONS`, logs each one (see
 A worker gets at most ``saturation`` tasks beyond its cores, so that new
 and freed workers can take the rest; a worker with a free slot and nothing
 queued takes queued work from the busiest worker.  Placement prefers the
-worker already holding most of a task's input bytes, weighed against how
-long its queue is.  Among ready tasks the lowest ``priority`` goes first; a
+worker already holding most of a task's input bytes (it keeps the task while
+it has a free slot, busy or not, when that saves ``LOCAL_BYTES`` or more of
+transfer), else the least busy one; small inputs are weighed against how
+long the queues are.  Among ready tasks the lowest ``priority`` goes first; a
 task with ``retries`` left runs again when it raises; a task asking for
 ``resources`` runs only on a worker that has them free (see
 :meth:`Scheduler.update_graph`).
@@ -69,6 +71,10 @@ MAX_DEATHS = 100
 MISSING_DATA_RETRIES = 10
 #: assumed bandwidth between workers, bytes/s, to weigh locality against load
 BANDWIDTH = 200e6
+#: a task whose inputs on one worker outweigh those elsewhere by this many
+#: bytes runs there if it has a free slot, busy or not (smaller inputs are
+#: weighed against the queues: cheaper to move than to wait for)
+LOCAL_BYTES = 1000000
 #: assumed duration of a task never seen before, seconds
 DEFAULT_TASK_DURATION = 0.001
 #: seconds of work to keep in flight on a worker, beyond its cores
@@ -1320,17 +1326,27 @@ class Scheduler:
             return candidates[0]
         duration = self.durations.get(ts.prefix, DEFAULT_TASK_DURATION)
 
+        missing = {ws: sum(dep.nbytes or 0 for dep in ts.dependencies  # bytes to fetch
+                           if ws.address not in self.who_has.get(dep.key, ()))
+                   for ws in candidates}
+
         def cost(ws):
             if ws.paused:
                 return float("inf")
-            missing = 0
-            for dep in ts.dependencies:
-                if ws.address not in self.who_has.get(dep.key, ()):
-                    missing += dep.nbytes or 0
             queued = len(ws.processing) + len(ws.queue)
-            return missing / BANDWIDTH + queued * duration / ws.ncores
+            return missing[ws] / BANDWIDTH + queued * duration / ws.ncores
 
-        return min(candidates, key=cost)
+        chosen = min(candidates, key=cost)
+        # the holder of most input bytes keeps the task while it has a free
+        # slot, however long the task: moving the data costs more than the
+        # wait estimate says (and copies it), once there is much of it
+        holder = min((ws for ws in candidates if not ws.paused),
+                     key=lambda ws: (missing[ws], _load(ws)), default=chosen)
+        if (holder is not chosen and missing[chosen] - missing[holder] >= LOCAL_BYTES
+                and len(holder.processing) < self._limit(holder)
+                and self._fits(holder, ts)):
+            return holder
+        return chosen
 
     def _add_replica(self, ts, address, nbytes=None):
         if nbytes is not None:

@@ -92,7 +92,7 @@ def gather_from_workers(who_has, rpc_for, timeout=TRANSFER_TIMEOUT, nbytes=None,
             requests.append((holder, keys))
         if not requests:
             break
-        results = yield [_get_data(rpc_for(a), keys, timeout) for a, keys in requests]
+        results = yield [_get_data(rpc_for, a, keys, timeout) for a, keys in requests]
         for (address, keys), result in zip(requests, results):
             if isinstance(result, CONNECTION_ERRORS):
                 logger.warning("could not fetch %d keys from %s: %s",
@@ -122,7 +122,11 @@ def gather_from_workers(who_has, rpc_for, timeout=TRANSFER_TIMEOUT, nbytes=None,
 GatherResult = namedtuple("GatherResult", "data missing bad errors")
 
 
-async def _get_data(r, keys, timeout):
+async def _get_data(rpc_for, address, keys, timeout):
+    try:
+        r = rpc_for(address)
+    except ValueError as e:  # a name in the center's tables ('alice'), not an address
+        return OSError("%r is not a worker's address: %s" % (address, e))
     try:
         return await r.get_data(keys=keys, timeout=timeout)
     except Exception as e:  # reported per peer, the others go on

@@ -68,6 +68,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections import ChainMap
 
 import psutil
 from tornado import gen
@@ -542,7 +543,7 @@ class Worker(Server):
     # -- fetching from peers -----------------------------------------------------
 
     @gen.coroutine
-    def _fetch(self, who_has, report=None):
+    def _fetch(self, who_has, report=None, keep=True):
         """Fetch the keys of ``who_has`` (``{key: [address, ...]}``) from those
         peers, store those not here yet and report them to the center: the
         one way this worker brings data in (``gather``, ``compute`` and the
@@ -557,10 +558,13 @@ class Worker(Server):
         ``{key: nbytes}`` of the keys of ``who_has`` that came, ``missing``
         the keys that did not (those of ``errors`` too), ``bad`` the peers
         that could not be reached and ``errors`` ``{key: exception}`` of
-        holders that answered with an error.
+        holders that answered with an error.  ``keep=False``: nothing is
+        stored nor reported, and ``data`` is ``{key: value}`` (the inputs of
+        an rpc ``compute``, used once).
         """
         futures = self.transfers.start(who_has)
         got, bad, errors = set(), set(), {}
+        values = {}
         for future in futures:
             try:
                 result = yield future
@@ -570,11 +574,16 @@ class Worker(Server):
             bad.update(result.bad)
             errors.update(result.errors)
             got.update(result.data)
+            if not keep:
+                values.update((k, v) for k, v in result.data.items() if k in who_has)
+                continue
             new = {k: self.put_key(k, v) for k, v in result.data.items()
                    if k not in self.data}
             if new and report == "stream":
                 self._send({"op": "add-keys", "keys": list(new), "nbytes": new})
         self.transfers.finished(futures)
+        if not keep:
+            return GatherResult(values, {k for k in who_has if k not in got}, bad, errors)
         nbytes = {k: self.nbytes[k] for k in who_has if k in got and k in self.nbytes}
         if report == "rpc" and nbytes:
             yield self.center.add_keys(address=self.address, keys=list(nbytes),
@@ -592,19 +601,21 @@ class Worker(Server):
         return b"OK", {"nbytes": result.data}
 
     @gen.coroutine
-    def _ensure_local(self, needed, who_has=None, report=True):
-        """Fetch the keys of ``needed`` that are not local; return missing ones."""
+    def _fetch_inputs(self, needed, who_has=None):
+        """The keys of ``needed`` that are not local, fetched from their
+        holders (``who_has`` where it names some, else the center's), not
+        stored: ``({key: value}, missing keys)``."""
         missing = [k for k in needed if k not in self.data]
         if not missing:
-            return set()
+            return {}, set()
         who_has = dict(who_has or {})
         unknown = [k for k in missing if not who_has.get(k)]
         if unknown:
             found = yield self.center.who_has(keys=unknown)
             who_has.update(found)
         locs = {k: [a for a in who_has.get(k, ()) if a != self.address] for k in missing}
-        result = yield self._fetch(locs, "rpc" if report else None)
-        return result.missing
+        result = yield self._fetch(locs, keep=False)
+        return result.data, result.missing
 
     # -- compute ---------------------------------------------------------------
 
@@ -626,17 +637,22 @@ class Worker(Server):
         start = time.time()
         while self.paused:  # over the memory pause threshold: fetch nothing either
             yield self.memory.unpaused.wait()
-        lost = yield self._ensure_local(needed_keys, who_has, report)
+        # inputs from peers are used for this call only: the center lists
+        # what a worker was given or computed, not what it borrowed
+        fetched, lost = yield self._fetch_inputs(needed_keys, who_has)
         if lost:
             return b"missing-data", {"keys": sorted(lost, key=str)}
         while self.paused:
             yield self.memory.unpaused.wait()
-        values, spilled = self.memory.in_memory(needed_keys)
+        local = [k for k in needed_keys if k not in fetched]
+        values, spilled = self.memory.in_memory(local)
         if spilled:
             values.update((yield self.memory.unspill(spilled)))
             lost = [k for k in spilled if k not in values]
             if lost:  # deleted meanwhile
                 return b"missing-data", {"keys": sorted(lost, key=str)}
+        if fetched:
+            values = ChainMap(fetched, values)
         transfer_stop = time.time()
         keyset = set(needed_keys)
         args2 = substitute(tuple(args), values, keyset)

@@ -76,9 +76,10 @@ def test_center_and_workers():
             resp, meta = call(alice, "compute", function=add, keys=["x", "y"], key="z")
             assert resp == b"OK", meta
             assert meta["key"] == "z"
-            assert call(alice, "get_data", keys=["z", "y"]) == {"z": 3, "y": 2}
+            # alice keeps her result, not the input she borrowed from bob
+            assert call(alice, "get_data", keys=["z", "y"]) == {"z": 3}
             who_has = call(center, "who_has", keys=["x", "y", "z"])
-            assert who_has == {"x": {alice}, "y": {alice, bob}, "z": {alice}}
+            assert who_has == {"x": {alice}, "y": {bob}, "z": {alice}}
             ip, port = center.split(":")
             assert call(alice, "identity")["center"] == (ip, int(port))
 

@@ -94,9 +94,10 @@ async def test_compute_keys_only(c, a, b):
     for t in ["compute_start", "compute_stop", "transfer_start", "transfer_stop"]:
         assert isinstance(meta[t], float)
     assert meta["compute_start"] <= meta["compute_stop"]
-    # the input was fetched from b and reported; the result is known too
-    assert a.data["a"] == 10
-    assert c.who_has["a"] == {a.address, b.address}
+    # the input was fetched from b for this call only (SPEC, "Faithful
+    # details"): a keeps the result, and the center lists just that
+    assert "a" not in a.data
+    assert c.who_has["a"] == {b.address}
     assert c.who_has["z"] == {a.address}
     assert c.nbytes["z"] == sizeof(-9)
 
@@ -151,7 +152,7 @@ async def test_compute_with_who_has_skips_center(c, a, b):
     assert resp == b"OK"
     assert a.data["ix"] == 2
     assert calls == []
-    assert c.who_has["x"] == {a.address, b.address}
+    assert c.who_has["x"] == {b.address}  # borrowed, not kept
     # without who_has the center is asked (so the counter does count)
     resp, meta = await r.compute(function=inc, args=("y",), needed=["y"], key="iy")
     assert resp == b"OK" and a.data["iy"] == 3
@@ -373,14 +374,19 @@ async def test_numpy_pandas_between_workers(c, a, b):
         function=lambda x, small, df: (x.sum(), small.sum(), df.b.sum()),
         keys=["x", "small", "df"], key="sums")
     assert resp == b"OK", meta
-    np.testing.assert_array_equal(a.data["x"], x)
-    np.testing.assert_array_equal(a.data["small"], small)
-    pd.testing.assert_frame_equal(a.data["df"], df)
     assert a.data["sums"] == (x.sum(), small.sum(), df.b.sum())
-    assert a.data["x"] is not x  # really moved through the network
-    got = await rpc(a.address).get_data(keys=["x", "df"])
-    np.testing.assert_array_equal(got["x"], x)
-    pd.testing.assert_frame_equal(got["df"], df)
+    # the inputs as a received them (it keeps results, not borrowed inputs)
+    resp, meta = await rpc(a.address).compute(function=lambda *v: v,
+                                              keys=["x", "small", "df"], key="moved")
+    assert resp == b"OK", meta
+    got_x, got_small, got_df = a.data["moved"]
+    np.testing.assert_array_equal(got_x, x)
+    np.testing.assert_array_equal(got_small, small)
+    pd.testing.assert_frame_equal(got_df, df)
+    assert got_x is not x  # really moved through the network
+    got = (await rpc(a.address).get_data(keys=["moved"]))["moved"]
+    np.testing.assert_array_equal(got[0], x)
+    pd.testing.assert_frame_equal(got[2], df)
 
 
 # ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from .utils import (
     build_parser,
     child_argv,
     constructor_kwargs,
+    exit_at_once,
     http_service,
     options_argv,
     parse_memory_limit,
@@ -204,7 +205,10 @@ def main(argv=None):
             await worker._close()
         print("Worker stopped", flush=True)
 
-    return run_until_signal(start, stop, prog="dworker")
+    code = run_until_signal(start, stop, prog="dworker")
+    if worker is not None and worker.active:
+        exit_at_once(code)  # do not wait for the tasks still running: they are gone
+    return code
 
 
 def nanny_child_argv(args):

@@ -522,3 +522,19 @@ def run_until_signal(start, stop, prog=None):
               flush=True)
         return 1
     return 0
+
+
+def exit_at_once(code):
+    """End the process now with ``code``, flushing output and logs first.
+
+    For a worker stopped while tasks still run in its threads: a normal
+    exit would wait for them (Python joins a thread pool's threads at
+    exit), so a restart or Ctrl-C would last as long as the longest task.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
