@@ -52,6 +52,7 @@ setup(
         "console_scripts": [
             "dcenter=distributed.cli.dcenter:main",
             "dworker=distributed.cli.dworker:main",
+            "dslurm=distributed.cli.dslurm:main",
         ],
     },
 )

@@ -13,9 +13,11 @@ end of the session, after cancelling every job left.
 import getpass
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 
 import psutil
@@ -29,7 +31,8 @@ from distributed.deploy.jobqueue import (
     SGECluster,
     SLURMCluster,
 )
-from distributed.process import Process
+from distributed.cli.utils import CENTER_STARTED
+from distributed.process import Process, popen
 from distributed.security import Security
 from distributed.utils_test import free_port, poll
 
@@ -310,5 +313,32 @@ def test_slurm_cluster_computes_scales_down_without_losing_data_and_closes(slurm
         address = cluster.center_address
 
     assert not (jobs & set(slurm.jobs())), slurm.jobs()
+    poll(lambda: not dworkers_of(address), timeout=20, msg="the dworkers to end")
+    assert not os.path.exists(token_file)
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(240)
+def test_dslurm_starts_a_center_and_jobs_and_ctrl_c_cancels_them(slurm, tmp_path):
+    with popen([sys.executable, "-m", "distributed.cli.dslurm", "--jobs", "2",
+                "--cores", "1", "--memory", "256MiB", "--walltime", "00:05:00",
+                "--job-extra=--comment=dslurm-test", "--print-script",
+                "--shared-directory", str(tmp_path)]) as p:
+        address = p.wait_for_line(CENTER_STARTED, 60).split()[-1]
+        token_file = p.wait_for_line("^Token file:", 10).split()[-1]
+        assert p.wait_for_line("^#SBATCH --comment=dslurm-test", 10)
+        jobs = p.wait_for_line("^Submitted jobs:", 60).split()[2:]
+        assert len(jobs) == 2 and set(jobs) <= set(slurm.jobs())
+        with open(token_file) as f:
+            token = f.read()
+        assert token not in "".join(p.output)  # printed nowhere
+        with Executor(address, security=Security(token=token)) as e:
+            e.wait_for_workers(2, timeout=60)
+            assert e.submit(pow, 3, 2).result() == 9
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 0
+        lines = p.unread_lines(timeout=5)
+        assert "Cancelled jobs: %s\n" % " ".join(jobs) in lines, lines
+    assert not (set(jobs) & set(slurm.jobs())), slurm.jobs()
     poll(lambda: not dworkers_of(address), timeout=20, msg="the dworkers to end")
     assert not os.path.exists(token_file)

@@ -146,7 +146,13 @@ class JobQueueCluster:
         return self._center.security
 
     @property
+    def dashboard_address(self):
+        """``http://host:port/status``, or None (``no_dashboard=True``)."""
+        return self._center.dashboard_address
+
+    @property
     def dashboard_link(self):
+        """:attr:`dashboard_address` with ``?token=`` (which logs a browser in)."""
         return self._center.dashboard_link
 
     # -- the script ------------------------------------------------------------
