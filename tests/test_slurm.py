@@ -34,7 +34,7 @@ from distributed.deploy.jobqueue import (
 from distributed.cli.utils import CENTER_STARTED
 from distributed.process import Process, popen
 from distributed.security import Security
-from distributed.utils_test import free_port, poll
+from distributed.utils_test import free_port, poll, slowinc
 
 CENTER = "10.1.2.3:8786"
 TOKEN_FILE = "/home/u/.distributed/jobqueue/cluster-x/token"
@@ -342,3 +342,27 @@ def test_dslurm_starts_a_center_and_jobs_and_ctrl_c_cancels_them(slurm, tmp_path
     assert not (set(jobs) & set(slurm.jobs())), slurm.jobs()
     poll(lambda: not dworkers_of(address), timeout=20, msg="the dworkers to end")
     assert not os.path.exists(token_file)
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(240)
+def test_adapt_submits_jobs_while_tasks_wait_and_cancels_them_when_idle(slurm, tmp_path):
+    with SLURMCluster(cores=1, memory="256MiB", walltime="00:05:00",
+                      shared_directory=str(tmp_path), timeout=60) as cluster:
+        cluster.adapt(minimum=0, maximum=2, interval=0.2, idle_checks=5)
+        with Executor(cluster.center_address, security=cluster.security) as e:
+            futures = e.map(slowinc, range(8), delay=0.5)
+            poll(lambda: len(cluster.jobs) == 2, timeout=30, msg="2 jobs submitted")
+            jobs = set(cluster.jobs)
+            assert e.gather(futures) == list(range(1, 9))
+            assert len(cluster.jobs) <= 2  # never above maximum
+            # idle but holding the results: one worker keeps them
+            poll(lambda: len(cluster.jobs) == 1, timeout=60, msg="down to 1 job")
+            assert e.gather(futures) == list(range(1, 9))
+            del futures
+            poll(lambda: not cluster.jobs, timeout=60, msg="down to 0 jobs")
+        # adapt's own scancel, not close()'s, takes them out of the queue
+        poll(lambda: not (jobs & set(slurm.jobs())), timeout=30, msg="jobs out of squeue")
+        address = cluster.center_address
+    assert not (jobs & set(slurm.jobs())), slurm.jobs()
+    poll(lambda: not dworkers_of(address), timeout=20, msg="the dworkers to end")

@@ -50,24 +50,31 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from ..cli.utils import parse_memory_limit
 from ..core import coerce_to_address, rpc
 from ..local import LocalCluster
+from ..scheduler import NO_WORKER, PROCESSING, QUEUED, WAITING
 from ..security import ENV_TOKEN, Security
 from ..utils import get_ip
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobQueueCluster", "JobSpec", "SLURMCluster", "PBSCluster", "SGECluster", "LSFCluster"]
+__all__ = ["Adaptive", "JobQueueCluster", "JobSpec", "SLURMCluster", "PBSCluster", "SGECluster", "LSFCluster"]
 
 #: seconds a submit, cancel or status command may take
 COMMAND_TIMEOUT = 30
 
 #: job states that mean the job is over (any scheduler's spelling)
+#: task states that are work to do (for :class:`Adaptive`)
+WORK_STATES = {WAITING, NO_WORKER, QUEUED, PROCESSING}
+
 FINISHED_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED",
-                   "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+                   "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+                   "DONE", "EXIT",  # LSF
+                   "F", "C"}  # PBS: finished, completed
 
 
 class JobQueueCluster:
@@ -114,6 +121,8 @@ class JobQueueCluster:
         self.timeout = timeout
         self.jobs = {}  # job id -> 'pending' | 'running' while ours
         self.status = "starting"
+        self._adaptive = None
+        self._lock = threading.RLock()  # one scale() at a time (Adaptive's thread)
         security = security if security is not None else Security.from_env()
         if security.token is None:
             security = security.with_token(secrets.token_hex(32))
@@ -255,7 +264,8 @@ class JobQueueCluster:
         logger.info("cancelled jobs %s", ", ".join(jobs))
 
     def job_states(self):
-        """``{job id: state}`` of the queued and running jobs of this user."""
+        """``{job id: state}`` of this user's jobs the scheduler lists: queued,
+        running, and maybe finished ones (:data:`FINISHED_STATES`)."""
         raise NotImplementedError
 
     def wait_for_jobs_gone(self, jobs, timeout=None):
@@ -365,12 +375,18 @@ class JobQueueCluster:
         workers first hand their data to the others (:meth:`retire_workers`);
         it returns once the cancelled jobs have left the queue.
         """
+        with self._lock:
+            self._scale(n)
+
+    def _scale(self, n):
         if self.status != "running":
             raise RuntimeError("the cluster is %s" % self.status)
         want = int(math.ceil(n / self.processes))
         have = len(self.jobs)
         if want > have:
             for _ in range(want - have):
+                if self.status != "running":  # close() came meanwhile
+                    break
                 self.submit_job()
             return
         if want == have:
@@ -401,6 +417,17 @@ class JobQueueCluster:
             logger.warning("workers %s still registered after their jobs ended",
                            sorted(addresses))
 
+    def adapt(self, minimum=0, maximum=None, interval=1.0, idle_checks=3):
+        """Scale with the work from now on (see :class:`Adaptive`); return it.
+
+        ``cluster.adapt(minimum=1, maximum=20)``; ``.stop()`` ends it, as
+        :meth:`close` and another ``adapt()`` do.
+        """
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        self._adaptive = Adaptive(self, minimum, maximum, interval, idle_checks)
+        return self._adaptive
+
     # -- life cycle ------------------------------------------------------------
 
     def close(self):
@@ -409,11 +436,14 @@ class JobQueueCluster:
         if self.status == "closed":
             return
         self.status = "closed"
-        jobs = list(self.jobs)
+        if self._adaptive is not None:
+            self._adaptive.stop()
         try:
-            if jobs:
-                self.cancel_jobs(jobs)
-                self.wait_for_jobs_gone(jobs)
+            with self._lock:  # after a scale() under way: its jobs are cancelled too
+                jobs = list(self.jobs)
+                if jobs:
+                    self.cancel_jobs(jobs)
+                    self.wait_for_jobs_gone(jobs)
         finally:
             center = getattr(self, "_center", None)
             if center is not None:
@@ -435,6 +465,85 @@ class JobQueueCluster:
     def __repr__(self):
         return "%s(%r, jobs=%d)" % (type(self).__name__, getattr(
             getattr(self, "_center", None), "_center_address", None), len(self.jobs))
+
+
+class Adaptive:
+    """Scale a cluster with its work, in a thread, every ``interval`` s.
+
+    Grow when tasks wait: to as many workers as there are tasks to run
+    (waiting, queued, processing), each worker counting for its threads,
+    at most ``maximum`` (None: no bound); jobs still in the queue count as
+    workers, so a busy cluster does not submit the same jobs again.  Shrink
+    to ``minimum`` after ``idle_checks`` checks in a row without work (the
+    leaving workers hand their data over first, see
+    :meth:`JobQueueCluster.scale`), but not below one worker while the
+    cluster holds data: it would be lost.
+    """
+
+    def __init__(self, cluster, minimum=0, maximum=None, interval=1.0, idle_checks=3):
+        if maximum is not None and maximum < minimum:
+            raise ValueError("adapt: maximum %r < minimum %r" % (maximum, minimum))
+        self.cluster = cluster
+        self.minimum = minimum
+        self.maximum = maximum
+        self.interval = interval
+        self.idle_checks = idle_checks
+        self._idle = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="distributed-adaptive")
+        self._thread.start()
+
+    def target(self, work, threads_per_worker, holds_data, workers):
+        """How many workers to have for ``work`` tasks to do (pure).
+
+        >>> a = Adaptive.__new__(Adaptive)
+        >>> a.minimum, a.maximum, a.idle_checks, a._idle = 0, 4, 2, 0
+        >>> a.target(10, 2, False, 1), a.target(0, 2, True, 4), a.target(0, 2, True, 4)
+        (4, 4, 1)
+        """
+        if work:
+            self._idle = 0
+            want = max(workers, int(math.ceil(work / max(1, threads_per_worker))))
+        else:
+            self._idle += 1
+            want = workers if self._idle < self.idle_checks else self.minimum
+            if holds_data:
+                want = max(want, 1)
+        want = max(want, self.minimum)
+        return want if self.maximum is None else min(want, self.maximum)
+
+    def check(self):
+        """One look at the center, and the scale it asks for."""
+        cluster = self.cluster
+
+        async def look(center):
+            states = await center.task_states()
+            who_has = await center.who_has()
+            return states, any(who_has.values())
+
+        states, holds_data = cluster._center_call(look)
+        work = sum(1 for state in states.values() if state in WORK_STATES)
+        spec = cluster.spec
+        workers = len(cluster.jobs) * spec.processes
+        want = self.target(work, max(1, spec.cores // spec.processes), holds_data, workers)
+        if want != workers:
+            logger.info("adapt: %d tasks to do, %d workers -> %d", work, workers, want)
+            cluster.scale(want)
+
+    def _run(self):
+        while not self._stopped.wait(self.interval):
+            try:
+                self.check()
+            except Exception as e:
+                if self._stopped.is_set() or self.cluster.status != "running":
+                    return
+                logger.warning("adapt: %s", e)
+
+    def stop(self):
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(COMMAND_TIMEOUT)
 
 
 class SLURMCluster(JobQueueCluster):
@@ -467,9 +576,16 @@ class SLURMCluster(JobQueueCluster):
         return lines
 
     def job_states(self):
-        out = self._run(["squeue", "--noheader", "--user", getpass.getuser(),
-                         "--format", "%i %T"])
-        return dict(line.split()[:2] for line in out.splitlines() if line.strip())
+        # A cancelled job may read CANCELLED in --states=all while the default
+        # listing still shows it COMPLETING (its processes are being killed),
+        # and the default listing may skip it for a moment right after
+        # scancel: a job is over when neither lists it as active.
+        states = {}
+        for extra in (["--states=all"], []):
+            out = self._run(["squeue", "--noheader", "--user", getpass.getuser(),
+                             "--format", "%i %T"] + extra)
+            states.update(line.split()[:2] for line in out.splitlines() if line.strip())
+        return states
 
 
 class PBSCluster(JobQueueCluster):
