@@ -366,3 +366,19 @@ def test_adapt_submits_jobs_while_tasks_wait_and_cancels_them_when_idle(slurm, t
         address = cluster.center_address
     assert not (jobs & set(slurm.jobs())), slurm.jobs()
     poll(lambda: not dworkers_of(address), timeout=20, msg="the dworkers to end")
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_a_job_that_ends_by_itself_is_forgotten_and_replaced_by_scale(slurm, tmp_path):
+    with SLURMCluster(jobs=1, python="/bin/false", shared_directory=str(tmp_path),
+                      timeout=30) as cluster:
+        (job,) = cluster.jobs
+        ended = []
+        poll(lambda: ended.extend(cluster.forget_ended_jobs()) or ended, timeout=30,
+             msg="the failed job to be noticed")
+        assert ended == [job] and not cluster.jobs
+        cluster.scale(1)  # a new job in its place
+        (new,) = cluster.jobs
+        assert new != job and new in cluster.job_states()  # submitted (maybe failed already)
+    assert new not in slurm.jobs()

@@ -373,14 +373,29 @@ class JobQueueCluster:
 
         Scaling down cancels the pending jobs first, then running ones, whose
         workers first hand their data to the others (:meth:`retire_workers`);
-        it returns once the cancelled jobs have left the queue.
+        it returns once the cancelled jobs have left the queue.  Jobs that
+        ended by themselves (walltime, failure) are forgotten first, so they
+        are replaced.  ``await cluster._scale(n)`` from async code.
         """
         with self._lock:
-            self._scale(n)
+            self._scale_now(n)
 
-    def _scale(self, n):
+    async def _scale(self, n):
+        await asyncio.get_running_loop().run_in_executor(None, self.scale, n)
+
+    def forget_ended_jobs(self):
+        """Drop the jobs the scheduler no longer runs nor queues; return them."""
+        states = self.job_states()
+        ended = [j for j in self.jobs if states.get(j, "gone") in FINISHED_STATES | {"gone"}]
+        for job in ended:
+            logger.warning("job %s ended by itself (%s)", job, states.get(job, "gone"))
+            self.jobs.pop(job, None)
+        return ended
+
+    def _scale_now(self, n):
         if self.status != "running":
             raise RuntimeError("the cluster is %s" % self.status)
+        self.forget_ended_jobs()
         want = int(math.ceil(n / self.processes))
         have = len(self.jobs)
         if want > have:
@@ -450,6 +465,9 @@ class JobQueueCluster:
                 center.close()
             shutil.rmtree(self._directory, ignore_errors=True)
 
+    async def _close(self):
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
     def __enter__(self):
         return self
 
@@ -516,6 +534,8 @@ class Adaptive:
     def check(self):
         """One look at the center, and the scale it asks for."""
         cluster = self.cluster
+        with cluster._lock:
+            cluster.forget_ended_jobs()  # walltime, failures: their workers are gone
 
         async def look(center):
             states = await center.task_states()
