@@ -39,6 +39,7 @@ center writes on the shared filesystem, with the token) instead of
 """
 
 import asyncio
+import atexit
 import getpass
 import logging
 import math
@@ -52,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 
 from ..cli.utils import parse_memory_limit
 from ..core import coerce_to_address, rpc
@@ -70,6 +72,8 @@ COMMAND_TIMEOUT = 30
 #: job states that mean the job is over (any scheduler's spelling)
 #: task states that are work to do (for :class:`Adaptive`)
 WORK_STATES = {WAITING, NO_WORKER, QUEUED, PROCESSING}
+
+_clusters = weakref.WeakSet()  # closed at exit: jobs must not outlive their center
 
 FINISHED_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED",
                    "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -135,6 +139,7 @@ class JobQueueCluster:
                 n_workers=0, ip=host or get_ip(), security=security, timeout=timeout,
                 restart_dead_workers=False, **center_options)
             self.status = "running"
+            _clusters.add(self)
             if jobs:
                 self.scale(jobs * self.processes)
         except BaseException:
@@ -778,3 +783,9 @@ def _run_coroutine(coroutine):
 
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coroutine).result()
+
+
+@atexit.register
+def _close_clusters():
+    for cluster in list(_clusters):
+        cluster.close()
