@@ -382,3 +382,33 @@ def test_a_job_that_ends_by_itself_is_forgotten_and_replaced_by_scale(slurm, tmp
         (new,) = cluster.jobs
         assert new != job and new in cluster.job_states()  # submitted (maybe failed already)
     assert new not in slurm.jobs()
+
+
+def files_containing(directory, text):
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                with open(path, "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(path)
+            except OSError:  # a socket, a file removed meanwhile
+                pass
+    return found
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_the_token_reaches_the_job_but_nothing_slurm_stores(slurm, tmp_path, monkeypatch):
+    token = "token-from-the-environment-%d" % os.getpid()
+    monkeypatch.setenv("DISTRIBUTED_AUTH_TOKEN", token)  # sbatch would store it
+    with SLURMCluster(jobs=1, shared_directory=str(tmp_path), timeout=60) as cluster:
+        assert cluster.security.token == token
+        (worker,) = cluster.wait_for_workers(1)  # it authenticated: the token got there
+        (job,) = cluster.jobs
+        script = slurm.run("scontrol", "write", "batch_script", job, "-")
+        assert "exec " in script and token not in script
+        assert files_containing(slurm.dir, token) == []  # state, spool, logs
+        assert all(token not in " ".join(p.cmdline())
+                   for p in dworkers_of(cluster.center_address))
