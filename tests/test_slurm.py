@@ -412,3 +412,14 @@ def test_the_token_reaches_the_job_but_nothing_slurm_stores(slurm, tmp_path, mon
         assert files_containing(slurm.dir, token) == []  # state, spool, logs
         assert all(token not in " ".join(p.cmdline())
                    for p in dworkers_of(cluster.center_address))
+
+
+@pytest.mark.pure
+def test_dslurm_refuses_bad_limits_before_starting_anything(capsys):
+    from distributed.cli import dslurm
+
+    assert dslurm.main(["--cores", "1", "--processes", "2"]) == 1
+    assert capsys.readouterr().err == (
+        "dslurm: error: a job needs cores >= processes >= 1 (got cores=1, processes=2)\n")
+    assert dslurm.main(["--memory", "lots"]) == 1
+    assert "memory limit 'lots' not understood" in capsys.readouterr().err

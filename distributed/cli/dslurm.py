@@ -69,10 +69,7 @@ def make_parser():
 def main(argv=None):
     args = make_parser().parse_args(argv)
     setup_logging(args.verbose)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
+    try:  # Ctrl-C meanwhile: KeyboardInterrupt, and the constructor cleans up
         cluster = SLURMCluster(
             cores=args.cores, memory=args.memory, walltime=args.walltime,
             queue=args.queue, processes=args.processes, job_extra=args.job_extra,
@@ -82,6 +79,9 @@ def main(argv=None):
     except (OSError, RuntimeError, ValueError, TimeoutError) as e:
         print("dslurm: error: %s" % e, file=sys.stderr, flush=True)
         return 1
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         print(CENTER_STARTED, cluster.center_address, flush=True)
         if cluster.dashboard_address:  # without the token: output may be shared
