@@ -326,17 +326,25 @@ class JobQueueCluster:
 
     def wait_for_workers(self, n, timeout=None):
         """Wait until ``n`` workers of our jobs are registered; return their addresses."""
-        deadline = time.time() + (self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.time() + timeout
         while True:
-            workers = self.workers()
-            for job in set(workers.values()):
-                self.jobs[job] = "running"
+            workers = self._running_workers()
             if len(workers) >= n:
                 return sorted(workers)
             if time.time() > deadline:
                 raise TimeoutError("%d of %d workers after %s s; jobs: %s" % (
                     len(workers), n, timeout, self.job_states()))
             time.sleep(0.2)
+
+    def _running_workers(self):
+        """:meth:`workers`, and their jobs marked running (scale-down cancels
+        pending jobs first)."""
+        workers = self.workers()
+        for job in set(workers.values()):
+            if job in self.jobs:  # not cancelled meanwhile
+                self.jobs[job] = "running"
+        return workers
 
     def retire_workers(self, addresses):
         """Copy the keys that only ``addresses`` hold to the other workers.
@@ -411,9 +419,7 @@ class JobQueueCluster:
             return
         if want == have:
             return
-        workers = self.workers()
-        for job in set(workers.values()):
-            self.jobs[job] = "running"
+        workers = self._running_workers()
         pending = [j for j, s in self.jobs.items() if s == "pending"]
         running = [j for j, s in self.jobs.items() if s == "running"]
         cancel = (pending + running[::-1])[:have - want]
