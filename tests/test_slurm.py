@@ -423,3 +423,27 @@ def test_dslurm_refuses_bad_limits_before_starting_anything(capsys):
         "dslurm: error: a job needs cores >= processes >= 1 (got cores=1, processes=2)\n")
     assert dslurm.main(["--memory", "lots"]) == 1
     assert "memory limit 'lots' not understood" in capsys.readouterr().err
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_a_job_of_several_processes_is_one_job_of_several_workers(slurm, tmp_path):
+    with SLURMCluster(jobs=1, cores=2, processes=2, memory="512MiB",
+                      shared_directory=str(tmp_path), timeout=60) as cluster:
+        (job,) = cluster.jobs
+        workers = cluster.wait_for_workers(2)
+        assert cluster.workers() == {w: job for w in workers}
+        with Executor(cluster.center_address) as e:
+            assert e.ncores() == {w: 1 for w in workers}  # 2 cores, 2 processes
+            assert e.gather(e.map(pow, range(4), [3] * 4)) == [0, 1, 8, 27]
+        cluster.scale(2)  # as many workers as it has: nothing to do
+        assert list(cluster.jobs) == [job]
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_workers_that_never_come_time_out_with_what_the_job_printed(slurm, tmp_path):
+    with SLURMCluster(jobs=1, env_extra=["echo cannot load the python module >&2", "exit 3"],
+                      shared_directory=str(tmp_path), timeout=60) as cluster:
+        with pytest.raises(TimeoutError, match="(?s)0 of 1 workers.*cannot load the python"):
+            cluster.wait_for_workers(1, timeout=15)

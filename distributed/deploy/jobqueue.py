@@ -333,9 +333,23 @@ class JobQueueCluster:
             if len(workers) >= n:
                 return sorted(workers)
             if time.time() > deadline:
-                raise TimeoutError("%d of %d workers after %s s; jobs: %s" % (
-                    len(workers), n, timeout, self.job_states()))
+                raise TimeoutError("%d of %d workers after %s s; jobs: %s%s" % (
+                    len(workers), n, timeout, self.job_states(),
+                    "".join(self._output_tail(job) for job in self.jobs)))
             time.sleep(0.2)
+
+    def output_path(self, job):
+        """The file of ``job``'s output, where the script says (else None)."""
+        return None
+
+    def _output_tail(self, job, n=10):
+        path = self.output_path(job)
+        try:
+            with open(path) as f:
+                lines = f.readlines()[-n:]
+        except (OSError, TypeError):
+            return ""
+        return "\njob %s printed (%s):\n%s" % (job, path, "".join(lines))
 
     def _running_workers(self):
         """:meth:`workers`, and their jobs marked running (scale-down cancels
@@ -605,6 +619,9 @@ class SLURMCluster(JobQueueCluster):
             lines.append("--output=%s" % os.path.join(spec.job_directory,
                                                       "%s-%%j.out" % spec.name))
         return lines
+
+    def output_path(self, job):
+        return os.path.join(self.spec.job_directory, "%s-%s.out" % (self.name, job))
 
     def job_states(self):
         # A cancelled job may read CANCELLED in --states=all while the default
