@@ -59,6 +59,7 @@ setup(
             # a center and workers on other hosts over SSH; dcluster: its 2016 name
             "dssh=distributed.cli.dssh:main",
             "dcluster=distributed.cli.dssh:main",
+            "dslurm=distributed.cli.dslurm:main",
         ],
     },
 )

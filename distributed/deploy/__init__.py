@@ -8,5 +8,13 @@
       with SSHCluster(["node1", "node2"], nthreads=4) as cluster:
           e = Executor(cluster)
 
+- :class:`distributed.deploy.jobqueue.SLURMCluster` (and ``dslurm``; also
+  ``PBSCluster``, ``SGECluster``, ``LSFCluster``): a center here and workers
+  as batch jobs of an HPC scheduler::
+
+      from distributed.deploy.jobqueue import SLURMCluster
+      with SLURMCluster(jobs=4, cores=8, memory="16GB", walltime="01:00:00") as cluster:
+          e = Executor(cluster)
+
 :class:`distributed.LocalCluster` starts one on this machine.
 """

@@ -1,0 +1,814 @@
+"""Clusters whose workers are batch jobs of an HPC scheduler (SLURM, PBS, SGE, LSF).
+
+::
+
+    with SLURMCluster(cores=4, memory="8GB", walltime="01:00:00", queue="normal") as cluster:
+        print(cluster.job_script())          # what sbatch gets
+        cluster.scale(10)                    # 10 workers: 10 jobs (processes=1)
+        e = Executor(cluster.center_address, security=cluster.security)
+        ...
+        cluster.scale(2)                     # their data moves to the 2 kept, then scancel
+
+The center runs on this machine (a ``dcenter`` child process, started by a
+:class:`~distributed.local.LocalCluster` without workers), listening on this
+machine's address that routes outwards (``host=`` to choose).  Each job runs
+``dworker CENTER_ADDRESS`` with the job's limits (``--ncores``,
+``--memory-limit``, ``--nprocs``) and names its workers after the job id
+(``dworker-<jobid>``, ``-0``, ``-1``, ... with ``processes > 1``): that is
+how :meth:`JobQueueCluster.scale` knows which workers a job runs.
+
+The auth token never appears in the batch script nor on a command line:
+schedulers keep a copy of every script they run (SLURM in its
+``StateSaveLocation``, readable by the admins, and ``scontrol write
+batch_script`` by the user), and ``sbatch`` would by default also store this
+process's environment with the job.  The cluster writes the token to a file
+only the user can read (``0600``, in a ``0700`` directory under
+``shared_directory``, by default ``~/.distributed/jobqueue``: the home
+directory is shared by the nodes of most HPC sites) and the script reads it
+into ``DISTRIBUTED_AUTH_TOKEN`` when the job starts; the submit command runs
+without the ``DISTRIBUTED_*`` variables of this process.
+
+A subclass per scheduler says only what differs: the directive prefix
+(``#SBATCH``), the header lines made of the limits, the submit, cancel and
+status commands and the variable holding the job id.
+
+TODO(addr): the "addr" branch adds ``dworker --scheduler-file PATH``: once
+merged, the script should run ``dworker --scheduler-file PATH`` (the file the
+center writes on the shared filesystem, with the token) instead of
+``dworker HOST:PORT`` plus the token file (see :meth:`JobQueueCluster.worker_command`).
+"""
+
+import asyncio
+import atexit
+import getpass
+import logging
+import math
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+
+from ..cli.utils import parse_memory_limit
+from ..core import coerce_to_address, rpc
+from ..local import LocalCluster
+from ..scheduler import NO_WORKER, PROCESSING, QUEUED, WAITING
+from ..security import ENV_TOKEN, Security
+from ..utils import get_ip
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Adaptive", "JobQueueCluster", "JobSpec", "SLURMCluster", "PBSCluster", "SGECluster", "LSFCluster"]
+
+#: seconds a submit, cancel or status command may take
+COMMAND_TIMEOUT = 30
+
+#: job states that mean the job is over (any scheduler's spelling)
+#: task states that are work to do (for :class:`Adaptive`)
+WORK_STATES = {WAITING, NO_WORKER, QUEUED, PROCESSING}
+
+_clusters = weakref.WeakSet()  # closed at exit: jobs must not outlive their center
+
+FINISHED_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED",
+                   "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+                   "DONE", "EXIT",  # LSF
+                   "F", "C"}  # PBS: finished, completed
+
+
+class JobQueueCluster:
+    """A center here and workers as batch jobs; subclass per scheduler.
+
+    ``jobs``: jobs submitted at once.  Per job: ``cores`` threads in all and
+    ``memory`` (``'4GB'``, ``'512MiB'``) shared by ``processes`` worker
+    processes, ``walltime`` (``'HH:MM:SS'``), ``queue`` (the partition),
+    ``job_extra`` (more directive lines, e.g. ``['--exclusive']``),
+    ``env_extra`` (shell lines run before the worker, e.g. ``['module load
+    python']``), ``local_directory`` (the workers' ``--local-dir``),
+    ``python`` (the interpreter on the nodes; default this one), ``name``
+    (job and worker name prefix), ``job_directory`` (where the scripts and
+    the job output go; default the token's directory).  ``host``: the
+    address the center listens on (default: this machine's outward one).
+    ``security``: its token (default: a random one) and TLS files (their
+    paths must be valid on the nodes).  ``timeout`` bounds every wait.
+    Other keywords are ``dcenter`` options (``http_port=0``, ...).
+    """
+
+    #: what starts a directive line of the script (``#SBATCH``)
+    directive = None
+    #: the command that submits a script (its path is appended)
+    submit_command = None
+    #: True: the script goes to the submit command's stdin (LSF's ``bsub <``)
+    submit_stdin = False
+    #: the command that cancels jobs (their ids are appended)
+    cancel_command = None
+    #: the variable that holds the job id inside a job
+    job_id_variable = None
+    #: the job id in the submit command's output
+    job_id_regex = r"(\d+)"
+
+    def __init__(self, jobs=0, cores=1, memory=None, walltime="00:30:00", queue=None,
+                 job_extra=(), processes=1, python=sys.executable, local_directory=None,
+                 env_extra=(), name="dworker", host=None, security=None,
+                 shared_directory=None, job_directory=None, timeout=60, **center_options):
+        self.spec = JobSpec(cores=cores, memory=memory, walltime=walltime, queue=queue,
+                            job_extra=job_extra, processes=processes, python=python,
+                            local_directory=local_directory, env_extra=env_extra,
+                            name=name)
+        self.processes = self.spec.processes
+        self.name = self.spec.name
+        self.timeout = timeout
+        self.jobs = {}  # job id -> 'pending' | 'running' while ours
+        self.status = "starting"
+        self._adaptive = None
+        self._lock = threading.RLock()  # one scale() at a time (Adaptive's thread)
+        security = security if security is not None else Security.from_env()
+        if security.token is None:
+            security = security.with_token(secrets.token_hex(32))
+        self._directory = _private_directory(shared_directory)
+        self.spec.job_directory = job_directory or self._directory
+        self.token_file = os.path.join(self._directory, "token")
+        _write_private(self.token_file, security.token)
+        try:
+            self._center = LocalCluster(
+                n_workers=0, ip=host or get_ip(), security=security, timeout=timeout,
+                restart_dead_workers=False, **center_options)
+            self.status = "running"
+            _clusters.add(self)
+            if jobs:
+                self.scale(jobs * self.processes)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- what the center is --------------------------------------------------
+
+    @property
+    def center_address(self):
+        return self._center.center_address
+
+    scheduler_address = center_address
+
+    @property
+    def security(self):
+        """What a client needs: ``Executor(c.center_address, security=c.security)``."""
+        return self._center.security
+
+    @property
+    def dashboard_address(self):
+        """``http://host:port/status``, or None (``no_dashboard=True``)."""
+        return self._center.dashboard_address
+
+    @property
+    def dashboard_link(self):
+        """:attr:`dashboard_address` with ``?token=`` (which logs a browser in)."""
+        return self._center.dashboard_link
+
+    # -- the script ------------------------------------------------------------
+
+    @classmethod
+    def header_lines(cls, spec):
+        """The directives asking for ``spec``'s limits, without their prefix
+        (a subclass's job)."""
+        raise NotImplementedError
+
+    @classmethod
+    def worker_command(cls, spec, center_address):
+        """The command line that runs a job's workers (a line of the script).
+
+        TODO(addr): ``dworker --scheduler-file PATH`` once that branch is
+        merged: then the script needs neither the address nor the token file.
+        """
+        args = [spec.python, "-m", "distributed.cli.dworker", center_address,
+                "--ncores", str(max(1, spec.cores // spec.processes))]
+        if spec.processes > 1:
+            args += ["--nprocs", str(spec.processes)]
+        if spec.memory:
+            args += ["--memory-limit", str(spec.memory // spec.processes)]
+        if spec.local_directory:
+            args += ["--local-dir", spec.local_directory]
+        # the job id in the name: scale() finds a job's workers by it
+        name = "%s-${%s}" % (shlex.quote(spec.name), cls.job_id_variable)
+        return " ".join(map(shlex.quote, args)) + " --name " + name
+
+    @classmethod
+    def script(cls, spec, center_address, token_file, security=None):
+        """The batch script of a job: directives, ``env_extra``, the token read
+        from ``token_file`` (never the token itself), the TLS files' paths, and
+        ``exec dworker ...``."""
+        lines = ["#!/usr/bin/env bash"]
+        lines += ["%s %s" % (cls.directive, h) for h in cls.header_lines(spec)]
+        lines += ["%s %s" % (cls.directive, h) for h in spec.job_extra]
+        lines += list(spec.env_extra)
+        lines.append("export %s=\"$(cat %s)\"" % (ENV_TOKEN, shlex.quote(token_file)))
+        for variable, value in (security.environ() if security else {}).items():
+            if value is not None and variable != ENV_TOKEN:  # TLS files: paths only
+                lines.append("export %s=%s" % (variable, shlex.quote(str(value))))
+        lines.append("exec " + cls.worker_command(spec, center_address))
+        return "\n".join(lines) + "\n"
+
+    def job_script(self):
+        """The batch script every job of this cluster runs (no secret in it)."""
+        return self.script(self.spec, self.center_address, self.token_file, self.security)
+
+    # -- the scheduler's commands ---------------------------------------------
+
+    def _run(self, args, stdin=None):
+        """Run a scheduler command; its stdout, or ``RuntimeError`` with its stderr.
+
+        The ``DISTRIBUTED_*`` variables stay out of its environment: schedulers
+        store the submitter's environment with the job.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISTRIBUTED_")}
+        try:
+            done = subprocess.run(args, input=stdin, capture_output=True, text=True,
+                                  env=env, timeout=COMMAND_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RuntimeError("%s failed: %s" % (" ".join(args), e)) from None
+        if done.returncode != 0:
+            raise RuntimeError("%s failed (exit %d): %s" % (
+                " ".join(args), done.returncode, (done.stderr or done.stdout).strip()))
+        return done.stdout
+
+    def submit_job(self):
+        """Submit one job; return its id."""
+        script = self.job_script()
+        if self.submit_stdin:
+            out = self._run(list(self.submit_command), stdin=script)
+        else:
+            fd, path = tempfile.mkstemp(suffix=".sh", prefix="job-",
+                                        dir=self.spec.job_directory)
+            with os.fdopen(fd, "w") as f:
+                f.write(script)
+            try:
+                out = self._run(list(self.submit_command) + [path])
+            finally:
+                os.remove(path)  # the scheduler keeps its own copy
+        m = re.search(self.job_id_regex, out)
+        if not m:
+            raise RuntimeError("no job id in the output of %s: %r"
+                               % (self.submit_command[0], out))
+        job = m.group(1)
+        self.jobs[job] = "pending"
+        logger.info("submitted job %s", job)
+        return job
+
+    def cancel_jobs(self, jobs):
+        """Cancel ``jobs`` (ids); they are no longer ours."""
+        jobs = list(jobs)
+        if not jobs:
+            return
+        for job in jobs:
+            self.jobs.pop(job, None)
+        self._run(list(self.cancel_command) + jobs)
+        logger.info("cancelled jobs %s", ", ".join(jobs))
+
+    def job_states(self):
+        """``{job id: state}`` of this user's jobs the scheduler lists: queued,
+        running, and maybe finished ones (:data:`FINISHED_STATES`)."""
+        raise NotImplementedError
+
+    def wait_for_jobs_gone(self, jobs, timeout=None):
+        """Wait until none of ``jobs`` is queued or running; ``TimeoutError`` else."""
+        jobs = set(jobs)
+        deadline = time.time() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = {j for j, s in self.job_states().items()
+                    if j in jobs and s not in FINISHED_STATES}
+            if not left:
+                return
+            if time.time() > deadline:
+                raise TimeoutError("jobs %s still in the queue" % ", ".join(sorted(left)))
+            time.sleep(0.2)
+
+    # -- workers ---------------------------------------------------------------
+
+    def _center_call(self, coroutine_function):
+        """Run ``await coroutine_function(center_rpc)`` from this (non-async) thread."""
+        async def call():
+            with rpc(self.center_address, security=self.security,
+                     timeout=self.timeout) as center:
+                return await coroutine_function(center)
+
+        return _run_coroutine(call())
+
+    def workers(self):
+        """``{worker address: job id}`` of the workers registered with the center."""
+        async def names(center):
+            addresses = list(await center.ncores())
+            identities = await asyncio.gather(*[
+                _identity(a, self.security, self.timeout) for a in addresses])
+            return dict(zip(addresses, identities))
+
+        result = {}
+        for address, identity in self._center_call(names).items():
+            job = self._job_of(identity.get("name") if identity else None)
+            if job is not None:
+                result[address] = job
+        return result
+
+    def _job_of(self, worker_name):
+        """The job id in a worker's name (``dworker-123``, ``dworker-123-0``), or None."""
+        if not worker_name:
+            return None
+        prefix = self.name + "-"
+        if not str(worker_name).startswith(prefix):
+            return None
+        job = str(worker_name)[len(prefix):]
+        if self.processes > 1:
+            job = job.rsplit("-", 1)[0]
+        return job if job in self.jobs else None
+
+    def wait_for_workers(self, n, timeout=None):
+        """Wait until ``n`` workers of our jobs are registered; return their addresses."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.time() + timeout
+        while True:
+            workers = self._running_workers()
+            if len(workers) >= n:
+                return sorted(workers)
+            if time.time() > deadline:
+                raise TimeoutError("%d of %d workers after %s s; jobs: %s%s" % (
+                    len(workers), n, timeout, self.job_states(),
+                    "".join(self._output_tail(job) for job in self.jobs)))
+            time.sleep(0.2)
+
+    def output_path(self, job):
+        """The file of ``job``'s output, where the script says (else None)."""
+        return None
+
+    def _output_tail(self, job, n=10):
+        path = self.output_path(job)
+        try:
+            with open(path) as f:
+                lines = f.readlines()[-n:]
+        except (OSError, TypeError):
+            return ""
+        return "\njob %s printed (%s):\n%s" % (job, path, "".join(lines))
+
+    def _running_workers(self):
+        """:meth:`workers`, and their jobs marked running (scale-down cancels
+        pending jobs first)."""
+        workers = self.workers()
+        for job in set(workers.values()):
+            if job in self.jobs:  # not cancelled meanwhile
+                self.jobs[job] = "running"
+        return workers
+
+    def retire_workers(self, addresses):
+        """Copy the keys that only ``addresses`` hold to the other workers.
+
+        The center has no retirement op (yet): the copies are made by the
+        keeping workers' ``gather`` rpc (which tells the center they hold
+        them), so that when the jobs are cancelled, the workers' leaving
+        loses nothing.  A task that finishes on them in between is
+        recomputed by the scheduler, like after any worker loss.
+        """
+        leaving = {coerce_to_address(a) for a in addresses}
+
+        async def move(center):
+            keep = [a for a in await center.ncores() if a not in leaving]
+            who_has = await center.who_has()
+            orders = {}  # recipient -> {key: holders}
+            load = {a: 0 for a in keep}
+            for key, holders in who_has.items():
+                holders = set(holders)
+                if not holders or not holders <= leaving:
+                    continue
+                if not keep:
+                    raise RuntimeError("no worker left to take the data of %s" % sorted(leaving))
+                target = min(keep, key=load.get)
+                orders.setdefault(target, {})[key] = sorted(holders)
+                load[target] += 1
+            results = await asyncio.gather(*[
+                _gather_into(a, wh, self.security, self.timeout) for a, wh in orders.items()])
+            return sum(len(wh) for wh in orders.values()), [r for r in results if r]
+
+        moved, problems = self._center_call(move)
+        if problems:
+            raise RuntimeError("could not move the data of %s: %s" % (sorted(leaving), problems))
+        logger.info("moved %d keys off %s", moved, ", ".join(sorted(leaving)))
+        return moved
+
+    def scale(self, n):
+        """Have ``n`` workers: submit or cancel jobs (``processes`` workers each).
+
+        Scaling down cancels the pending jobs first, then running ones, whose
+        workers first hand their data to the others (:meth:`retire_workers`);
+        it returns once the cancelled jobs have left the queue.  Jobs that
+        ended by themselves (walltime, failure) are forgotten first, so they
+        are replaced.  ``await cluster._scale(n)`` from async code.
+        """
+        with self._lock:
+            self._scale_now(n)
+
+    async def _scale(self, n):
+        await asyncio.get_running_loop().run_in_executor(None, self.scale, n)
+
+    def forget_ended_jobs(self):
+        """Drop the jobs the scheduler no longer runs nor queues; return them."""
+        states = self.job_states()
+        ended = [j for j in self.jobs if states.get(j, "gone") in FINISHED_STATES | {"gone"}]
+        for job in ended:
+            logger.warning("job %s ended by itself (%s)", job, states.get(job, "gone"))
+            self.jobs.pop(job, None)
+        return ended
+
+    def _scale_now(self, n):
+        if self.status != "running":
+            raise RuntimeError("the cluster is %s" % self.status)
+        self.forget_ended_jobs()
+        want = int(math.ceil(n / self.processes))
+        have = len(self.jobs)
+        if want > have:
+            for _ in range(want - have):
+                if self.status != "running":  # close() came meanwhile
+                    break
+                self.submit_job()
+            return
+        if want == have:
+            return
+        workers = self._running_workers()
+        pending = [j for j, s in self.jobs.items() if s == "pending"]
+        running = [j for j, s in self.jobs.items() if s == "running"]
+        cancel = (pending + running[::-1])[:have - want]
+        leaving = [a for a, job in workers.items() if job in cancel]
+        if leaving:
+            self.retire_workers(leaving)
+        self.cancel_jobs(cancel)
+        self.wait_for_jobs_gone(cancel)
+        self._wait_workers_gone(leaving)
+
+    def _wait_workers_gone(self, addresses):
+        deadline = time.time() + self.timeout
+        addresses = set(addresses)
+        while addresses:
+            ncores = self._center_call(lambda center: center.ncores())
+            addresses &= set(ncores)
+            if not addresses or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        if addresses:
+            logger.warning("workers %s still registered after their jobs ended",
+                           sorted(addresses))
+
+    def adapt(self, minimum=0, maximum=None, interval=1.0, idle_checks=3):
+        """Scale with the work from now on (see :class:`Adaptive`); return it.
+
+        ``cluster.adapt(minimum=1, maximum=20)``; ``.stop()`` ends it, as
+        :meth:`close` and another ``adapt()`` do.
+        """
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        self._adaptive = Adaptive(self, minimum, maximum, interval, idle_checks)
+        return self._adaptive
+
+    # -- life cycle ------------------------------------------------------------
+
+    def close(self):
+        """Cancel every job (and wait until they left the queue), stop the
+        center, remove the token file."""
+        if self.status == "closed":
+            return
+        self.status = "closed"
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        try:
+            with self._lock:  # after a scale() under way: its jobs are cancelled too
+                jobs = list(self.jobs)
+                if jobs:
+                    self.cancel_jobs(jobs)
+                    self.wait_for_jobs_gone(jobs)
+        finally:
+            center = getattr(self, "_center", None)
+            if center is not None:
+                center.close()
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+    async def _close(self):
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return "%s(%r, jobs=%d)" % (type(self).__name__, getattr(
+            getattr(self, "_center", None), "_center_address", None), len(self.jobs))
+
+
+class Adaptive:
+    """Scale a cluster with its work, in a thread, every ``interval`` s.
+
+    Grow when tasks wait: to as many workers as there are tasks to run
+    (waiting, queued, processing), each worker counting for its threads,
+    at most ``maximum`` (None: no bound); jobs still in the queue count as
+    workers, so a busy cluster does not submit the same jobs again.  Shrink
+    to ``minimum`` after ``idle_checks`` checks in a row without work (the
+    leaving workers hand their data over first, see
+    :meth:`JobQueueCluster.scale`), but not below one worker while the
+    cluster holds data: it would be lost.
+    """
+
+    def __init__(self, cluster, minimum=0, maximum=None, interval=1.0, idle_checks=3):
+        if maximum is not None and maximum < minimum:
+            raise ValueError("adapt: maximum %r < minimum %r" % (maximum, minimum))
+        self.cluster = cluster
+        self.minimum = minimum
+        self.maximum = maximum
+        self.interval = interval
+        self.idle_checks = idle_checks
+        self._idle = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="distributed-adaptive")
+        self._thread.start()
+
+    def target(self, work, threads_per_worker, holds_data, workers):
+        """How many workers to have for ``work`` tasks to do (pure).
+
+        >>> a = Adaptive.__new__(Adaptive)
+        >>> a.minimum, a.maximum, a.idle_checks, a._idle = 0, 4, 2, 0
+        >>> a.target(10, 2, False, 1), a.target(0, 2, True, 4), a.target(0, 2, True, 4)
+        (4, 4, 1)
+        """
+        if work:
+            self._idle = 0
+            want = max(workers, int(math.ceil(work / max(1, threads_per_worker))))
+        else:
+            self._idle += 1
+            want = workers if self._idle < self.idle_checks else self.minimum
+            if holds_data:
+                want = max(want, 1)
+        want = max(want, self.minimum)
+        return want if self.maximum is None else min(want, self.maximum)
+
+    def check(self):
+        """One look at the center, and the scale it asks for."""
+        cluster = self.cluster
+        with cluster._lock:
+            cluster.forget_ended_jobs()  # walltime, failures: their workers are gone
+
+        async def look(center):
+            states = await center.task_states()
+            who_has = await center.who_has()
+            return states, any(who_has.values())
+
+        states, holds_data = cluster._center_call(look)
+        work = sum(1 for state in states.values() if state in WORK_STATES)
+        spec = cluster.spec
+        workers = len(cluster.jobs) * spec.processes
+        want = self.target(work, max(1, spec.cores // spec.processes), holds_data, workers)
+        if want != workers:
+            logger.info("adapt: %d tasks to do, %d workers -> %d", work, workers, want)
+            cluster.scale(want)
+
+    def _run(self):
+        while not self._stopped.wait(self.interval):
+            try:
+                self.check()
+            except Exception as e:
+                if self._stopped.is_set() or self.cluster.status != "running":
+                    return
+                logger.warning("adapt: %s", e)
+
+    def stop(self):
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(COMMAND_TIMEOUT)
+
+
+class SLURMCluster(JobQueueCluster):
+    """Workers as SLURM jobs (``sbatch``, ``scancel``, ``squeue``).
+
+    >>> SLURMCluster.header_lines(JobSpec(cores=4, memory='1GiB', walltime='01:00:00',
+    ...                                   queue='gpu'))  # doctest: +NORMALIZE_WHITESPACE
+    ['--job-name=dworker', '--nodes=1', '--ntasks=1', '--cpus-per-task=4',
+     '--mem=1024M', '--time=01:00:00', '--partition=gpu']
+    """
+
+    directive = "#SBATCH"
+    submit_command = ["sbatch", "--parsable"]
+    cancel_command = ["scancel"]
+    job_id_variable = "SLURM_JOB_ID"
+
+    @classmethod
+    def header_lines(cls, spec):
+        lines = ["--job-name=%s" % spec.name, "--nodes=1", "--ntasks=1",
+                 "--cpus-per-task=%d" % spec.cores]
+        if spec.memory:
+            lines.append("--mem=%dM" % spec.memory_mb)
+        if spec.walltime:
+            lines.append("--time=%s" % spec.walltime)
+        if spec.queue:
+            lines.append("--partition=%s" % spec.queue)
+        if spec.job_directory:
+            lines.append("--output=%s" % os.path.join(spec.job_directory,
+                                                      "%s-%%j.out" % spec.name))
+        return lines
+
+    def output_path(self, job):
+        return os.path.join(self.spec.job_directory, "%s-%s.out" % (self.name, job))
+
+    def job_states(self):
+        # A cancelled job may read CANCELLED in --states=all while the default
+        # listing still shows it COMPLETING (its processes are being killed),
+        # and the default listing may skip it for a moment right after
+        # scancel: a job is over when neither lists it as active.
+        states = {}
+        for extra in (["--states=all"], []):
+            out = self._run(["squeue", "--noheader", "--user", getpass.getuser(),
+                             "--format", "%i %T"] + extra)
+            states.update(line.split()[:2] for line in out.splitlines() if line.strip())
+        return states
+
+
+class PBSCluster(JobQueueCluster):
+    """Workers as PBS / Torque jobs (``qsub``, ``qdel``, ``qstat``): the
+    directives ``#PBS -l select=1:ncpus=..:mem=..``, ``-l walltime=``, ``-q``."""
+
+    directive = "#PBS"
+    submit_command = ["qsub"]
+    cancel_command = ["qdel"]
+    job_id_variable = "PBS_JOBID"
+    job_id_regex = r"(\S+)"  # 123.server: the whole id
+
+    @classmethod
+    def header_lines(cls, spec):
+        resources = "select=1:ncpus=%d" % spec.cores
+        if spec.memory:
+            resources += ":mem=%dMB" % spec.memory_mb
+        lines = ["-N %s" % spec.name, "-l %s" % resources]
+        if spec.walltime:
+            lines.append("-l walltime=%s" % spec.walltime)
+        if spec.queue:
+            lines.append("-q %s" % spec.queue)
+        lines.append("-j oe")
+        return lines
+
+    def job_states(self):  # untested here: no PBS on the test machine
+        out = self._run(["qstat", "-u", getpass.getuser()])
+        states = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if parts and parts[0][0].isdigit():
+                states[parts[0]] = parts[-2] if len(parts) > 2 else "UNKNOWN"
+        return states
+
+
+class SGECluster(JobQueueCluster):
+    """Workers as Grid Engine jobs (``qsub -terse``, ``qdel``, ``qstat``):
+    ``#$ -pe smp N`` for the cores, ``-l h_vmem=`` (per slot), ``-l h_rt=``."""
+
+    directive = "#$"
+    submit_command = ["qsub", "-terse"]
+    cancel_command = ["qdel"]
+    job_id_variable = "JOB_ID"
+
+    @classmethod
+    def header_lines(cls, spec):
+        lines = ["-N %s" % spec.name, "-cwd", "-j y"]
+        if spec.cores > 1:
+            lines.append("-pe smp %d" % spec.cores)
+        if spec.memory:
+            lines.append("-l h_vmem=%dM" % int(math.ceil(spec.memory_mb / spec.cores)))
+        if spec.walltime:
+            lines.append("-l h_rt=%s" % spec.walltime)
+        if spec.queue:
+            lines.append("-q %s" % spec.queue)
+        return lines
+
+    def job_states(self):  # untested here: no SGE on the test machine
+        out = self._run(["qstat", "-u", getpass.getuser()])
+        states = {}
+        for line in out.splitlines()[2:]:
+            parts = line.split()
+            if len(parts) > 4:
+                states[parts[0]] = parts[4]
+        return states
+
+
+class LSFCluster(JobQueueCluster):
+    """Workers as LSF jobs (``bsub < script``, ``bkill``, ``bjobs``): ``#BSUB
+    -n``, ``-R "span[hosts=1]"``, ``-M`` (MB), ``-W HH:MM``."""
+
+    directive = "#BSUB"
+    submit_command = ["bsub"]
+    submit_stdin = True  # bsub reads the #BSUB lines only from its stdin
+    cancel_command = ["bkill"]
+    job_id_variable = "LSB_JOBID"
+    job_id_regex = r"Job <(\d+)>"
+
+    @classmethod
+    def header_lines(cls, spec):
+        lines = ["-J %s" % spec.name, "-n %d" % spec.cores, '-R "span[hosts=1]"']
+        if spec.memory:
+            lines.append("-M %d" % spec.memory_mb)
+        if spec.walltime:
+            lines.append("-W %s" % ":".join(spec.walltime.split(":")[:2]))  # HH:MM
+        if spec.queue:
+            lines.append("-q %s" % spec.queue)
+        return lines
+
+    def job_states(self):  # untested here: no LSF on the test machine
+        out = self._run(["bjobs", "-noheader", "-o", "jobid stat"])
+        return dict(line.split()[:2] for line in out.splitlines() if len(line.split()) > 1)
+
+
+class JobSpec:
+    """What each job asks for and runs (see :class:`JobQueueCluster`).
+
+    >>> JobSpec(cores=4, memory='2GiB', processes=2).memory_mb
+    2048
+    """
+
+    def __init__(self, cores=1, memory=None, walltime="00:30:00", queue=None,
+                 job_extra=(), processes=1, python=sys.executable, local_directory=None,
+                 env_extra=(), name="dworker", job_directory=None):
+        if not 1 <= int(processes) <= int(cores):
+            raise ValueError("a job needs cores >= processes >= 1 (got cores=%r, "
+                             "processes=%r)" % (cores, processes))
+        if isinstance(job_extra, str) or isinstance(env_extra, str):
+            raise TypeError("job_extra and env_extra are lists of lines")
+        self.cores = int(cores)
+        self.memory = parse_memory_limit(memory) if memory is not None else None
+        self.walltime = walltime
+        self.queue = queue
+        self.job_extra = list(job_extra)
+        self.processes = int(processes)
+        self.python = python
+        self.local_directory = local_directory
+        self.env_extra = list(env_extra)
+        self.name = name
+        self.job_directory = job_directory  # the job output; None: the scheduler's default
+
+    @property
+    def memory_mb(self):
+        """The memory in MiB, rounded up (what the schedulers' directives take)."""
+        return int(math.ceil(self.memory / 2 ** 20)) if self.memory else None
+
+
+def _private_directory(parent=None):
+    """A new directory only the user may enter, under ``parent`` (made ``0700``)."""
+    parent = parent or os.path.join(os.path.expanduser("~"), ".distributed", "jobqueue")
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    return tempfile.mkdtemp(prefix="cluster-", dir=parent)  # mode 0700
+
+
+def _write_private(path, text):
+    """Write ``text`` to a new file that only the user may read (``0600``)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+async def _identity(address, security, timeout):
+    try:
+        with rpc(address, security=security, timeout=timeout) as w:
+            return await w.identity()
+    except Exception as e:  # leaving meanwhile
+        logger.debug("no identity from %s: %s", address, e)
+        return None
+
+
+async def _gather_into(address, who_has, security, timeout):
+    """Make the worker at ``address`` fetch ``who_has``; a problem as text, or None."""
+    try:
+        with rpc(address, security=security, timeout=timeout) as w:
+            result = await w.gather(who_has=who_has)
+    except Exception as e:
+        return "%s: %s" % (address, e)
+    if isinstance(result, tuple) and result and result[0] != b"OK":
+        return "%s: %s" % (address, result)
+    return None
+
+
+def _run_coroutine(coroutine):
+    """``asyncio.run`` it, from a thread of ours when a loop already runs here."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+@atexit.register
+def _close_clusters():
+    for cluster in list(_clusters):
+        cluster.close()
