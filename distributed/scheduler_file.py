@@ -61,6 +61,10 @@ def write_scheduler_file(path, address, security=None):
                 content[key] = (os.path.abspath(value) if key.startswith("tls_")
                                 else value)
     tmp = "%s.%d.tmp" % (path, os.getpid())
+    try:  # left by a crash of a process with our pid: O_EXCL would refuse it
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
     # 0600 from creation: the token is never readable by others, not for an instant
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o600)
     try:

@@ -16,7 +16,6 @@ from ..http.center import DASHBOARD_PORT
 from ..process import exit_with_parent
 from ..scheduler import ALLOWED_FAILURES
 from ..scheduler_file import remove_scheduler_file, write_scheduler_file
-from ..utils import get_ip, unparse_address
 from .utils import (
     CENTER_STARTED,
     DASHBOARD_STARTED,
@@ -117,14 +116,6 @@ def center_args(**options):
     return options_argv(OPTIONS, options, exclude=_SET_BY_CLUSTER, what="center option")
 
 
-def advertised_address(center):
-    """The address others reach ``center`` at: this machine's IP for a center
-    listening on every interface (``--host 0.0.0.0``)."""
-    if center.ip in ("0.0.0.0", "::", ""):
-        return unparse_address(get_ip(), center.port)
-    return center.address
-
-
 def main(argv=None):
     exit_with_parent()  # a center of a local cluster stops when its client dies
     parser = make_parser()
@@ -145,7 +136,7 @@ def main(argv=None):
         warn_if_exposed(logger, "the center", args.host, security)
         if args.scheduler_file:
             nonlocal scheduler_file
-            address = advertised_address(center)
+            address = center.address  # advertised: routable even for --host 0.0.0.0
             # before the line: whoever waits for it finds the file written
             scheduler_file = (write_scheduler_file(args.scheduler_file, address, security),
                               address)
