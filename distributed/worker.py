@@ -139,8 +139,11 @@ DEATH_TIMEOUT_EXIT_CODE = 76
 #: exit status of a worker process under a nanny that retired after its
 #: ``--lifetime``: the nanny does not restart it (and exits with status 0)
 RETIRED_EXIT_CODE = 78
-#: seconds to hand one peer its share of a retiring worker's data
+#: seconds to hand one peer one batch of a retiring worker's data
 HANDOFF_TIMEOUT = 60
+#: bytes of data in one message of a retiring worker's hand-off, at most
+#: (a single larger value goes alone)
+HANDOFF_BATCH_BYTES = 64 * 2**20
 #: results up to this many bytes are sent with the task-finished message
 SMALL_RESULT = 1024
 
@@ -544,14 +547,12 @@ class Worker(Server):
             logger.warning("no other worker to hand %d keys to", len(keys))
             return
         for i, peer in enumerate(peers):
-            share = keys[i::len(peers)]
-            if not share:
-                continue
-            values = self.get_data(keys=share)
-            if inspect.isawaitable(values):  # some were spilled: read from disk
-                values = yield values
-            yield self.rpc_for(peer).update_data(data=values, report=True,
-                                                 timeout=HANDOFF_TIMEOUT)
+            for batch in _batches(keys[i::len(peers)], self.nbytes, HANDOFF_BATCH_BYTES):
+                values = self.get_data(keys=batch)
+                if inspect.isawaitable(values):  # some were spilled: read from disk
+                    values = yield values
+                yield self.rpc_for(peer).update_data(data=values, report=True,
+                                                     timeout=HANDOFF_TIMEOUT)
 
     # -- data ----------------------------------------------------------------
 
@@ -1121,6 +1122,25 @@ class Worker(Server):
             self.ncores,
             self.status,
         )
+
+
+def _batches(keys, nbytes, limit):
+    """``keys`` in consecutive lists of at most ``limit`` bytes (by
+    ``nbytes``) each; a larger key alone.
+
+    >>> list(_batches(['a', 'b', 'c'], {'a': 6, 'b': 5, 'c': 1}, 10))
+    [['a'], ['b', 'c']]
+    """
+    batch, size = [], 0
+    for key in keys:
+        n = nbytes.get(key, 0)
+        if batch and size + n > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(key)
+        size += n
+    if batch:
+        yield batch
 
 
 def get_worker():

@@ -9,11 +9,12 @@ import signal
 import stat
 import time
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import psutil
 import pytest
 
-from distributed import Executor
+from distributed import Executor, Worker, rpc
 from distributed.scheduler_file import (
     SchedulerFileTimeout,
     read_scheduler_file,
@@ -21,8 +22,8 @@ from distributed.scheduler_file import (
     write_scheduler_file,
 )
 from distributed.security import ENV_TOKEN, Security
-from distributed.utils_test import PYTHON, add, call, child_env, gone, poll, popen, uid, \
-    wait_for_line
+from distributed.utils_test import PYTHON, add, call, child_env, gen_cluster, gone, poll, \
+    popen, uid, wait_for_line
 from distributed.worker import DEATH_TIMEOUT_EXIT_CODE
 
 DCENTER = [PYTHON, "-m", "distributed.cli.dcenter"]
@@ -241,3 +242,36 @@ def test_executor_of_a_cluster_leaves_it_running(cluster):
         assert e.submit(add, 10, 2).result(timeout=30) == 12
     finally:
         e.shutdown()
+
+
+@gen_cluster(ncores=[1, 1, 1])
+async def test_retire_spreads_the_data_over_the_peers_in_batches(c, a, b, w):
+    """In process: the retiring worker's keys go round robin to the two
+    others, in messages of at most HANDOFF_BATCH_BYTES, and none is lost."""
+    data = {"k%d" % i: b"x" * 1000 for i in range(10)}
+    r = rpc(a.address)
+    await r.update_data(data=data)
+    r.close_streams()
+    sent = []
+    real = Worker.rpc_for
+
+    def counting(self, address):
+        r = real(self, address)
+        update = r.update_data
+
+        async def update_data(**kwargs):
+            sent.append((address, sorted(kwargs["data"])))
+            return await update(**kwargs)
+
+        r.update_data = update_data
+        return r
+
+    with patch.object(Worker, "rpc_for", counting), \
+            patch("distributed.worker.HANDOFF_BATCH_BYTES", 3500):
+        await a.retire()
+    assert a.status == "closed" and a.address not in c.ncores
+    held = {k for k in data if c.who_has[k]}
+    assert held == set(data)  # every key is on a peer
+    assert set(b.data) | set(w.data) == set(data) and not set(b.data) & set(w.data)
+    assert {addr for addr, _ in sent} == {b.address, w.address}
+    assert all(len(keys) <= 3 for _, keys in sent) and len(sent) == 4  # 5 keys each: 3 + 2
