@@ -275,3 +275,44 @@ async def test_retire_spreads_the_data_over_the_peers_in_batches(c, a, b, w):
     assert set(b.data) | set(w.data) == set(data) and not set(b.data) & set(w.data)
     assert {addr for addr, _ in sent} == {b.address, w.address}
     assert all(len(keys) <= 3 for _, keys in sent) and len(sent) == 4  # 5 keys each: 3 + 2
+
+
+@pytest.mark.processes
+def test_scheduler_file_carries_tls_settings(tmp_path):
+    """A center with TLS and a token: the worker and the Executor get both
+    from the file alone (no variable, no flag)."""
+    pytest.importorskip("cryptography")
+    from test_security import _make_certs
+
+    certs = _make_certs(tmp_path)["ca"]
+    token = "tok-" + uid()
+    path = tmp_path / "tls.json"
+    center_env = env(**{ENV_TOKEN: token, "DISTRIBUTED_TLS_CERT": certs["tls_cert"],
+                        "DISTRIBUTED_TLS_KEY": certs["tls_key"],
+                        "DISTRIBUTED_TLS_CA": certs["tls_ca"]})
+    with popen(DCENTER + ["--port", "0", "--no-dashboard", "--scheduler-file", str(path)],
+               env=center_env) as c:
+        address = center_address(c)
+        content = json.loads(path.read_text())
+        assert {k: content[k] for k in certs} == certs
+        plain = {k: v for k, v in env().items() if not k.startswith("DISTRIBUTED_TLS")}
+        with popen(DWORKER + ["--scheduler-file", str(path), "--no-nanny"], env=plain) as w:
+            registered(w, address)
+            with pytest.MonkeyPatch.context() as mp:
+                for name in ("DISTRIBUTED_TLS_CERT", "DISTRIBUTED_TLS_KEY",
+                             "DISTRIBUTED_TLS_CA"):
+                    mp.delenv(name, raising=False)
+                e = Executor(scheduler_file=str(path), timeout=20, set_as_default=False)
+                try:
+                    assert e.security.tls and e.security.token == token
+                    assert e.submit(add, 20, 1).result(timeout=30) == 21
+                finally:
+                    e.shutdown()
+
+
+def test_executor_names_the_missing_scheduler_file(tmp_path):
+    path = str(tmp_path / "absent.json")
+    with pytest.raises(SchedulerFileTimeout, match=re.escape(path)):
+        Executor(scheduler_file=path, timeout=0.5, set_as_default=False)
+    with pytest.raises(TypeError, match="scheduler_file"):
+        Executor("127.0.0.1:8787", scheduler_file=path)
