@@ -316,3 +316,16 @@ def test_executor_names_the_missing_scheduler_file(tmp_path):
         Executor(scheduler_file=path, timeout=0.5, set_as_default=False)
     with pytest.raises(TypeError, match="scheduler_file"):
         Executor("127.0.0.1:8787", scheduler_file=path)
+
+
+@pytest.mark.processes
+def test_sigterm_while_waiting_for_the_scheduler_file(tmp_path):
+    pid_file = tmp_path / "w.pid"
+    with popen(DWORKER + ["--scheduler-file", str(tmp_path / "none.json"),
+                          "--pid-file", str(pid_file)], env=env()) as w:
+        poll(lambda: pid_file.exists(), timeout=30, msg="the pid file")
+        assert int(pid_file.read_text()) == w.pid  # written before the wait
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(10) == 0
+        assert "Worker stopped" in w.read()
+    assert not pid_file.exists()

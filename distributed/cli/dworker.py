@@ -198,17 +198,19 @@ def main(argv=None):
     file_security = None
     if args.center is not None and _flag_given("--scheduler-file", argv):
         parser.error("give either CENTER_ADDRESS or --scheduler-file, not both")
+    if args.center is None and not args.scheduler_file:
+        parser.error("the center's address is needed: CENTER_ADDRESS or "
+                     "--scheduler-file PATH")
+    write_pid_file(args.pid_file)
     if args.center is None:  # else a $DISTRIBUTED_SCHEDULER_FILE is not ours to read
-        if not args.scheduler_file:
-            parser.error("the center's address is needed: CENTER_ADDRESS or "
-                         "--scheduler-file PATH")
-        try:  # waits for the center to write it
-            args.center, file_security = read_scheduler_file(
-                args.scheduler_file, timeout=args.connect_timeout)
+        try:
+            args.center, file_security = _wait_for_scheduler_file(args)
         except (SchedulerFileTimeout, ValueError, OSError) as e:
             print("dworker: error: %s" % e, file=sys.stderr, flush=True)
             return 1
-    write_pid_file(args.pid_file)
+        except _Stopped:
+            print("Worker stopped", flush=True)
+            return 0
     try:
         center = coerce_to_address(args.center)
         center_ip, center_port = parse_address(center)
@@ -247,6 +249,26 @@ def main(argv=None):
 
     code = run_until_signal(start, stop, prog="dworker")
     return _closed_on_its_own(worker, args) if code == 0 else code
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM while waiting for the scheduler file."""
+
+
+def _wait_for_scheduler_file(args):
+    """``(address, security)`` of ``--scheduler-file``, waiting up to
+    ``--connect-timeout`` for it; a signal meanwhile raises :class:`_Stopped`
+    (so the command stops at once and cleanly, its pid file removed)."""
+
+    def stop(signum, frame):
+        raise _Stopped()
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return read_scheduler_file(args.scheduler_file, timeout=args.connect_timeout)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _flag_given(flag, argv=None):
