@@ -102,8 +102,10 @@ def read_scheduler_file(path, timeout=30, security=None):
     to ``timeout`` seconds for it to appear.
 
     ``security``: settings given otherwise (command-line flags); the ones it
-    has win over the file's, the file's over the environment's.  Raises
-    :class:`SchedulerFileTimeout`, naming the path, when no file came.
+    has win over the file's.  The environment's ``DISTRIBUTED_*`` settings
+    do not: the file says all the center needs (no token in it: the center
+    has none).  Raises :class:`SchedulerFileTimeout`, naming the path, when
+    no file came.
     """
     path = os.path.abspath(os.path.expanduser(path))
     deadline = time.monotonic() + timeout
@@ -123,7 +125,7 @@ def read_scheduler_file(path, timeout=30, security=None):
                  "tls_key": security.tls_key, "tls_ca": security.tls_ca}
     merged = {attr: given.get(attr) or content.get(key)
               for key, attr in _SECURITY_KEYS.items()}
-    return content["address"], Security.from_env(**merged)
+    return content["address"], Security(**merged)
 
 
 def remove_scheduler_file(path, address):

@@ -22,8 +22,8 @@ from distributed.scheduler_file import (
     write_scheduler_file,
 )
 from distributed.security import ENV_TOKEN, Security
-from distributed.utils_test import PYTHON, add, call, child_env, gen_cluster, gone, poll, \
-    popen, uid, wait_for_line
+from distributed.utils_test import PYTHON, add, call, child_env, environ, gen_cluster, gone, \
+    poll, popen, uid, wait_for_line
 from distributed.worker import DEATH_TIMEOUT_EXIT_CODE
 
 DCENTER = [PYTHON, "-m", "distributed.cli.dcenter"]
@@ -80,6 +80,10 @@ def test_scheduler_file_is_owner_only_whatever_the_umask(tmp_path):
     # settings given otherwise win over the file's
     _, mine = read_scheduler_file(str(path), timeout=0, security=Security(token="other"))
     assert mine.token == "other"
+    # the file describes the center: a token of the environment does not add to it
+    write_scheduler_file(str(path), "127.0.0.1:1234")  # a center without a token
+    with environ(**{ENV_TOKEN: "stale"}):
+        assert read_scheduler_file(str(path), timeout=0)[1].token is None
     # only the center that wrote it removes it
     assert not remove_scheduler_file(str(path), "127.0.0.1:9999") and path.exists()
     assert remove_scheduler_file(str(path), "127.0.0.1:1234") and not path.exists()

@@ -447,14 +447,16 @@ async def run_preload(module, node):
 
 
 def security_from_args(args, parser, fallback=None):
-    """The :class:`Security` of the options; a ``fallback`` Security (a
-    scheduler file's) fills the gaps, then the environment variables."""
+    """The :class:`Security` of the options; the environment variables fill
+    the gaps, or, instead of them, a ``fallback`` Security (a scheduler
+    file's, which describes the center completely)."""
     given = dict(token=args.auth_token, tls_cert=args.tls_cert,
                  tls_key=args.tls_key, tls_ca=args.tls_ca)
-    if fallback is not None:
-        given = {name: value or getattr(fallback, name) for name, value in given.items()}
     try:
-        return Security.from_env(**given)
+        if fallback is None:
+            return Security.from_env(**given)
+        return Security(**{name: value or getattr(fallback, name)
+                           for name, value in given.items()})
     except ValueError as e:
         parser.error(str(e))
 
