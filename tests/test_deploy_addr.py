@@ -23,7 +23,7 @@ from distributed.scheduler_file import (
 )
 from distributed.security import ENV_TOKEN, Security
 from distributed.utils_test import PYTHON, add, call, child_env, environ, gen_cluster, gone, \
-    poll, popen, uid, wait_for_line
+    local_cluster, poll, popen, uid, wait_for_line
 from distributed.worker import DEATH_TIMEOUT_EXIT_CODE
 
 DCENTER = [PYTHON, "-m", "distributed.cli.dcenter"]
@@ -333,3 +333,22 @@ def test_sigterm_while_waiting_for_the_scheduler_file(tmp_path):
         assert w.wait(10) == 0
         assert "Worker stopped" in w.read()
     assert not pid_file.exists()
+
+
+@pytest.mark.processes
+def test_local_cluster_ignores_the_deployment_variables(tmp_path):
+    """A LocalCluster started where $DISTRIBUTED_SCHEDULER_FILE names a real
+    cluster's file must not overwrite it, nor take --lifetime from the shell."""
+    path = tmp_path / "real.json"
+    write_scheduler_file(str(path), "192.0.2.2:8787")
+    before = path.read_text()
+    with environ(DISTRIBUTED_SCHEDULER_FILE=str(path), DISTRIBUTED_LIFETIME="1"):
+        with local_cluster(n_workers=1) as cluster:
+            e = Executor(cluster, set_as_default=False)
+            try:
+                time.sleep(2)  # past the lifetime the variable says
+                assert e.submit(add, 1, 1).result(timeout=30) == 2
+                assert len(e.ncores()) == 1
+            finally:
+                e.shutdown()
+    assert path.read_text() == before

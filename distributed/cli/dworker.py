@@ -30,6 +30,9 @@ from ..worker import (
     Worker,
 )
 from .utils import (
+    ENV_DEATH_TIMEOUT,
+    ENV_LIFETIME,
+    ENV_LIFETIME_STAGGER,
     ENV_SCHEDULER_FILE,
     FREE_PORT,
     LOG_LENGTH_OPTION,
@@ -119,17 +122,17 @@ OPTIONS = [
            "the file `dcenter --scheduler-file PATH` writes, waiting up to "
            "--connect-timeout seconds for it to appear; instead of CENTER_ADDRESS"),
     Option("--death-timeout", type=float, kwarg="death_timeout", metavar="SECONDS",
-           children=(NANNY_CHILD, NPROCS_CHILD), env="DISTRIBUTED_DEATH_TIMEOUT",
+           children=(NANNY_CHILD, NPROCS_CHILD), env=ENV_DEATH_TIMEOUT,
            help="once registered, exit (status %d; the nanny too, without a restart) "
            "if the center cannot be reached again for this long after losing it"
-           % DEATH_TIMEOUT_EXIT_CODE, default_text="$DISTRIBUTED_DEATH_TIMEOUT, else "
-           "keep trying for an hour"),
+           % DEATH_TIMEOUT_EXIT_CODE,
+           default_text="$%s, else keep trying for an hour" % ENV_DEATH_TIMEOUT),
     Option("--lifetime", type=float, kwarg="lifetime", metavar="SECONDS",
-           children=(NANNY_CHILD, NPROCS_CHILD), env="DISTRIBUTED_LIFETIME",
+           children=(NANNY_CHILD, NPROCS_CHILD), env=ENV_LIFETIME,
            help="retire after this long: hand the data to the other workers, "
            "unregister and exit (status 0; the nanny does not restart it)"),
     Option("--lifetime-stagger", type=float, kwarg="lifetime_stagger", metavar="SECONDS",
-           children=(NANNY_CHILD, NPROCS_CHILD), env="DISTRIBUTED_LIFETIME_STAGGER",
+           children=(NANNY_CHILD, NPROCS_CHILD), env=ENV_LIFETIME_STAGGER,
            help="retire up to this much earlier or later than --lifetime (at random), "
            "so that workers started together do not all leave at once"),
     PID_FILE_OPTION,

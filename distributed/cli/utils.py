@@ -369,6 +369,15 @@ PRELOAD_OPTION = Option(
 ENV_SCHEDULER_FILE = "DISTRIBUTED_SCHEDULER_FILE"
 #: ``--pid-file``: this process's pid (never inherited by the processes it starts)
 ENV_PID_FILE = "DISTRIBUTED_PID_FILE"
+#: ``dworker --death-timeout``, ``--lifetime``, ``--lifetime-stagger``
+ENV_DEATH_TIMEOUT = "DISTRIBUTED_DEATH_TIMEOUT"
+ENV_LIFETIME = "DISTRIBUTED_LIFETIME"
+ENV_LIFETIME_STAGGER = "DISTRIBUTED_LIFETIME_STAGGER"
+#: the variables of the deployment flags: a ``LocalCluster`` does not hand
+#: them to its processes (its center must not overwrite a real cluster's
+#: scheduler file; its options come from its arguments)
+DEPLOY_ENV = (ENV_SCHEDULER_FILE, ENV_PID_FILE, ENV_DEATH_TIMEOUT, ENV_LIFETIME,
+              ENV_LIFETIME_STAGGER)
 
 PID_FILE_OPTION = Option(
     "--pid-file", metavar="PATH", env=ENV_PID_FILE,
