@@ -413,12 +413,13 @@ class Worker(Server):
             except (AuthenticationError, TLSError):
                 raise  # retrying cannot help: the tokens or certificates do not match
             except (OSError, TimeoutError, StreamClosedError) as e:
-                if time.time() + delay > deadline:
+                remaining = deadline - time.time()
+                if remaining <= 0:  # tried for the whole timeout, not a retry less
                     raise TimeoutError(
                         "worker %s could not register with the center at %s within "
                         "%s s: %s" % (self.address, self.center.address, timeout, e)
                     ) from None
-                yield gen.sleep(delay)
+                yield gen.sleep(min(delay, remaining))
                 delay = min(delay * 2, 1)
                 continue
             if self.batched is not None:
