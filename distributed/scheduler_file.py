@@ -65,8 +65,13 @@ def write_scheduler_file(path, address, security=None):
         os.unlink(tmp)
     except FileNotFoundError:
         pass
-    # 0600 from creation: the token is never readable by others, not for an instant
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise OSError("cannot write the scheduler file %s: %s" % (path, e)) from None
+    try:
+        # 0600 from creation: the token is never readable by others, not for an instant
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise OSError("cannot write the scheduler file %s: %s" % (path, e.strerror)) from None
     try:
         os.fchmod(fd, 0o600)  # whatever the umask
         with os.fdopen(fd, "w") as f:

@@ -90,6 +90,14 @@ def test_scheduler_file_is_owner_only_whatever_the_umask(tmp_path):
 
 
 @pytest.mark.pure
+def test_an_unwritable_scheduler_file_is_named(tmp_path):
+    path = str(tmp_path / "no-such-dir" / "s.json")
+    with pytest.raises(OSError, match="cannot write the scheduler file %s: No such file"
+                       % re.escape(path)):
+        write_scheduler_file(path, "127.0.0.1:1")
+
+
+@pytest.mark.pure
 def test_reading_a_missing_scheduler_file_times_out_naming_it(tmp_path):
     path = str(tmp_path / "nowhere.json")
     start = time.time()
