@@ -66,6 +66,7 @@ from .graph import TaskRef, get_dependencies, toposort
 from .output import print_output
 from .protocol import DEFAULT_LIMITS, from_blob, to_blob
 from .scheduler import LostData
+from .scheduler_file import read_scheduler_file
 from .security import TLSError, default_security, tls_error
 from .tokenize import Normalized, by_reference, tokenize
 from .cli.utils import CENTER_STARTED
@@ -597,7 +598,11 @@ class _LoopThread:
 class Executor:
     """Submit work to a cluster (see the module docstring).
 
-    ``address`` is the center's (``'ip:port'``, ``(ip, port)``); with none, a
+    ``address`` is the center's (``'ip:port'``, ``(ip, port)``), or a
+    cluster object with a ``center_address`` (and ``security``) attribute
+    (``Executor(LocalCluster())``; :meth:`shutdown` leaves that cluster
+    running); ``scheduler_file=PATH`` reads them from the file ``dcenter
+    --scheduler-file PATH`` writes, waiting up to ``timeout`` for it.  With none, a
     :class:`~distributed.local.LocalCluster` of one single-threaded worker per
     core starts and is closed by :meth:`shutdown`.  ``timeout`` is how long
     to wait for the center, in seconds.  ``security`` (a
@@ -638,7 +643,15 @@ class Executor:
     def __init__(self, address=None, start=True, timeout=10, loop=None,
                  n_workers=None, threads_per_worker=1, security=None,
                  forward_output=True, set_as_default=True, asynchronous=False,
-                 **cluster_options):
+                 scheduler_file=None, **cluster_options):
+        if hasattr(address, "center_address"):  # a cluster object: not ours to close
+            security = security or getattr(address, "security", None)
+            address = address.center_address
+        if scheduler_file is not None and (address is not None or cluster_options):
+            raise TypeError("scheduler_file=%r: the address comes from that file; give "
+                            "no address nor local cluster options" % (scheduler_file,))
+        #: (path, security given) while the address is still to read from the file
+        self._scheduler_file = (scheduler_file, security) if scheduler_file else None
         if cluster_options and address is not None:
             raise TypeError("%s: options of a local cluster, but this executor "
                             "connects to %s" % (", ".join(cluster_options), address))
@@ -844,6 +857,11 @@ class Executor:
         """Start a local cluster if there is no address, connect to the center."""
         if self.status == "running":
             return self
+        if self.address is None and self._scheduler_file is not None:
+            path, given = self._scheduler_file  # wait for it up to our timeout
+            self.address, self.security = await asyncio.get_running_loop().run_in_executor(
+                None, read_scheduler_file, path, self.timeout, given)
+            self.pool.security = self.security
         if self.address is None:
             from .local import LocalCluster
 

@@ -31,6 +31,7 @@ from urllib.parse import urlencode
 from .cli.utils import (
     CENTER_STARTED,
     DASHBOARD_STARTED,
+    DEPLOY_ENV,
     LOCALHOST,
     WORKER_REGISTERED,
     WORKER_STARTED,
@@ -85,6 +86,8 @@ class LocalCluster:
             security = security.with_token(secrets.token_hex(32))
         self.security = security
         self._env = security.child_env()  # the token never goes on a command line
+        for name in DEPLOY_ENV:  # a $DISTRIBUTED_SCHEDULER_FILE is not for our center
+            self._env.pop(name, None)
         self.center = None
         self.dashboard_address = None  # http://host:port/status
         self.workers = []

@@ -41,7 +41,12 @@ from .cli.utils import WORKER_REGISTERED, WORKER_RESTARTED, WORKER_STARTED
 from .core import ConnectionPool, Server, rpc
 from .process import Process
 from .utils import get_ip, unparse_address
-from .worker import MEMORY_BLAME, MEMORY_EXIT_CODE
+from .worker import (
+    DEATH_TIMEOUT_EXIT_CODE,
+    MEMORY_BLAME,
+    MEMORY_EXIT_CODE,
+    RETIRED_EXIT_CODE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +235,15 @@ class Nanny(Server):
     """Supervise one worker process (see the module docstring)."""
 
     def __init__(self, center_ip, center_port, ip=None, worker_args=(), timeout=30,
-                 restart_delay=0.5, echo=False, heartbeat_interval=1.0, **kwargs):
+                 restart_delay=0.5, echo=False, heartbeat_interval=1.0,
+                 death_timeout=None, **kwargs):
         self.center_address = unparse_address(center_ip, center_port)
+        #: ``dworker --death-timeout``: a worker that cannot be restarted (its
+        #: center is gone) ends the nanny too, rather than leaving it idle
+        self.death_timeout = death_timeout
+        #: the status ``dworker`` exits with once the nanny closed because its
+        #: worker retired (0) or lost its center for good; None otherwise
+        self.exit_code = None
         self.worker_args = list(worker_args)
         self.timeout = timeout
         self.restart_delay = restart_delay
@@ -342,6 +354,9 @@ class Nanny(Server):
         if process is None or process.poll() is None:
             return
         self.process = None
+        if process.poll() in (RETIRED_EXIT_CODE, DEATH_TIMEOUT_EXIT_CODE):
+            self._worker_ended(process.poll())
+            return
         self._restarting = asyncio.ensure_future(self._restart_after_death())
         asyncio.ensure_future(self._death(process, self.worker_address, self._oom_watch))
 
@@ -375,6 +390,18 @@ class Nanny(Server):
         except Exception as e:
             logger.info("could not tell the center that %s died: %s", address, e)
 
+    def _worker_ended(self, code):
+        """The worker retired (``--lifetime``) or gave its center up
+        (``--death-timeout``): no restart; the nanny closes too."""
+        if code == RETIRED_EXIT_CODE:
+            self.exit_code = 0
+            logger.info("worker %s retired; the nanny stops", self.worker_address)
+        else:
+            self.exit_code = code
+            logger.warning("worker %s lost its center for good (--death-timeout); "
+                           "the nanny stops", self.worker_address)
+        asyncio.ensure_future(self._close())
+
     async def _restart_after_death(self):
         try:
             await asyncio.sleep(self.restart_delay)
@@ -382,6 +409,9 @@ class Nanny(Server):
             print(WORKER_RESTARTED, address, flush=True)
         except Exception:
             logger.exception("could not restart the worker")
+            if self.death_timeout is not None and self.status == "running":
+                self._restarting = None
+                self._worker_ended(DEATH_TIMEOUT_EXIT_CODE)
         finally:
             self._restarting = None
 

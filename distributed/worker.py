@@ -58,6 +58,7 @@ import concurrent.futures
 import functools
 import heapq
 import importlib
+import inspect
 import itertools
 import logging
 import os
@@ -130,6 +131,20 @@ _workers = weakref.WeakSet()
 HEARTBEAT_INTERVAL = 1.0
 #: seconds a worker keeps trying to reach the center when it starts
 CONNECT_RETRY_TIMEOUT = 30
+#: seconds a worker that lost its center keeps trying to reach it again,
+#: unless its ``death_timeout`` says otherwise (``dworker --death-timeout``)
+RECONNECT_TIMEOUT = 3600
+#: exit status of a ``dworker`` process whose worker could not reach its
+#: center for ``--death-timeout`` seconds: its nanny does not restart it
+DEATH_TIMEOUT_EXIT_CODE = 76
+#: exit status of a worker process under a nanny that retired after its
+#: ``--lifetime``: the nanny does not restart it (and exits with status 0)
+RETIRED_EXIT_CODE = 78
+#: seconds to hand one peer one batch of a retiring worker's data
+HANDOFF_TIMEOUT = 60
+#: bytes of data in one message of a retiring worker's hand-off, at most
+#: (a single larger value goes alone)
+HANDOFF_BATCH_BYTES = 64 * 2**20
 #: results up to this many bytes are sent with the task-finished message
 SMALL_RESULT = 1024
 
@@ -233,7 +248,8 @@ class Worker(Server):
                  heartbeat_interval=HEARTBEAT_INTERVAL, memory_limit=None,
                  nanny=None, memory_target_fraction=None, memory_pause_fraction=None,
                  memory_terminate_fraction=None,
-                 memory_monitor_interval=MEMORY_MONITOR_INTERVAL, resources=None, **kwargs):
+                 memory_monitor_interval=MEMORY_MONITOR_INTERVAL, resources=None,
+                 death_timeout=None, lifetime=None, lifetime_stagger=0, **kwargs):
         if center_port is None:
             center_ip, center_port = parse_address(coerce_to_address(center_ip))
         self.loop = loop or IOLoop.current()
@@ -251,6 +267,15 @@ class Worker(Server):
             memory_terminate_fraction, memory_monitor_interval)
         self.nanny = nanny
         self.heartbeat_interval = heartbeat_interval
+        #: seconds without the center (once registered) before the worker closes
+        self.death_timeout = death_timeout
+        #: seconds after registering before the worker retires (see :meth:`retire`),
+        #: give or take ``lifetime_stagger``
+        self.lifetime = lifetime
+        self.lifetime_stagger = lifetime_stagger or 0
+        self._lifetime_timer = None
+        #: why the worker closed on its own: ``'death-timeout'``, ``'lifetime'``
+        self.close_reason = None
         self.executor = concurrent.futures.ThreadPoolExecutor(
             self.ncores, thread_name_prefix="distributed-worker"
         )
@@ -346,6 +371,11 @@ class Worker(Server):
         self.status = "running"
         self._heartbeat()  # the center knows its metrics at once
         self.memory.start()
+        if self.lifetime is not None and self._lifetime_timer is None:
+            delay = max(0, self.lifetime + random.uniform(-self.lifetime_stagger,
+                                                          self.lifetime_stagger))
+            self._lifetime_timer = self.loop.call_later(
+                delay, lambda: self.loop.spawn_callback(self.retire, "lifetime"))
         logger.info("worker at %s registered with center at %s",
                     self.address, self.center.address)
         # tasks are read from the next loop turn on: whoever awaits this resumes
@@ -384,12 +414,13 @@ class Worker(Server):
             except (AuthenticationError, TLSError):
                 raise  # retrying cannot help: the tokens or certificates do not match
             except (OSError, TimeoutError, StreamClosedError) as e:
-                if time.time() + delay > deadline:
+                remaining = deadline - time.time()
+                if remaining <= 0:  # tried for the whole timeout, not a retry less
                     raise TimeoutError(
                         "worker %s could not register with the center at %s within "
                         "%s s: %s" % (self.address, self.center.address, timeout, e)
                     ) from None
-                yield gen.sleep(delay)
+                yield gen.sleep(min(delay, remaining))
                 delay = min(delay * 2, 1)
                 continue
             if self.batched is not None:
@@ -426,10 +457,19 @@ class Worker(Server):
                 and self.batched.stream is stream:
             logger.warning("lost the center at %s; reconnecting", self.center.address)
             self.status = "reconnecting"
+            timeout = (RECONNECT_TIMEOUT if self.death_timeout is None
+                       else self.death_timeout)
             try:
-                yield self._register(timeout=3600)
-            except Exception:
-                logger.exception("could not reconnect to the center")
+                yield self._register(timeout=timeout)
+            except Exception as e:
+                if self.death_timeout is None:
+                    logger.exception("could not reconnect to the center")
+                elif self.status == "reconnecting":
+                    logger.error("could not reach the center at %s again within %g s "
+                                 "(death timeout): closing. %s", self.center.address,
+                                 self.death_timeout, e)
+                    self.close_reason = "death-timeout"
+                    yield self._close(report=False)
             finally:
                 if self.status == "reconnecting":
                     self.status = "running"
@@ -440,6 +480,8 @@ class Worker(Server):
         if self.status in ("closing", "closed"):
             return
         self.status = "closing"
+        if self._lifetime_timer is not None:
+            self.loop.remove_timeout(self._lifetime_timer)
         self.memory.stop()  # compute requests waiting for a resume go on (and fail)
         if self._heartbeats is not None:
             self._heartbeats.stop()
@@ -469,6 +511,50 @@ class Worker(Server):
     def terminate(self, stream=None, report=True):
         self.loop.spawn_callback(self._close, report=report)
         return b"OK"
+
+    @gen.coroutine
+    def retire(self, reason="retired"):
+        """Hand the data to the peers, unregister and close.
+
+        The keys are spread over the other workers the center knows (each
+        peer tells the center it holds its share, so nothing is lost when
+        this worker leaves); with no peer they are lost, and recomputed if
+        still wanted.  A result that lands during the hand-off is recomputed
+        elsewhere too.  ``dworker --lifetime`` calls it.
+
+        ::
+
+            await worker.retire()   # returns once closed
+        """
+        if self.status != "running":
+            return
+        self.close_reason = reason
+        logger.info("worker %s retiring (%s): handing %d keys to its peers",
+                    self.address, reason, len(self.data))
+        try:
+            yield self._hand_off()
+        except Exception as e:
+            logger.warning("could not hand all data over before retiring: %s", e)
+        yield self._close(report=True)
+
+    @gen.coroutine
+    def _hand_off(self):
+        """Copy every key to one of the other workers, round robin."""
+        keys = list(self.data)
+        if not keys:
+            return
+        ncores = yield self.center.ncores(timeout=10)
+        peers = sorted(a for a in ncores if a != self.address)
+        if not peers:
+            logger.warning("no other worker to hand %d keys to", len(keys))
+            return
+        for i, peer in enumerate(peers):
+            for batch in _batches(keys[i::len(peers)], self.nbytes, HANDOFF_BATCH_BYTES):
+                values = self.get_data(keys=batch)
+                if inspect.isawaitable(values):  # some were spilled: read from disk
+                    values = yield values
+                yield self.rpc_for(peer).update_data(data=values, report=True,
+                                                     timeout=HANDOFF_TIMEOUT)
 
     # -- data ----------------------------------------------------------------
 
@@ -1053,6 +1139,25 @@ class Worker(Server):
             self.ncores,
             self.status,
         )
+
+
+def _batches(keys, nbytes, limit):
+    """``keys`` in consecutive lists of at most ``limit`` bytes (by
+    ``nbytes``) each; a larger key alone.
+
+    >>> list(_batches(['a', 'b', 'c'], {'a': 6, 'b': 5, 'c': 1}, 10))
+    [['a'], ['b', 'c']]
+    """
+    batch, size = [], 0
+    for key in keys:
+        n = nbytes.get(key, 0)
+        if batch and size + n > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(key)
+        size += n
+    if batch:
+        yield batch
 
 
 def get_worker():

@@ -331,7 +331,7 @@ def test_every_dworker_flag_reaches_the_children_and_the_worker():
         "resources": {"GPU": 2.0, "MEM": 10e9},
         "nanny": "example-nanny_address",
         "services": {"http": HTTPWorker}, "service_ports": {"http": 7},
-        "log_length": 7}
+        "log_length": 7, "death_timeout": 2.5, "lifetime": 2.5, "lifetime_stagger": 2.5}
     assert set(kwargs) <= explicit_parameters(Worker)
 
 

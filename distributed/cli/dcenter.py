@@ -15,11 +15,14 @@ from ..http import HTTPCenter
 from ..http.center import DASHBOARD_PORT
 from ..process import exit_with_parent
 from ..scheduler import ALLOWED_FAILURES
+from ..scheduler_file import remove_scheduler_file, write_scheduler_file
 from .utils import (
     CENTER_STARTED,
     DASHBOARD_STARTED,
     LOCALHOST,
     LOG_LENGTH_OPTION,
+    ENV_SCHEDULER_FILE,
+    PID_FILE_OPTION,
     PRELOAD_OPTION,
     SECURITY_OPTIONS,
     VERBOSE,
@@ -37,6 +40,7 @@ from .utils import (
     security_from_args,
     setup_logging,
     warn_if_exposed,
+    write_pid_file,
 )
 
 logger = logging.getLogger("distributed.dcenter")
@@ -63,6 +67,12 @@ OPTIONS = [
     Option("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
            kwarg="heartbeat_timeout",
            help="seconds without a heartbeat before a worker counts as dead"),
+    Option("--scheduler-file", metavar="PATH", env=ENV_SCHEDULER_FILE,
+           help="once listening, write the center's address and what a client needs "
+           "to connect (auth token, TLS file paths) to PATH as JSON, readable by you "
+           "only; `dworker --scheduler-file PATH` and Executor(scheduler_file=PATH) "
+           "read it. Removed when the center stops cleanly"),
+    PID_FILE_OPTION,
     LOG_LENGTH_OPTION,
     PRELOAD_OPTION,
     *SECURITY_OPTIONS,
@@ -91,7 +101,8 @@ def center_kwargs(args):
 
 
 #: options a LocalCluster sets itself: address, and security through the environment
-_SET_BY_CLUSTER = {"host", "port", "auth_token", "tls_cert", "tls_key", "tls_ca"}
+_SET_BY_CLUSTER = {"host", "port", "auth_token", "tls_cert", "tls_key", "tls_ca",
+                   "pid_file"}
 
 
 def center_args(**options):
@@ -112,7 +123,9 @@ def main(argv=None):
     setup_logging(args.verbose)
     raise_open_files_limit()
     security = security_from_args(args, parser)
+    write_pid_file(args.pid_file)
     center = None
+    scheduler_file = None  # (path, address) once written
 
     async def start(stopping):
         nonlocal center
@@ -121,12 +134,20 @@ def main(argv=None):
         center.listen(args.port)
         await run_preload(args.preload, center)
         warn_if_exposed(logger, "the center", args.host, security)
+        if args.scheduler_file:
+            nonlocal scheduler_file
+            address = center.address  # advertised: routable even for --host 0.0.0.0
+            # before the line: whoever waits for it finds the file written
+            scheduler_file = (write_scheduler_file(args.scheduler_file, address, security),
+                              address)
         print(CENTER_STARTED, center.address, flush=True)
         if "http" in center.service_ports:
             print(DASHBOARD_STARTED, "http://%s:%d/status"
                   % (center.ip, center.service_ports["http"]), flush=True)
 
     async def stop():
+        if scheduler_file is not None:
+            remove_scheduler_file(*scheduler_file)
         if center is not None:
             await center._close()
         print("Center stopped", flush=True)

@@ -18,8 +18,11 @@ from ..core import coerce_to_address
 from ..http import HTTPWorker
 from ..process import ENV_PARENT_PID, exit_with_parent
 from ..utils import get_ip, parse_address
+from ..scheduler_file import SchedulerFileTimeout, read_scheduler_file
 from ..worker import (
     CONNECT_RETRY_TIMEOUT,
+    DEATH_TIMEOUT_EXIT_CODE,
+    RETIRED_EXIT_CODE,
     MEMORY_EXIT_CODE,
     MEMORY_PAUSE_FRACTION,
     MEMORY_TARGET_FRACTION,
@@ -27,11 +30,16 @@ from ..worker import (
     Worker,
 )
 from .utils import (
+    ENV_DEATH_TIMEOUT,
+    ENV_LIFETIME,
+    ENV_LIFETIME_STAGGER,
+    ENV_SCHEDULER_FILE,
     FREE_PORT,
     LOG_LENGTH_OPTION,
     NANNY_CHILD,
     NANNY_STARTED,
     NPROCS_CHILD,
+    PID_FILE_OPTION,
     PRELOAD_OPTION,
     SECURITY_OPTIONS,
     VERBOSE,
@@ -54,6 +62,7 @@ from .utils import (
     security_from_args,
     setup_logging,
     warn_if_exposed,
+    write_pid_file,
 )
 
 logger = logging.getLogger("distributed.dworker")
@@ -109,6 +118,25 @@ OPTIONS = [
     Option("--connect-timeout", type=float, default=CONNECT_RETRY_TIMEOUT,
            children=(NANNY_CHILD, NPROCS_CHILD),  # the command: Worker._start(timeout=)
            help="seconds to keep trying to reach the center before giving up"),
+    Option("--scheduler-file", metavar="PATH", env=ENV_SCHEDULER_FILE,
+           help="read the center's address (and its auth token and TLS settings) from "
+           "the file `dcenter --scheduler-file PATH` writes, waiting up to "
+           "--connect-timeout seconds for it to appear; instead of CENTER_ADDRESS"),
+    Option("--death-timeout", type=float, kwarg="death_timeout", metavar="SECONDS",
+           children=(NANNY_CHILD, NPROCS_CHILD), env=ENV_DEATH_TIMEOUT,
+           help="once registered, exit (status %d; the nanny too, without a restart) "
+           "if the center cannot be reached again for this long after losing it"
+           % DEATH_TIMEOUT_EXIT_CODE,
+           default_text="$%s, else keep trying for an hour" % ENV_DEATH_TIMEOUT),
+    Option("--lifetime", type=float, kwarg="lifetime", metavar="SECONDS",
+           children=(NANNY_CHILD, NPROCS_CHILD), env=ENV_LIFETIME,
+           help="retire after this long: hand the data to the other workers, "
+           "unregister and exit (status 0; the nanny does not restart it)"),
+    Option("--lifetime-stagger", type=float, kwarg="lifetime_stagger", metavar="SECONDS",
+           children=(NANNY_CHILD, NPROCS_CHILD), env=ENV_LIFETIME_STAGGER,
+           help="retire up to this much earlier or later than --lifetime (at random), "
+           "so that workers started together do not all leave at once"),
+    PID_FILE_OPTION,
     Option("--no-nanny", switch=True, children=(NPROCS_CHILD,),
            help="run the worker in this process; by default a nanny process "
            "runs it as a child and restarts it when it dies"),
@@ -133,22 +161,24 @@ def make_parser():
         "it unregisters from the center first.",
         OPTIONS,
         positionals=[("center", dict(
-            metavar="CENTER_ADDRESS",
-            help="the center's address, ip:port (e.g. 127.0.0.1:8787)"))])
+            metavar="CENTER_ADDRESS", nargs="?",
+            help="the center's address, ip:port (e.g. 127.0.0.1:8787); "
+            "or give --scheduler-file"))])
 
 
 def worker_kwargs(args):
     """The ``Worker(...)`` keywords of parsed ``args`` (all but ``security``).
 
     >>> worker_kwargs(make_parser().parse_args(['127.0.0.1:8787', '--ncores', '2']))
-    {'ip': None, 'ncores': 2, 'name': None, 'local_dir': None, 'memory_limit': None, 'resources': None, 'nanny': None, 'log_length': None}
+    {'ip': None, 'ncores': 2, 'name': None, 'local_dir': None, 'memory_limit': None, 'resources': None, 'death_timeout': None, 'lifetime': None, 'lifetime_stagger': None, 'nanny': None, 'log_length': None}
     """
     return constructor_kwargs(OPTIONS, args)
 
 
 #: options a LocalCluster sets itself: address, threads, no nanny, security
 _SET_BY_CLUSTER = {"host", "port", "ncores", "nprocs", "no_nanny", "nanny_address",
-                   "auth_token", "tls_cert", "tls_key", "tls_ca"}
+                   "auth_token", "tls_cert", "tls_key", "tls_ca", "scheduler_file",
+                   "pid_file"}
 
 
 def worker_args(index=None, **options):
@@ -169,6 +199,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     raise_open_files_limit()
+    file_security = None
+    if args.center is not None and _flag_given("--scheduler-file", argv):
+        parser.error("give either CENTER_ADDRESS or --scheduler-file, not both")
+    if args.center is None and not args.scheduler_file:
+        parser.error("the center's address is needed: CENTER_ADDRESS or "
+                     "--scheduler-file PATH")
+    write_pid_file(args.pid_file)
+    if args.center is None:  # else a $DISTRIBUTED_SCHEDULER_FILE is not ours to read
+        try:
+            args.center, file_security = _wait_for_scheduler_file(args)
+        except (SchedulerFileTimeout, ValueError, OSError) as e:
+            print("dworker: error: %s" % e, file=sys.stderr, flush=True)
+            return 1
+        except _Stopped:
+            print("Worker stopped", flush=True)
+            return 0
     try:
         center = coerce_to_address(args.center)
         center_ip, center_port = parse_address(center)
@@ -177,7 +223,7 @@ def main(argv=None):
         parser.error(str(e))
     if args.nprocs < 1:
         parser.error("--nprocs must be at least 1")
-    security = security_from_args(args, parser)
+    security = security_from_args(args, parser, fallback=file_security)
     if args.nprocs > 1:
         return _run_many(args, security)
 
@@ -206,9 +252,57 @@ def main(argv=None):
         print("Worker stopped", flush=True)
 
     code = run_until_signal(start, stop, prog="dworker")
+    if code == 0:
+        code = _closed_on_its_own(worker, args)
     if worker is not None and worker.active:
         exit_at_once(code)  # do not wait for the tasks still running: they are gone
     return code
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM while waiting for the scheduler file."""
+
+
+def _wait_for_scheduler_file(args):
+    """``(address, security)`` of ``--scheduler-file``, waiting up to
+    ``--connect-timeout`` for it; a signal meanwhile raises :class:`_Stopped`
+    (so the command stops at once and cleanly, its pid file removed)."""
+
+    def stop(signum, frame):
+        raise _Stopped()
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return read_scheduler_file(args.scheduler_file, timeout=args.connect_timeout)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _flag_given(flag, argv=None):
+    """Whether ``flag`` is on the command line ``argv`` (default: ``sys.argv``),
+    rather than from its environment variable.
+
+    >>> _flag_given("--scheduler-file", ["--scheduler-file=/tmp/s.json"])
+    True
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _closed_on_its_own(worker, args):
+    """The exit status of a worker that closed by itself: say why."""
+    reason = worker.close_reason if worker is not None else None
+    if reason == "death-timeout":
+        print("dworker: error: lost the center at %s and could not reach it again "
+              "within --death-timeout %g s" % (worker.center.address, args.death_timeout),
+              file=sys.stderr, flush=True)
+        return DEATH_TIMEOUT_EXIT_CODE
+    if reason == "lifetime":
+        print("Worker retired after its --lifetime of %g s" % args.lifetime, flush=True)
+        # its nanny must not replace it: it tells by this status
+        return RETIRED_EXIT_CODE if args.nanny_address else 0
+    return 0
 
 
 def nanny_child_argv(args):
@@ -236,7 +330,7 @@ def _run_nanny(args, center_ip, center_port, security):
         nanny = Nanny(center_ip, center_port, ip=args.host,
                       worker_args=nanny_child_argv(args), echo=True,
                       timeout=args.connect_timeout + 30, security=security,
-                      log_length=args.log_length)
+                      log_length=args.log_length, death_timeout=args.death_timeout)
         nanny.on_close = stopping.set
         nanny.listen(0)
         print(NANNY_STARTED, nanny.address, flush=True)
@@ -247,7 +341,10 @@ def _run_nanny(args, center_ip, center_port, security):
             await nanny._close()
         print("Worker stopped", flush=True)
 
-    return run_until_signal(start, stop, prog="dworker")
+    code = run_until_signal(start, stop, prog="dworker")
+    if code == 0 and nanny is not None and nanny.exit_code is not None:
+        return nanny.exit_code  # its worker retired (0) or lost the center for good
+    return code
 
 
 def _run_many(args, security):

@@ -8,6 +8,7 @@ of its children are all made from it, so a new flag is one new row.
 
 import argparse
 import asyncio
+import atexit
 import inspect
 import logging
 import os
@@ -127,12 +128,16 @@ class Option:
     - ``children``: the child command lines that get it (:data:`NANNY_CHILD`,
       :data:`NPROCS_CHILD`); ``spread(value, i)``: its value for the i-th of
       several processes (``--port``: consecutive ports, ``--name``: ``-i``).
+    - ``env``: an environment variable that gives the value when the flag is
+      not given (``DISTRIBUTED_DEATH_TIMEOUT``); the processes the command
+      starts inherit it.
     """
 
     def __init__(self, flag, default=None, type=None, help="", kwarg=None, convert=None,
                  children=(), spread=None, aliases=(), metavar=None, default_text=None,
-                 switch=False, hidden=False):
+                 switch=False, hidden=False, env=None):
         self.flag = flag
+        self.env = env
         self.aliases = tuple(aliases)
         self.dest = flag.lstrip("-").replace("-", "_")
         self.default = False if switch else default
@@ -159,14 +164,19 @@ class Option:
         else:
             shown = self.default_text
             if shown is None:
-                shown = "none" if self.default is None else "%(default)s"
-            help = "%s (default: %s)" % (self.help, shown)
+                shown = "none" if self.default is None else str(self.default)
+                if self.env is not None:
+                    shown = "$%s, else %s" % (self.env, shown)
+            help = "%s (default: %s)" % (self.help, shown.replace("%", "%%"))
         names = sorted((self.flag,) + self.aliases, key=len)  # -v, --verbose
         if self.switch:
             parser.add_argument(*names, dest=self.dest, action="store_true", help=help)
         else:
+            default = self.default
+            if self.env is not None and os.environ.get(self.env):
+                default = os.environ[self.env]  # argparse applies ``type`` to it
             parser.add_argument(*names, dest=self.dest,
-                                default=self.default, type=self.type,
+                                default=default, type=self.type,
                                 metavar=self.metavar, help=help)
 
     def kwargs(self, value):
@@ -354,6 +364,51 @@ PRELOAD_OPTION = Option(
     "an error in it stops the command")
 
 
+#: ``--scheduler-file``: ``dcenter`` writes its address (and what a client
+#: needs to connect) there, ``dworker`` reads it (see distributed.scheduler_file)
+ENV_SCHEDULER_FILE = "DISTRIBUTED_SCHEDULER_FILE"
+#: ``--pid-file``: this process's pid (never inherited by the processes it starts)
+ENV_PID_FILE = "DISTRIBUTED_PID_FILE"
+#: ``dworker --death-timeout``, ``--lifetime``, ``--lifetime-stagger``
+ENV_DEATH_TIMEOUT = "DISTRIBUTED_DEATH_TIMEOUT"
+ENV_LIFETIME = "DISTRIBUTED_LIFETIME"
+ENV_LIFETIME_STAGGER = "DISTRIBUTED_LIFETIME_STAGGER"
+#: the variables of the deployment flags: a ``LocalCluster`` does not hand
+#: them to its processes (its center must not overwrite a real cluster's
+#: scheduler file; its options come from its arguments)
+DEPLOY_ENV = (ENV_SCHEDULER_FILE, ENV_PID_FILE, ENV_DEATH_TIMEOUT, ENV_LIFETIME,
+              ENV_LIFETIME_STAGGER)
+
+PID_FILE_OPTION = Option(
+    "--pid-file", metavar="PATH", env=ENV_PID_FILE,
+    help="write the pid of this process to PATH (removed when it stops); "
+    "its children do not inherit it")
+
+
+def write_pid_file(path):
+    """``--pid-file``: write our pid to ``path`` and remove it at exit (if it
+    still holds our pid); the variable is dropped so no child we start writes
+    its own pid there.  Returns the absolute path, or None without one."""
+    os.environ.pop(ENV_PID_FILE, None)
+    if not path:
+        return None
+    path = os.path.abspath(os.path.expanduser(path))
+    pid = str(os.getpid())
+    with open(path, "w") as f:
+        f.write(pid + "\n")
+
+    def remove():
+        try:
+            with open(path) as f:
+                if f.read().strip() == pid:
+                    os.unlink(path)
+        except OSError:
+            pass
+
+    atexit.register(remove)
+    return path
+
+
 class PreloadError(RuntimeError):
     """A ``--preload`` module that could not be imported, or whose hook raised."""
 
@@ -400,11 +455,17 @@ async def run_preload(module, node):
         raise PreloadError("--preload %s: %s: %s" % (module, type(e).__name__, e)) from None
 
 
-def security_from_args(args, parser):
-    """The :class:`Security` of the options (environment variables fill the gaps)."""
+def security_from_args(args, parser, fallback=None):
+    """The :class:`Security` of the options; the environment variables fill
+    the gaps, or, instead of them, a ``fallback`` Security (a scheduler
+    file's, which describes the center completely)."""
+    given = dict(token=args.auth_token, tls_cert=args.tls_cert,
+                 tls_key=args.tls_key, tls_ca=args.tls_ca)
     try:
-        return Security.from_env(token=args.auth_token, tls_cert=args.tls_cert,
-                                 tls_key=args.tls_key, tls_ca=args.tls_ca)
+        if fallback is None:
+            return Security.from_env(**given)
+        return Security(**{name: value or getattr(fallback, name)
+                           for name, value in given.items()})
     except ValueError as e:
         parser.error(str(e))
 
