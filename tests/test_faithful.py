@@ -346,6 +346,8 @@ def worker_settings():
                        for h in logging.getLogger().handlers),
         "auth_token": w.security.token,
         "no_nanny": argv.no_nanny, "nanny": w.nanny,
+        "death_timeout": w.death_timeout, "lifetime": w.lifetime,
+        "lifetime_stagger": w.lifetime_stagger,
     }
 
 
@@ -366,12 +368,18 @@ FLAG_ROWS = [
     (["--preload", "{tmp}/faithful_preload.py"], "preloaded", True, None),
     (["--verbose"], "verbose", True, None),
     (["--auth-token", TOKEN], "auth_token", TOKEN, ("DISTRIBUTED_AUTH_TOKEN", TOKEN)),
+    (["--death-timeout", "600"], "death_timeout", 600, ("DISTRIBUTED_DEATH_TIMEOUT", "600")),
+    (["--lifetime", "3600"], "lifetime", 3600, ("DISTRIBUTED_LIFETIME", "3600")),
+    (["--lifetime-stagger", "5"], "lifetime_stagger", 5, ("DISTRIBUTED_LIFETIME_STAGGER", "5")),
 ]
 #: options the nanny handles itself (its worker is always --no-nanny and
 #: told the nanny's address), and the TLS files: they travel as the token
-#: does (test_security.py::test_nanny_uses_its_own_flags[tls], test_cli_tls)
+#: does (test_security.py::test_nanny_uses_its_own_flags[tls], test_cli_tls);
+#: --scheduler-file stands for the address this test gives, and --pid-file
+#: names the command's own process, never its children
+#: (test_deploy_addr.py: test_worker_waits_for_the_scheduler_file, test_pid_files)
 NOT_A_ROW = {"--nprocs", "--no-nanny", "--nanny-address", "--tls-cert", "--tls-key",
-             "--tls-ca"}
+             "--tls-ca", "--scheduler-file", "--pid-file"}
 
 
 @pytest.mark.pure
