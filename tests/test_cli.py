@@ -393,12 +393,17 @@ def test_worker_options_of_a_local_cluster():
     assert worker_args(index=1, memory_limit="1GB", name="w", http_port=9000,
                        verbose=True) == [
         "--memory-limit", "1GB", "--name", "w-1", "--http-port", "9001", "--verbose"]
+    # Python values as they come: a dict of resources, a list of preloads
+    assert worker_args(resources={"GPU": 2, "MEM": 1e10}, preload=["a.py", "b"]) == [
+        "--resources", "GPU=2,MEM=10000000000.0", "--preload", "a.py", "--preload", "b"]
     # what the cluster sets itself, or no option at all: before anything starts
     for bad in [{"port": 1}, {"ncores": 2}, {"auth_token": "x"}, {"memroy_limit": "1GB"}]:
         with pytest.raises(TypeError, match="worker option"):
             LocalCluster(n_workers=0, worker_options=bad)
     with pytest.raises(ValueError, match="memory limit"):
         LocalCluster(n_workers=0, worker_options={"memory_limit": "lots"})
+    with pytest.raises(ValueError, match="resources"):
+        LocalCluster(n_workers=0, worker_options={"resources": {"GPU": -1}})
 
 
 def test_version():

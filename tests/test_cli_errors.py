@@ -202,6 +202,23 @@ def test_preload_runs_dask_setup_on_center_and_worker(tmp_path):
 
 
 @pytest.mark.processes
+def test_several_preloads_run_in_order_in_the_nannys_worker(tmp_path):
+    for name in ("first", "second"):
+        (tmp_path / ("%s.py" % name)).write_text(HOOK.replace('"%s %s', '"%s ' + name + ' %s'))
+    out = tmp_path / "out.txt"
+    env = dict(os.environ, PRELOAD_OUT=str(out))
+    with popen(DCENTER + ["--port", "0", "--no-dashboard"], env=env) as c:
+        center = last_word(wait_for_line(c, CENTER_STARTED))
+        with popen(DWORKER + [center, "--preload", str(tmp_path / "first.py"),
+                              "--preload", str(tmp_path / "second.py")], env=env) as w:
+            worker = last_word(wait_for_line(w, "Start worker at:"))
+            wait_for_line(w, "Registered with center at:")
+            poll(lambda: out.exists() and len(out.read_text().splitlines()) == 2)
+    assert out.read_text().splitlines() == ["Worker first %s" % worker,
+                                            "Worker second %s" % worker]
+
+
+@pytest.mark.processes
 def test_preload_by_module_name(tmp_path):
     (tmp_path / "preload_by_name_11.py").write_text(HOOK)
     out = tmp_path / "out.txt"

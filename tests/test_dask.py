@@ -305,7 +305,7 @@ def test_priority_of_compute_and_graphs(e):
 
 def test_resources_one_gpu_at_a_time(tmp_path):
     with local_cluster(CLUSTER_ENV, n_workers=1, threads_per_worker=3,
-                       worker_options={"resources": "GPU=1,MEM=10e9"}) as c, \
+                       worker_options={"resources": {"GPU": 1, "MEM": 10e9}}) as c, \
             Executor(c.center_address, set_as_default=False) as e:
         [w] = e.scheduler_info()["workers"].values()
         assert w["resources"] == {"GPU": 1.0, "MEM": 1e10}

@@ -50,6 +50,7 @@ from .utils import (
     child_argv,
     constructor_kwargs,
     exit_at_once,
+    format_resources,
     http_service,
     options_argv,
     parse_memory_limit,
@@ -109,7 +110,7 @@ OPTIONS = [
            % (100 * MEMORY_TARGET_FRACTION, 100 * MEMORY_PAUSE_FRACTION,
               100 * MEMORY_TERMINATE_FRACTION, MEMORY_EXIT_CODE),
            default_text="no limit"),
-    Option("--resources", kwarg="resources", convert=parse_resources,
+    Option("--resources", kwarg="resources", convert=parse_resources, format=format_resources,
            children=(NANNY_CHILD, NPROCS_CHILD), metavar="NAME=AMOUNT,...",
            help="what this worker has of resources that tasks ask for with "
            "submit(..., resources={'GPU': 1}): 'GPU=2,MEM=10e9'; a task runs only "

@@ -52,6 +52,17 @@ def parse_resources(text):
     return resources or None
 
 
+def format_resources(resources):
+    """The ``--resources`` text of ``{'GPU': 2, 'MEM': 1e10}`` (text stays text).
+
+    >>> format_resources({'GPU': 2, 'MEM': 10e9})
+    'GPU=2,MEM=10000000000.0'
+    """
+    if isinstance(resources, dict):
+        return ",".join("%s=%r" % item for item in resources.items())
+    return str(resources)
+
+
 def parse_memory_limit(text):
     """``'4GB'`` / ``'512MiB'`` / ``'0.5'`` (of RAM) / ``'auto'`` / ``'0'`` -> bytes or None.
 
@@ -131,13 +142,19 @@ class Option:
     - ``env``: an environment variable that gives the value when the flag is
       not given (``DISTRIBUTED_DEATH_TIMEOUT``); the processes the command
       starts inherit it.
+    - ``repeat=True``: the flag may be given several times; its value is the
+      list of them (``--preload a --preload b``).
+    - ``format``: the text of a Python value on a command line, when ``str``
+      is not it (``{'GPU': 2}`` -> ``'GPU=2'`` for ``--resources``).
     """
 
     def __init__(self, flag, default=None, type=None, help="", kwarg=None, convert=None,
                  children=(), spread=None, aliases=(), metavar=None, default_text=None,
-                 switch=False, hidden=False, env=None):
+                 switch=False, hidden=False, env=None, repeat=False, format=str):
         self.flag = flag
         self.env = env
+        self.repeat = repeat
+        self.format = format
         self.aliases = tuple(aliases)
         self.dest = flag.lstrip("-").replace("-", "_")
         self.default = False if switch else default
@@ -171,6 +188,9 @@ class Option:
         names = sorted((self.flag,) + self.aliases, key=len)  # -v, --verbose
         if self.switch:
             parser.add_argument(*names, dest=self.dest, action="store_true", help=help)
+        elif self.repeat:
+            parser.add_argument(*names, dest=self.dest, action="append", type=self.type,
+                                metavar=self.metavar, help=help)
         else:
             default = self.default
             if self.env is not None and os.environ.get(self.env):
@@ -197,16 +217,27 @@ class Option:
             return []
         if self.switch:
             return [self.flag] if value else []
-        return [self.flag, str(value)]
+        argv = []
+        for one in self._values(value):
+            argv += [self.flag, self.format(one)]
+        return argv
+
+    def _values(self, value):
+        """The values of a repeated option (one given alone counts as one)."""
+        if self.repeat and isinstance(value, (list, tuple)):
+            return list(value)
+        return [value]
 
     def check(self, value):
         """Raise ``ValueError`` now for a value the child would refuse."""
         if value is None or self.switch:
             return
-        if self.type is not None:
-            self.type(value)
-        if self.convert is not None:
-            self.convert(value)
+        for one in self._values(value):
+            text = self.format(one)
+            if self.type is not None:
+                self.type(text)
+            if self.convert is not None:
+                self.convert(text)
 
 
 def build_parser(prog, description, options, positionals=()):
@@ -358,10 +389,10 @@ VERBOSE = Option("--verbose", aliases=("-v",), switch=True, help="log what happe
 #: ``--preload``: every process that runs a node (a nanny's worker, each of
 #: ``--nprocs``) runs the hook with its own node
 PRELOAD_OPTION = Option(
-    "--preload", children=(NANNY_CHILD, NPROCS_CHILD), metavar="MODULE",
+    "--preload", children=(NANNY_CHILD, NPROCS_CHILD), metavar="MODULE", repeat=True,
     help="import MODULE (a module name, or the path of a .py file) and call its "
     "dask_setup(node) once the node (the Worker or the Center object) has started; "
-    "an error in it stops the command")
+    "an error in it stops the command; may be given several times (run in order)")
 
 
 #: ``--scheduler-file``: ``dcenter`` writes its address (and what a client
@@ -431,10 +462,11 @@ def import_preload(module):
     return importlib.import_module(module)
 
 
-async def run_preload(module, node):
-    """``--preload MODULE``: import it and call its ``dask_setup(node)``, if it
-    has one (awaited when it is a coroutine function); :class:`PreloadError`,
-    naming the module and the error, when either fails.
+async def run_preload(modules, node):
+    """``--preload MODULE`` (each of ``modules``, a list or one name, in
+    order): import it and call its ``dask_setup(node)``, if it has one
+    (awaited when it is a coroutine function); :class:`PreloadError`, naming
+    the module and the error, when either fails.
 
     ::
 
@@ -442,8 +474,13 @@ async def run_preload(module, node):
         def dask_setup(worker):
             worker.my_cache = {}
     """
-    if module is None:
+    if modules is None:
         return
+    for module in [modules] if isinstance(modules, str) else modules:
+        await _run_one_preload(module, node)
+
+
+async def _run_one_preload(module, node):
     try:
         mod = import_preload(module)
         hook = getattr(mod, "dask_setup", None)
