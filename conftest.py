@@ -95,7 +95,8 @@ def pytest_runtest_protocol(item, nextitem):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_posixsubprocess, "fork_exec",
                    refuse("fork_exec", _posixsubprocess.fork_exec))
-        mp.setattr(subprocess, "_fork_exec", refuse("fork_exec", subprocess._fork_exec))
+        if hasattr(subprocess, "_fork_exec"):  # 3.11+: subprocess's own reference
+            mp.setattr(subprocess, "_fork_exec", refuse("fork_exec", subprocess._fork_exec))
         for name in ("fork", "posix_spawn", "posix_spawnp"):
             if hasattr(os, name):
                 mp.setattr(os, name, refuse("os." + name, getattr(os, name)))

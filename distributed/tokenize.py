@@ -371,12 +371,13 @@ def _register_numpy():
     raw_kinds = set("biufcmMSUV")
 
     def dtype_token(dt):
-        if dt.fields is None and dt.subdtype is None and dt.metadata is None:
+        # empty metadata is none: numpy < 2.3 gives a deep copy of '<M8[ns]' a {}
+        if dt.fields is None and dt.subdtype is None and not dt.metadata:
             return ("dtype", dt.str)  # '<f8', '<M8[ns]', '<U3', ...
         # structured ('|V8' alone would drop the field names), subarray, metadata
         sub = dt.subdtype and (dtype_token(dt.subdtype[0]), dt.subdtype[1])
         return ("dtype", dt.str, repr(dt.descr), dt.names, dt.itemsize, dt.isalignedstruct, sub,
-                _normalize_pickle(dt) if dt.metadata is not None else None)
+                _normalize_pickle(dt) if dt.metadata else None)
 
     def content(x):
         dt = x.dtype

@@ -104,7 +104,12 @@ def slowadd(x, y, delay=0.02):
 
 def run(coro, timeout=20):
     """Run ``coro`` on a fresh event loop; ``TimeoutError`` after ``timeout`` s."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    try:
+        return asyncio.run(asyncio.wait_for(coro, timeout))
+    except asyncio.TimeoutError as e:
+        if isinstance(e, TimeoutError):  # 3.11+: one class
+            raise
+        raise TimeoutError("not done within %s s" % timeout) from e  # 3.10
 
 
 def uid():

@@ -656,6 +656,17 @@ def test_big_values_hashed():
 
 
 @pure
+def test_empty_dtype_metadata_is_none():
+    # numpy < 2.3 (Python 3.10's) deep-copies '<M8[ns]' with metadata {}
+    dt = np.dtype("M8[ns]")
+    assert tokenize(dt) == tokenize(np.dtype("M8[ns]", metadata={}))
+    assert tokenize(dt) == tokenize(copy.deepcopy(dt))
+    x = pd.Series([], dtype="datetime64[ns]").array
+    assert tokenize(x) == tokenize(copy.deepcopy(x))
+    assert tokenize(dt) != tokenize(np.dtype("M8[ns]", metadata={"a": 1}))
+
+
+@pure
 def test_array_layout_does_not_matter():
     x = np.arange(12.0).reshape(3, 4)
     assert tokenize(x) == tokenize(np.asfortranarray(x))
