@@ -34,7 +34,7 @@ from distributed.deploy.jobqueue import (
 )
 from distributed.cli.utils import CENTER_STARTED
 from distributed.process import Process, popen
-from distributed.utils_test import free_port, poll, slowinc
+from distributed.utils_test import call, free_port, poll, slowinc
 
 SCHEDULER_FILE = "/home/u/.distributed/jobqueue/cluster-x/scheduler.json"
 
@@ -317,7 +317,8 @@ def test_slurm_cluster_computes_scales_down_without_losing_data_and_closes(slurm
         address = cluster.center_address
 
     assert not (jobs & set(slurm.jobs())), slurm.jobs()
-    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20, msg="the dworkers to end")
+    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
+         msg="the dworkers to end")
     assert not os.path.exists(scheduler_file)
 
 
@@ -345,7 +346,8 @@ def test_dslurm_starts_a_center_and_jobs_and_ctrl_c_cancels_them(slurm, tmp_path
         lines = p.unread_lines(timeout=5)
         assert "Cancelled jobs: %s\n" % " ".join(jobs) in lines, lines
     assert not (set(jobs) & set(slurm.jobs())), slurm.jobs()
-    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20, msg="the dworkers to end")
+    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
+         msg="the dworkers to end")
     assert not os.path.exists(scheduler_file)
 
 
@@ -370,7 +372,8 @@ def test_adapt_submits_jobs_while_tasks_wait_and_cancels_them_when_idle(slurm, t
         poll(lambda: not (jobs & set(slurm.jobs())), timeout=30, msg="jobs out of squeue")
         address, scheduler_file = cluster.center_address, cluster.scheduler_file
     assert not (jobs & set(slurm.jobs())), slurm.jobs()
-    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20, msg="the dworkers to end")
+    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
+         msg="the dworkers to end")
 
 
 @pytest.mark.processes
@@ -452,3 +455,99 @@ def test_workers_that_never_come_time_out_with_what_the_job_printed(slurm, tmp_p
                       shared_directory=str(tmp_path), timeout=60) as cluster:
         with pytest.raises(TimeoutError, match="(?s)0 of 1 workers.*cannot load the python"):
             cluster.wait_for_workers(1, timeout=15)
+
+
+# -- the joined whole: scheduler file, nanny, death timeout ----------------------------
+
+
+def sbatch(slurm, script, directory):
+    """Submit ``script`` as the cluster does (no ``DISTRIBUTED_*`` of ours); its job id."""
+    path = os.path.join(directory, "job.sh")
+    with open(path, "w") as f:
+        f.write(script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTRIBUTED_")}
+    out = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True,
+                         check=True, timeout=30, env=env).stdout
+    return out.strip().split(";")[0]
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_a_job_started_before_the_scheduler_file_waits_for_it(slurm, tmp_path):
+    scheduler_file = str(tmp_path / "scheduler.json")
+    spec = JobSpec(cores=1, name="early", job_directory=str(tmp_path))
+    job = sbatch(slurm, SLURMCluster.script(spec, scheduler_file), str(tmp_path))
+    try:
+        poll(lambda: slurm.jobs().get(job) == "RUNNING", timeout=30, msg="the job to run")
+        time.sleep(2)  # its dworker is waiting for the file
+        assert slurm.jobs().get(job) == "RUNNING" and not os.path.exists(scheduler_file)
+        token = "early-token-%d" % os.getpid()
+        env = dict(os.environ, DISTRIBUTED_AUTH_TOKEN=token)
+        with popen([sys.executable, "-m", "distributed.cli.dcenter", "--port", "0",
+                    "--no-dashboard", "--scheduler-file", scheduler_file], env=env) as c:
+            address = c.wait_for_line(CENTER_STARTED, 30).split()[-1]
+            with Executor(scheduler_file=scheduler_file, timeout=20) as e:
+                assert e.address == address and e.security.token == token
+                e.wait_for_workers(1, timeout=60)
+                (worker,) = e.ncores()
+                assert call(worker, "identity", security=e.security)["name"] == \
+                    "early-%s" % job
+                assert e.submit(pow, 2, 5).result(timeout=30) == 32
+    finally:
+        slurm.run("scancel", job)
+        poll(lambda: job not in slurm.jobs(), timeout=30, msg="the job to leave")
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_a_worker_killed_in_a_job_is_restarted_by_its_nanny(slurm, tmp_path):
+    with SLURMCluster(jobs=1, shared_directory=str(tmp_path), timeout=60) as cluster:
+        (job,) = cluster.jobs
+        (first,) = cluster.wait_for_workers(1)
+        (process,) = [p for p in dworkers_of(cluster.center_address, cluster.scheduler_file)
+                      if "--nanny-address" in p.cmdline()]  # the nanny's worker
+        process.kill()
+        poll(lambda: set(cluster.workers()) - {first}, timeout=60,
+             msg="the nanny's new worker to register")
+        (second,) = cluster.workers()
+        assert second != first and cluster.workers() == {second: job}
+        assert slurm.jobs()[job] == "RUNNING"  # the same job goes on
+        with Executor(cluster) as e:
+            assert e.submit(pow, 3, 3).result(timeout=30) == 27
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_a_job_whose_center_was_killed_ends_after_its_death_timeout(slurm, tmp_path):
+    with SLURMCluster(jobs=2, memory="256MiB", death_timeout=3,
+                      shared_directory=str(tmp_path), timeout=60) as cluster:
+        jobs = set(cluster.jobs)
+        cluster.wait_for_workers(2)
+        address, scheduler_file = cluster.center_address, cluster.scheduler_file
+        cluster._center.center.kill()  # kill -9: nothing tells the workers
+        killed = time.time()
+        poll(lambda: not (jobs & set(slurm.jobs())), timeout=40,
+             msg="the jobs to end by themselves")
+        assert time.time() - killed > 3  # their workers tried for --death-timeout first
+        assert not dworkers_of(address, scheduler_file)
+        assert cluster.forget_ended_jobs() and not cluster.jobs
+    assert not (jobs & set(slurm.jobs()))
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_dslurm_killed_leaves_no_job_behind(slurm, tmp_path):
+    """kill -9 of dslurm: its center goes with it (it watches its parent),
+    and the jobs end within --death-timeout instead of using their walltime."""
+    with popen([sys.executable, "-m", "distributed.cli.dslurm", "--jobs", "1",
+                "--death-timeout", "3", "--shared-directory", str(tmp_path)]) as p:
+        address = p.wait_for_line(CENTER_STARTED, 60).split()[-1]
+        scheduler_file = p.wait_for_line("^Scheduler file:", 10).split()[-1]
+        jobs = p.wait_for_line("^Submitted jobs:", 60).split()[2:]
+        with Executor(scheduler_file=scheduler_file, timeout=20) as e:
+            e.wait_for_workers(1, timeout=60)
+        p.kill()
+    poll(lambda: not (set(jobs) & set(slurm.jobs())), timeout=40,
+         msg="the jobs to end by themselves")
+    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
+         msg="the dworkers to end")
