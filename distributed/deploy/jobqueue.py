@@ -168,7 +168,7 @@ class JobQueueCluster:
 
     @property
     def security(self):
-        """What a client needs: ``Executor(c.center_address, security=c.security)``."""
+        """What a client needs (``Executor(cluster)`` takes it from here)."""
         return self._center.security
 
     @property
