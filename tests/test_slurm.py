@@ -551,3 +551,28 @@ def test_dslurm_killed_leaves_no_job_behind(slurm, tmp_path):
          msg="the jobs to end by themselves")
     poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
          msg="the dworkers to end")
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_scale_down_cancels_a_job_whose_worker_does_not_answer(slurm, tmp_path):
+    """A hung worker (SIGSTOP) cannot retire: its data is out of reach anyway,
+    so its job is cancelled all the same, after the cluster's timeout."""
+    with SLURMCluster(jobs=2, memory="256MiB", shared_directory=str(tmp_path),
+                      timeout=10) as cluster:
+        cluster.wait_for_workers(2, timeout=60)
+        kept_job, hung_job = list(cluster.jobs)  # scale-down cancels the last first
+        (hung,) = [a for a, j in cluster.workers().items() if j == hung_job]
+        (process,) = [p for p in dworkers_of(cluster.center_address, cluster.scheduler_file)
+                      if "--nanny-address" in p.cmdline()
+                      and "dworker-%s" % hung_job in p.cmdline()]
+        process.suspend()
+        try:
+            cluster.scale(1)
+        finally:
+            if process.is_running():
+                process.resume()
+        assert list(cluster.jobs) == [kept_job] and hung_job not in slurm.jobs()
+        with Executor(cluster) as e:
+            assert hung not in e.ncores()
+            assert e.submit(pow, 2, 2).result(timeout=30) == 4
