@@ -319,6 +319,7 @@ class Worker(Server):
             "health": self.health,
             "upload_file": self.upload_file,
             "terminate": self.terminate,
+            "retire": self.retire_handler,
             "keys": self.get_keys,
         }
         #: ops of the batched stream from the center (see
@@ -513,14 +514,16 @@ class Worker(Server):
         return b"OK"
 
     @gen.coroutine
-    def retire(self, reason="retired"):
+    def retire(self, reason="retired", exclude=()):
         """Hand the data to the peers, unregister and close.
 
-        The keys are spread over the other workers the center knows (each
-        peer tells the center it holds its share, so nothing is lost when
-        this worker leaves); with no peer they are lost, and recomputed if
-        still wanted.  A result that lands during the hand-off is recomputed
-        elsewhere too.  ``dworker --lifetime`` calls it.
+        The keys are spread over the other workers the center knows but
+        ``exclude`` (addresses leaving too); each peer tells the center it
+        holds its share, so nothing is lost when this worker leaves.  With no
+        peer they are lost, and recomputed if still wanted.  A result that
+        lands during the hand-off is recomputed elsewhere too.  ``dworker
+        --lifetime`` calls it; the ``retire`` rpc (:meth:`retire_handler`)
+        asks for it from elsewhere.
 
         ::
 
@@ -528,26 +531,48 @@ class Worker(Server):
         """
         if self.status != "running":
             return
-        self.close_reason = reason
-        logger.info("worker %s retiring (%s): handing %d keys to its peers",
-                    self.address, reason, len(self.data))
         try:
-            yield self._hand_off()
+            yield self._hand_off(reason, exclude)
         except Exception as e:
             logger.warning("could not hand all data over before retiring: %s", e)
         yield self._close(report=True)
 
     @gen.coroutine
-    def _hand_off(self):
-        """Copy every key to one of the other workers, round robin."""
+    def retire_handler(self, stream=None, reason="retired", exclude=()):
+        """rpc ``retire``: hand the data to the peers but ``exclude``, reply
+        ``(b'OK', {'keys': n})`` (the keys handed over), then unregister and
+        close; under a nanny the process exits for good (not restarted).  A
+        failed hand-off replies ``(b'error', {'error': text})`` and the worker
+        stays.  What a cluster's scale-down uses::
+
+            await rpc(worker_address).retire(exclude=[other_leaving_address])
+        """
+        if self.status != "running":
+            return (b"error", {"error": "the worker is %s" % self.status})
+        try:
+            n = yield self._hand_off(reason, exclude)
+        except Exception as e:
+            self.close_reason = None
+            return (b"error", {"error": "%s: %s" % (type(e).__name__, e)})
+        self.loop.spawn_callback(self._close, report=True)
+        return (b"OK", {"keys": n})
+
+    @gen.coroutine
+    def _hand_off(self, reason, exclude=()):
+        """Copy every key to one of the other workers but ``exclude``, round
+        robin; return how many keys went."""
+        self.close_reason = reason
         keys = list(self.data)
+        logger.info("worker %s retiring (%s): handing %d keys to its peers",
+                    self.address, reason, len(keys))
         if not keys:
-            return
+            return 0
         ncores = yield self.center.ncores(timeout=10)
-        peers = sorted(a for a in ncores if a != self.address)
+        exclude = {coerce_to_address(a) for a in exclude} | {self.address}
+        peers = sorted(a for a in ncores if a not in exclude)
         if not peers:
             logger.warning("no other worker to hand %d keys to", len(keys))
-            return
+            return 0
         for i, peer in enumerate(peers):
             for batch in _batches(keys[i::len(peers)], self.nbytes, HANDOFF_BATCH_BYTES):
                 values = self.get_data(keys=batch)
@@ -555,6 +580,7 @@ class Worker(Server):
                     values = yield values
                 yield self.rpc_for(peer).update_data(data=values, report=True,
                                                      timeout=HANDOFF_TIMEOUT)
+        return len(keys)
 
     # -- data ----------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from distributed.scheduler_file import (
 )
 from distributed.security import ENV_TOKEN, Security
 from distributed.utils_test import PYTHON, add, call, child_env, environ, gen_cluster, gone, \
-    local_cluster, poll, popen, uid, wait_for_line
+    local_cluster, poll, popen, uid, wait_for, wait_for_line
 from distributed.worker import DEATH_TIMEOUT_EXIT_CODE
 
 DCENTER = [PYTHON, "-m", "distributed.cli.dcenter"]
@@ -287,6 +287,33 @@ async def test_retire_spreads_the_data_over_the_peers_in_batches(c, a, b, w):
     assert set(b.data) | set(w.data) == set(data) and not set(b.data) & set(w.data)
     assert {addr for addr, _ in sent} == {b.address, w.address}
     assert all(len(keys) <= 3 for _, keys in sent) and len(sent) == 4  # 5 keys each: 3 + 2
+
+
+@gen_cluster(ncores=[1, 1, 1])
+async def test_retire_rpc_hands_over_to_the_peers_that_stay_then_closes(c, a, b, w):
+    """What a cluster's scale-down asks of each leaving worker: its keys go
+    only to the workers not excluded (b leaves too), and the reply comes
+    before the worker closes; the last of the leaving ones, with nothing to
+    hand over, just leaves."""
+    data = {"k%d" % i: i for i in range(6)}
+    r = rpc(a.address)
+    try:
+        await r.update_data(data=data)
+        status, info = await r.retire(reason="scale-down", exclude=[b.address])
+        assert (status, info) == (b"OK", {"keys": 6})
+        assert a.close_reason == "scale-down"
+    finally:
+        r.close_streams()
+    await wait_for(lambda: a.status == "closed" and a.address not in c.ncores)
+    assert set(w.data) == set(data) and not b.data  # all on w, none on b
+    assert all(c.who_has[k] == {w.address} for k in data)
+    r = rpc(b.address)
+    try:  # nothing to hand over, and b's peers are leaving: it just leaves
+        assert await r.retire(exclude=[a.address]) == (b"OK", {"keys": 0})
+    finally:
+        r.close_streams()
+    await wait_for(lambda: b.status == "closed")
+    assert set(c.ncores) == {w.address}
 
 
 @pytest.mark.processes

@@ -11,6 +11,7 @@ end of the session, after cancelling every job left.
 """
 
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -33,22 +34,20 @@ from distributed.deploy.jobqueue import (
 )
 from distributed.cli.utils import CENTER_STARTED
 from distributed.process import Process, popen
-from distributed.security import Security
-from distributed.utils_test import free_port, poll, slowinc
+from distributed.utils_test import call, free_port, poll, slowinc
 
-CENTER = "10.1.2.3:8786"
-TOKEN_FILE = "/home/u/.distributed/jobqueue/cluster-x/token"
+SCHEDULER_FILE = "/home/u/.distributed/jobqueue/cluster-x/scheduler.json"
 
 
 # -- the scripts (pure) ----------------------------------------------------------
 
 
 def script_of(cls, **spec):
-    return cls.script(JobSpec(**spec), CENTER, TOKEN_FILE, Security(token="s3cret-token"))
+    return cls.script(JobSpec(**spec), SCHEDULER_FILE)
 
 
 @pytest.mark.pure
-def test_slurm_script_asks_for_the_limits_and_runs_dworker_on_the_center():
+def test_slurm_script_asks_for_the_limits_and_runs_dworker_on_the_scheduler_file():
     script = script_of(SLURMCluster, cores=4, memory="2GiB", walltime="01:00:00",
                        queue="short", job_extra=["--exclusive"],
                        env_extra=["module load python"], processes=2, python="/opt/py",
@@ -63,33 +62,31 @@ def test_slurm_script_asks_for_the_limits_and_runs_dworker_on_the_center():
     first_command = lines.index("module load python")
     assert all(not line.startswith("#SBATCH") for line in lines[first_command:])
     command = lines[-1]
-    assert command.startswith("exec /opt/py -m distributed.cli.dworker %s " % CENTER)
+    assert command.startswith("exec /opt/py -m distributed.cli.dworker --scheduler-file %s "
+                              % SCHEDULER_FILE)
     assert "--ncores 2 --nprocs 2" in command
     assert "--memory-limit %d" % 2 ** 30 in command  # each of the 2 processes
     assert "--local-dir /scratch/w" in command
+    # a job whose center is gone (or never came) ends instead of using its walltime
+    assert "--connect-timeout 60 --death-timeout 60" in command
     assert command.endswith("--name dworker-${SLURM_JOB_ID}")
 
 
 @pytest.mark.pure
 @pytest.mark.parametrize("cls", [SLURMCluster, PBSCluster, SGECluster, LSFCluster])
-def test_the_token_is_read_from_the_file_never_written_in_the_script(cls):
+def test_the_script_holds_no_setting_only_the_scheduler_file(cls):
+    # the token and the TLS files' paths travel in the scheduler file (0600)
     script = script_of(cls, cores=1)
-    assert "s3cret-token" not in script
-    assert 'export DISTRIBUTED_AUTH_TOKEN="$(cat %s)"' % TOKEN_FILE in script
-    assert "--auth-token" not in script
+    assert "--scheduler-file %s " % SCHEDULER_FILE in script
+    assert "DISTRIBUTED_" not in script and "--auth-token" not in script
 
 
 @pytest.mark.pure
-def test_tls_files_reach_the_job_as_paths():
-    spec = JobSpec(cores=1)
-    security = Security.__new__(Security)  # no files to load: only the paths matter
-    for name in Security.__slots__:
-        setattr(security, name, None)
-    security.token, security.tls_cert, security.tls_ca = "t", "/certs/node.pem", "/certs/ca.pem"
-    script = SLURMCluster.script(spec, CENTER, TOKEN_FILE, security)
-    assert "export DISTRIBUTED_TLS_CERT=/certs/node.pem" in script
-    assert "export DISTRIBUTED_TLS_CA=/certs/ca.pem" in script
-    assert "DISTRIBUTED_TLS_KEY" not in script
+def test_the_death_timeout_of_the_jobs_is_configurable():
+    assert "--connect-timeout 5 --death-timeout 5 " in script_of(SLURMCluster,
+                                                                death_timeout=5)
+    script = script_of(SLURMCluster, death_timeout=None)  # dworker's defaults
+    assert "--death-timeout" not in script and "--connect-timeout" not in script
 
 
 @pytest.mark.pure
@@ -269,12 +266,18 @@ def slurm(tmp_path_factory):
             os.environ["SLURM_CONF"] = previous
 
 
-def dworkers_of(center_address):
-    """The live processes that run a worker of the center at ``center_address``."""
+def dworkers_of(center_address, scheduler_file):
+    """The live ``dworker`` processes of a cluster: the jobs' (their command
+    line names the scheduler file) and their nannies' workers (the center's
+    address)."""
+    marks = {center_address, scheduler_file}
     found = []
     for p in psutil.process_iter(["cmdline"]):
-        cmdline = p.info["cmdline"] or []
-        if "distributed.cli.dworker" in cmdline and center_address in cmdline:
+        try:
+            cmdline = p.info["cmdline"] or []
+        except psutil.Error:
+            continue
+        if "distributed.cli.dworker" in cmdline and marks & set(cmdline):
             found.append(p)
     return found
 
@@ -284,17 +287,18 @@ def dworkers_of(center_address):
 def test_slurm_cluster_computes_scales_down_without_losing_data_and_closes(slurm, tmp_path):
     with SLURMCluster(jobs=2, cores=1, memory="512MiB", walltime="00:10:00",
                       shared_directory=str(tmp_path), timeout=60) as cluster:
-        token_file = cluster.token_file
-        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
-        assert stat.S_IMODE(os.stat(os.path.dirname(token_file)).st_mode) == 0o700
+        scheduler_file = cluster.scheduler_file
+        assert stat.S_IMODE(os.stat(scheduler_file).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(scheduler_file)).st_mode) == 0o700
         assert cluster.security.token not in cluster.job_script()
+        assert "--scheduler-file %s " % scheduler_file in cluster.job_script()
         jobs = set(cluster.jobs)
         assert len(jobs) == 2 and jobs <= set(slurm.jobs())
         workers = cluster.wait_for_workers(2, timeout=60)
         assert set(cluster.workers().values()) == jobs  # each job runs one worker
         assert all(s == "RUNNING" for j, s in slurm.jobs().items() if j in jobs)
 
-        with Executor(cluster.center_address, security=cluster.security) as e:
+        with Executor(cluster) as e:  # its address and token
             assert e.gather(e.map(pow, range(10), [2] * 10)) == [i ** 2 for i in range(10)]
             # scattered data cannot be recomputed: it survives only if handed over
             data = e.scatter(list(range(20)))
@@ -313,8 +317,9 @@ def test_slurm_cluster_computes_scales_down_without_losing_data_and_closes(slurm
         address = cluster.center_address
 
     assert not (jobs & set(slurm.jobs())), slurm.jobs()
-    poll(lambda: not dworkers_of(address), timeout=20, msg="the dworkers to end")
-    assert not os.path.exists(token_file)
+    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
+         msg="the dworkers to end")
+    assert not os.path.exists(scheduler_file)
 
 
 @pytest.mark.processes
@@ -325,14 +330,15 @@ def test_dslurm_starts_a_center_and_jobs_and_ctrl_c_cancels_them(slurm, tmp_path
                 "--job-extra=--comment=dslurm-test", "--print-script",
                 "--shared-directory", str(tmp_path)]) as p:
         address = p.wait_for_line(CENTER_STARTED, 60).split()[-1]
-        token_file = p.wait_for_line("^Token file:", 10).split()[-1]
+        scheduler_file = p.wait_for_line("^Scheduler file:", 10).split()[-1]
         assert p.wait_for_line("^#SBATCH --comment=dslurm-test", 10)
         jobs = p.wait_for_line("^Submitted jobs:", 60).split()[2:]
         assert len(jobs) == 2 and set(jobs) <= set(slurm.jobs())
-        with open(token_file) as f:
-            token = f.read()
+        with open(scheduler_file) as f:
+            token = json.load(f)["auth_token"]
         assert token not in "".join(p.output)  # printed nowhere
-        with Executor(address, security=Security(token=token)) as e:
+        with Executor(scheduler_file=scheduler_file) as e:
+            assert e.security.token == token
             e.wait_for_workers(2, timeout=60)
             assert e.submit(pow, 3, 2).result() == 9
         p.send_signal(signal.SIGINT)
@@ -340,8 +346,9 @@ def test_dslurm_starts_a_center_and_jobs_and_ctrl_c_cancels_them(slurm, tmp_path
         lines = p.unread_lines(timeout=5)
         assert "Cancelled jobs: %s\n" % " ".join(jobs) in lines, lines
     assert not (set(jobs) & set(slurm.jobs())), slurm.jobs()
-    poll(lambda: not dworkers_of(address), timeout=20, msg="the dworkers to end")
-    assert not os.path.exists(token_file)
+    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
+         msg="the dworkers to end")
+    assert not os.path.exists(scheduler_file)
 
 
 @pytest.mark.processes
@@ -363,9 +370,10 @@ def test_adapt_submits_jobs_while_tasks_wait_and_cancels_them_when_idle(slurm, t
             poll(lambda: not cluster.jobs, timeout=60, msg="down to 0 jobs")
         # adapt's own scancel, not close()'s, takes them out of the queue
         poll(lambda: not (jobs & set(slurm.jobs())), timeout=30, msg="jobs out of squeue")
-        address = cluster.center_address
+        address, scheduler_file = cluster.center_address, cluster.scheduler_file
     assert not (jobs & set(slurm.jobs())), slurm.jobs()
-    poll(lambda: not dworkers_of(address), timeout=20, msg="the dworkers to end")
+    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
+         msg="the dworkers to end")
 
 
 @pytest.mark.processes
@@ -411,7 +419,7 @@ def test_the_token_reaches_the_job_but_nothing_slurm_stores(slurm, tmp_path, mon
         assert "exec " in script and token not in script
         assert files_containing(slurm.dir, token) == []  # state, spool, logs
         assert all(token not in " ".join(p.cmdline())
-                   for p in dworkers_of(cluster.center_address))
+                   for p in dworkers_of(cluster.center_address, cluster.scheduler_file))
 
 
 @pytest.mark.pure
@@ -447,3 +455,124 @@ def test_workers_that_never_come_time_out_with_what_the_job_printed(slurm, tmp_p
                       shared_directory=str(tmp_path), timeout=60) as cluster:
         with pytest.raises(TimeoutError, match="(?s)0 of 1 workers.*cannot load the python"):
             cluster.wait_for_workers(1, timeout=15)
+
+
+# -- the joined whole: scheduler file, nanny, death timeout ----------------------------
+
+
+def sbatch(slurm, script, directory):
+    """Submit ``script`` as the cluster does (no ``DISTRIBUTED_*`` of ours); its job id."""
+    path = os.path.join(directory, "job.sh")
+    with open(path, "w") as f:
+        f.write(script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTRIBUTED_")}
+    out = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True,
+                         check=True, timeout=30, env=env).stdout
+    return out.strip().split(";")[0]
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_a_job_started_before_the_scheduler_file_waits_for_it(slurm, tmp_path):
+    scheduler_file = str(tmp_path / "scheduler.json")
+    spec = JobSpec(cores=1, name="early", job_directory=str(tmp_path))
+    job = sbatch(slurm, SLURMCluster.script(spec, scheduler_file), str(tmp_path))
+    try:
+        poll(lambda: slurm.jobs().get(job) == "RUNNING", timeout=30, msg="the job to run")
+        time.sleep(2)  # its dworker is waiting for the file
+        assert slurm.jobs().get(job) == "RUNNING" and not os.path.exists(scheduler_file)
+        token = "early-token-%d" % os.getpid()
+        env = dict(os.environ, DISTRIBUTED_AUTH_TOKEN=token)
+        with popen([sys.executable, "-m", "distributed.cli.dcenter", "--port", "0",
+                    "--no-dashboard", "--scheduler-file", scheduler_file], env=env) as c:
+            address = c.wait_for_line(CENTER_STARTED, 30).split()[-1]
+            with Executor(scheduler_file=scheduler_file, timeout=20) as e:
+                assert e.address == address and e.security.token == token
+                e.wait_for_workers(1, timeout=60)
+                (worker,) = e.ncores()
+                assert call(worker, "identity", security=e.security)["name"] == \
+                    "early-%s" % job
+                assert e.submit(pow, 2, 5).result(timeout=30) == 32
+    finally:
+        slurm.run("scancel", job)
+        poll(lambda: job not in slurm.jobs(), timeout=30, msg="the job to leave")
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_a_worker_killed_in_a_job_is_restarted_by_its_nanny(slurm, tmp_path):
+    with SLURMCluster(jobs=1, shared_directory=str(tmp_path), timeout=60) as cluster:
+        (job,) = cluster.jobs
+        (first,) = cluster.wait_for_workers(1)
+        (process,) = [p for p in dworkers_of(cluster.center_address, cluster.scheduler_file)
+                      if "--nanny-address" in p.cmdline()]  # the nanny's worker
+        process.kill()
+        poll(lambda: set(cluster.workers()) - {first}, timeout=60,
+             msg="the nanny's new worker to register")
+        (second,) = cluster.workers()
+        assert second != first and cluster.workers() == {second: job}
+        assert slurm.jobs()[job] == "RUNNING"  # the same job goes on
+        with Executor(cluster) as e:
+            assert e.submit(pow, 3, 3).result(timeout=30) == 27
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_a_job_whose_center_was_killed_ends_after_its_death_timeout(slurm, tmp_path):
+    with SLURMCluster(jobs=2, memory="256MiB", death_timeout=3,
+                      shared_directory=str(tmp_path), timeout=60) as cluster:
+        jobs = set(cluster.jobs)
+        cluster.wait_for_workers(2)
+        address, scheduler_file = cluster.center_address, cluster.scheduler_file
+        cluster._center.center.kill()  # kill -9: nothing tells the workers
+        killed = time.time()
+        poll(lambda: not (jobs & set(slurm.jobs())), timeout=40,
+             msg="the jobs to end by themselves")
+        assert time.time() - killed > 3  # their workers tried for --death-timeout first
+        assert not dworkers_of(address, scheduler_file)
+        assert cluster.forget_ended_jobs() and not cluster.jobs
+    assert not (jobs & set(slurm.jobs()))
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_dslurm_killed_leaves_no_job_behind(slurm, tmp_path):
+    """kill -9 of dslurm: its center goes with it (it watches its parent),
+    and the jobs end within --death-timeout instead of using their walltime."""
+    with popen([sys.executable, "-m", "distributed.cli.dslurm", "--jobs", "1",
+                "--death-timeout", "3", "--shared-directory", str(tmp_path)]) as p:
+        address = p.wait_for_line(CENTER_STARTED, 60).split()[-1]
+        scheduler_file = p.wait_for_line("^Scheduler file:", 10).split()[-1]
+        jobs = p.wait_for_line("^Submitted jobs:", 60).split()[2:]
+        with Executor(scheduler_file=scheduler_file, timeout=20) as e:
+            e.wait_for_workers(1, timeout=60)
+        p.kill()
+    poll(lambda: not (set(jobs) & set(slurm.jobs())), timeout=40,
+         msg="the jobs to end by themselves")
+    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
+         msg="the dworkers to end")
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+def test_scale_down_cancels_a_job_whose_worker_does_not_answer(slurm, tmp_path):
+    """A hung worker (SIGSTOP) cannot retire: its data is out of reach anyway,
+    so its job is cancelled all the same, after the cluster's timeout."""
+    with SLURMCluster(jobs=2, memory="256MiB", shared_directory=str(tmp_path),
+                      timeout=10) as cluster:
+        cluster.wait_for_workers(2, timeout=60)
+        kept_job, hung_job = list(cluster.jobs)  # scale-down cancels the last first
+        (hung,) = [a for a, j in cluster.workers().items() if j == hung_job]
+        (process,) = [p for p in dworkers_of(cluster.center_address, cluster.scheduler_file)
+                      if "--nanny-address" in p.cmdline()
+                      and "dworker-%s" % hung_job in p.cmdline()]
+        process.suspend()
+        try:
+            cluster.scale(1)
+        finally:
+            if process.is_running():
+                process.resume()
+        assert list(cluster.jobs) == [kept_job] and hung_job not in slurm.jobs()
+        with Executor(cluster) as e:
+            assert hung not in e.ncores()
+            assert e.submit(pow, 2, 2).result(timeout=30) == 4

@@ -253,8 +253,9 @@ def test_map_across_hosts_and_a_killed_worker(hosts, mark):
         assert all(p.environ().get("DISTRIBUTED_AUTH_TOKEN") == token
                    for p in worker_processes(mark, hosts.sshd["h2"]))
 
-        e = Executor(cluster.center_address, security=cluster.security, timeout=20)
+        e = Executor(cluster, timeout=20)  # the documented form: its address and token
         try:
+            assert e.address == cluster.center_address and e.security.token == token
             assert sum(e.ncores().values()) == 6
             assert e.gather(e.map(inc, range(100))) == list(range(1, 101))
 

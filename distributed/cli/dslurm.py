@@ -5,15 +5,17 @@
     $ dslurm --jobs 4 --cores 8 --memory 16GB --walltime 02:00:00 --queue normal
     Start center at 10.0.0.5:8786
     Dashboard at http://10.0.0.5:8797/status
-    Token file: /home/me/.distributed/jobqueue/cluster-k2j3/token
+    Scheduler file: /home/me/.distributed/jobqueue/cluster-k2j3/scheduler.json
     Submitted jobs: 4101 4102 4103 4104
     ^C
     Cancelled jobs: 4101 4102 4103 4104
     Center stopped
 
-Clients connect with the token of the file (readable by its owner only):
-``DISTRIBUTED_AUTH_TOKEN=$(cat FILE) python my_script.py``; its directory,
-the token and the jobs' output go away when ``dslurm`` stops.
+The jobs' workers read the center's address and auth token from the
+scheduler file (readable by its owner only), and so do clients:
+``Executor(scheduler_file=FILE)``; its directory and the jobs' output go
+away when ``dslurm`` stops.  A job whose workers cannot reach the center for
+``--death-timeout`` seconds ends (so the jobs end if ``dslurm`` is killed).
 ``--print-script`` shows the batch script each job runs.
 """
 
@@ -21,7 +23,7 @@ import signal
 import sys
 import threading
 
-from ..deploy.jobqueue import SLURMCluster
+from ..deploy.jobqueue import DEATH_TIMEOUT, SLURMCluster
 from .utils import CENTER_STARTED, DASHBOARD_STARTED, build_parser, setup_logging
 
 
@@ -54,11 +56,14 @@ def make_parser():
                    help="the Python on the nodes (default: %(default)s)")
     p.add_argument("--name", default="dworker",
                    help="job name, and workers' name prefix (default: dworker)")
+    p.add_argument("--death-timeout", type=float, default=DEATH_TIMEOUT, metavar="SECONDS",
+                   help="a job's workers wait this long for the center (at start, and "
+                   "once lost) before the job ends (default: %(default)g)")
     p.add_argument("--host", default=None,
                    help="address the center listens on (default: this machine's "
                    "outward address)")
     p.add_argument("--shared-directory", default=None,
-                   help="a directory the nodes see, for the token file and the jobs' "
+                   help="a directory the nodes see, for the scheduler file and the jobs' "
                    "output (default: ~/.distributed/jobqueue)")
     p.add_argument("--print-script", action="store_true",
                    help="print the batch script the jobs run")
@@ -74,7 +79,8 @@ def main(argv=None):
             cores=args.cores, memory=args.memory, walltime=args.walltime,
             queue=args.queue, processes=args.processes, job_extra=args.job_extra,
             env_extra=args.env_extra, local_directory=args.local_directory,
-            python=args.python, name=args.name, host=args.host,
+            python=args.python, name=args.name, death_timeout=args.death_timeout,
+            host=args.host,
             shared_directory=args.shared_directory, http_port=0)
     except (OSError, RuntimeError, ValueError, TimeoutError) as e:
         print("dslurm: error: %s" % e, file=sys.stderr, flush=True)
@@ -86,7 +92,7 @@ def main(argv=None):
         print(CENTER_STARTED, cluster.center_address, flush=True)
         if cluster.dashboard_address:  # without the token: output may be shared
             print(DASHBOARD_STARTED, cluster.dashboard_address, flush=True)
-        print("Token file:", cluster.token_file, flush=True)
+        print("Scheduler file:", cluster.scheduler_file, flush=True)
         if args.print_script:
             print(cluster.job_script(), flush=True)
         cluster.scale(args.jobs * args.processes)

@@ -299,11 +299,14 @@ def _closed_on_its_own(worker, args):
               "within --death-timeout %g s" % (worker.center.address, args.death_timeout),
               file=sys.stderr, flush=True)
         return DEATH_TIMEOUT_EXIT_CODE
+    if reason is None:
+        return 0
     if reason == "lifetime":
         print("Worker retired after its --lifetime of %g s" % args.lifetime, flush=True)
-        # its nanny must not replace it: it tells by this status
-        return RETIRED_EXIT_CODE if args.nanny_address else 0
-    return 0
+    else:  # the retire rpc (a cluster scaling down)
+        print("Worker retired (%s)" % reason, flush=True)
+    # its nanny must not replace it: it tells by this status
+    return RETIRED_EXIT_CODE if args.nanny_address else 0
 
 
 def nanny_child_argv(args):

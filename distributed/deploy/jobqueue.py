@@ -5,37 +5,39 @@
     with SLURMCluster(cores=4, memory="8GB", walltime="01:00:00", queue="normal") as cluster:
         print(cluster.job_script())          # what sbatch gets
         cluster.scale(10)                    # 10 workers: 10 jobs (processes=1)
-        e = Executor(cluster.center_address, security=cluster.security)
+        e = Executor(cluster)                # its address and token
         ...
         cluster.scale(2)                     # their data moves to the 2 kept, then scancel
 
-The center runs on this machine (a ``dcenter`` child process, started by a
-:class:`~distributed.local.LocalCluster` without workers), listening on this
-machine's address that routes outwards (``host=`` to choose).  Each job runs
-``dworker CENTER_ADDRESS`` with the job's limits (``--ncores``,
-``--memory-limit``, ``--nprocs``) and names its workers after the job id
-(``dworker-<jobid>``, ``-0``, ``-1``, ... with ``processes > 1``): that is
-how :meth:`JobQueueCluster.scale` knows which workers a job runs.
+The center runs on this machine (a ``dcenter --scheduler-file PATH`` child
+process, started by a :class:`~distributed.local.LocalCluster` without
+workers), listening on this machine's address that routes outwards
+(``host=`` to choose).  Each job runs ``dworker --scheduler-file PATH`` with
+the job's limits (``--ncores``, ``--memory-limit``, ``--nprocs``) and names
+its workers after the job id (``dworker-<jobid>``, ``-0``, ``-1``, ... with
+``processes > 1``): that is how :meth:`JobQueueCluster.scale` knows which
+workers a job runs.  The jobs' workers give up (and the job ends) when they
+cannot reach the center for ``death_timeout`` seconds (60): a job whose
+center is gone does not sit until its walltime.
 
-The auth token never appears in the batch script nor on a command line:
-schedulers keep a copy of every script they run (SLURM in its
+The scheduler file (see :mod:`distributed.scheduler_file`) holds the
+center's address and auth token, readable by the user only (``0600``, in a
+``0700`` directory under ``shared_directory``, by default
+``~/.distributed/jobqueue``: the home directory is shared by the nodes of
+most HPC sites).  So the token never appears in the batch script nor on a
+command line: schedulers keep a copy of every script they run (SLURM in its
 ``StateSaveLocation``, readable by the admins, and ``scontrol write
 batch_script`` by the user), and ``sbatch`` would by default also store this
-process's environment with the job.  The cluster writes the token to a file
-only the user can read (``0600``, in a ``0700`` directory under
-``shared_directory``, by default ``~/.distributed/jobqueue``: the home
-directory is shared by the nodes of most HPC sites) and the script reads it
-into ``DISTRIBUTED_AUTH_TOKEN`` when the job starts; the submit command runs
-without the ``DISTRIBUTED_*`` variables of this process.
+process's environment with the job, so the submit command runs without the
+``DISTRIBUTED_*`` variables of this process.
+
+Scaling down asks each leaving worker to retire (the worker's ``retire``
+rpc: it hands its data to the workers that stay, unregisters and exits for
+good), then cancels its job.
 
 A subclass per scheduler says only what differs: the directive prefix
 (``#SBATCH``), the header lines made of the limits, the submit, cancel and
 status commands and the variable holding the job id.
-
-TODO(addr): the "addr" branch adds ``dworker --scheduler-file PATH``: once
-merged, the script should run ``dworker --scheduler-file PATH`` (the file the
-center writes on the shared filesystem, with the token) instead of
-``dworker HOST:PORT`` plus the token file (see :meth:`JobQueueCluster.worker_command`).
 """
 
 import asyncio
@@ -59,7 +61,7 @@ from ..cli.utils import parse_memory_limit
 from ..core import coerce_to_address, rpc
 from ..local import LocalCluster
 from ..scheduler import NO_WORKER, PROCESSING, QUEUED, WAITING
-from ..security import ENV_TOKEN, Security
+from ..security import Security
 from ..utils import get_ip
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,9 @@ __all__ = ["Adaptive", "JobQueueCluster", "JobSpec", "SLURMCluster", "PBSCluster
 
 #: seconds a submit, cancel or status command may take
 COMMAND_TIMEOUT = 30
+#: seconds a job's workers wait for their center (at start, and once lost)
+#: before the job ends
+DEATH_TIMEOUT = 60
 
 #: job states that mean the job is over (any scheduler's spelling)
 #: task states that are work to do (for :class:`Adaptive`)
@@ -91,12 +96,17 @@ class JobQueueCluster:
     ``env_extra`` (shell lines run before the worker, e.g. ``['module load
     python']``), ``local_directory`` (the workers' ``--local-dir``),
     ``python`` (the interpreter on the nodes; default this one), ``name``
-    (job and worker name prefix), ``job_directory`` (where the scripts and
-    the job output go; default the token's directory).  ``host``: the
-    address the center listens on (default: this machine's outward one).
-    ``security``: its token (default: a random one) and TLS files (their
-    paths must be valid on the nodes).  ``timeout`` bounds every wait.
-    Other keywords are ``dcenter`` options (``http_port=0``, ...).
+    (job and worker name prefix), ``death_timeout`` (seconds a job's
+    workers wait for the scheduler file and the center, and go on without
+    it once lost, before the job ends; None: the ``dworker`` defaults),
+    ``job_directory`` (where the scripts and the job output go; default the
+    scheduler file's directory).  ``shared_directory``: where that private
+    directory is made, on a filesystem the nodes share (default
+    ``~/.distributed/jobqueue``).  ``host``: the address the center listens
+    on (default: this machine's outward one).  ``security``: its token
+    (default: a random one) and TLS files (their paths must be valid on the
+    nodes).  ``timeout`` bounds every wait.  Other keywords are ``dcenter``
+    options (``http_port=0``, ...).  ``Executor(cluster)`` connects to it.
     """
 
     #: what starts a directive line of the script (``#SBATCH``)
@@ -114,12 +124,13 @@ class JobQueueCluster:
 
     def __init__(self, jobs=0, cores=1, memory=None, walltime="00:30:00", queue=None,
                  job_extra=(), processes=1, python=sys.executable, local_directory=None,
-                 env_extra=(), name="dworker", host=None, security=None,
-                 shared_directory=None, job_directory=None, timeout=60, **center_options):
+                 env_extra=(), name="dworker", death_timeout=DEATH_TIMEOUT, host=None,
+                 security=None, shared_directory=None, job_directory=None, timeout=60,
+                 **center_options):
         self.spec = JobSpec(cores=cores, memory=memory, walltime=walltime, queue=queue,
                             job_extra=job_extra, processes=processes, python=python,
                             local_directory=local_directory, env_extra=env_extra,
-                            name=name)
+                            name=name, death_timeout=death_timeout)
         self.processes = self.spec.processes
         self.name = self.spec.name
         self.timeout = timeout
@@ -132,12 +143,13 @@ class JobQueueCluster:
             security = security.with_token(secrets.token_hex(32))
         self._directory = _private_directory(shared_directory)
         self.spec.job_directory = job_directory or self._directory
-        self.token_file = os.path.join(self._directory, "token")
-        _write_private(self.token_file, security.token)
+        #: the center's address and token (``0600``): what the jobs read
+        self.scheduler_file = os.path.join(self._directory, "scheduler.json")
         try:
             self._center = LocalCluster(
                 n_workers=0, ip=host or get_ip(), security=security, timeout=timeout,
-                restart_dead_workers=False, **center_options)
+                restart_dead_workers=False, scheduler_file=self.scheduler_file,
+                **center_options)
             self.status = "running"
             _clusters.add(self)
             if jobs:
@@ -156,7 +168,7 @@ class JobQueueCluster:
 
     @property
     def security(self):
-        """What a client needs: ``Executor(c.center_address, security=c.security)``."""
+        """What a client needs (``Executor(cluster)`` takes it from here)."""
         return self._center.security
 
     @property
@@ -178,13 +190,12 @@ class JobQueueCluster:
         raise NotImplementedError
 
     @classmethod
-    def worker_command(cls, spec, center_address):
-        """The command line that runs a job's workers (a line of the script).
-
-        TODO(addr): ``dworker --scheduler-file PATH`` once that branch is
-        merged: then the script needs neither the address nor the token file.
-        """
-        args = [spec.python, "-m", "distributed.cli.dworker", center_address,
+    def worker_command(cls, spec, scheduler_file):
+        """The command line that runs a job's workers (a line of the script):
+        ``dworker --scheduler-file PATH`` (the address and the token come
+        from the file), the job's limits and ``--death-timeout``."""
+        args = [spec.python, "-m", "distributed.cli.dworker",
+                "--scheduler-file", scheduler_file,
                 "--ncores", str(max(1, spec.cores // spec.processes))]
         if spec.processes > 1:
             args += ["--nprocs", str(spec.processes)]
@@ -192,29 +203,39 @@ class JobQueueCluster:
             args += ["--memory-limit", str(spec.memory // spec.processes)]
         if spec.local_directory:
             args += ["--local-dir", spec.local_directory]
+        if spec.death_timeout is not None:  # for the scheduler file, and the center
+            args += ["--connect-timeout", "%g" % spec.death_timeout,
+                     "--death-timeout", "%g" % spec.death_timeout]
         # the job id in the name: scale() finds a job's workers by it
         name = "%s-${%s}" % (shlex.quote(spec.name), cls.job_id_variable)
         return " ".join(map(shlex.quote, args)) + " --name " + name
 
     @classmethod
-    def script(cls, spec, center_address, token_file, security=None):
-        """The batch script of a job: directives, ``env_extra``, the token read
-        from ``token_file`` (never the token itself), the TLS files' paths, and
-        ``exec dworker ...``."""
+    def script(cls, spec, scheduler_file):
+        """The batch script of a job: directives, ``env_extra`` and ``exec
+        dworker --scheduler-file ...``: no secret (the token and the TLS
+        files' paths are in the scheduler file).
+
+        >>> print(SLURMCluster.script(JobSpec(walltime=None), "/home/me/s.json"))
+        ... # doctest: +NORMALIZE_WHITESPACE +ELLIPSIS
+        #!/usr/bin/env bash
+        #SBATCH --job-name=dworker
+        #SBATCH --nodes=1
+        #SBATCH --ntasks=1
+        #SBATCH --cpus-per-task=1
+        exec ... -m distributed.cli.dworker --scheduler-file /home/me/s.json --ncores 1
+        --connect-timeout 60 --death-timeout 60 --name dworker-${SLURM_JOB_ID}
+        """
         lines = ["#!/usr/bin/env bash"]
         lines += ["%s %s" % (cls.directive, h) for h in cls.header_lines(spec)]
         lines += ["%s %s" % (cls.directive, h) for h in spec.job_extra]
         lines += list(spec.env_extra)
-        lines.append("export %s=\"$(cat %s)\"" % (ENV_TOKEN, shlex.quote(token_file)))
-        for variable, value in (security.environ() if security else {}).items():
-            if value is not None and variable != ENV_TOKEN:  # TLS files: paths only
-                lines.append("export %s=%s" % (variable, shlex.quote(str(value))))
-        lines.append("exec " + cls.worker_command(spec, center_address))
+        lines.append("exec " + cls.worker_command(spec, scheduler_file))
         return "\n".join(lines) + "\n"
 
     def job_script(self):
         """The batch script every job of this cluster runs (no secret in it)."""
-        return self.script(self.spec, self.center_address, self.token_file, self.security)
+        return self.script(self.spec, self.scheduler_file)
 
     # -- the scheduler's commands ---------------------------------------------
 
@@ -259,13 +280,19 @@ class JobQueueCluster:
         return job
 
     def cancel_jobs(self, jobs):
-        """Cancel ``jobs`` (ids); they are no longer ours."""
+        """Cancel ``jobs`` (ids); they are no longer ours.  Jobs that ended
+        meanwhile (a retired worker's job ends by itself) are no error."""
         jobs = list(jobs)
         if not jobs:
             return
         for job in jobs:
             self.jobs.pop(job, None)
-        self._run(list(self.cancel_command) + jobs)
+        try:
+            self._run(list(self.cancel_command) + jobs)
+        except RuntimeError:
+            states = self.job_states()
+            if any(states.get(j, "gone") not in FINISHED_STATES | {"gone"} for j in jobs):
+                raise
         logger.info("cancelled jobs %s", ", ".join(jobs))
 
     def job_states(self):
@@ -361,38 +388,36 @@ class JobQueueCluster:
         return workers
 
     def retire_workers(self, addresses):
-        """Copy the keys that only ``addresses`` hold to the other workers.
+        """Ask the workers at ``addresses`` to retire (their ``retire`` rpc):
+        each hands its data to the workers that stay, then unregisters and
+        exits for good (its nanny does not restart it).  Return how many keys
+        they handed over; ``RuntimeError`` naming those whose hand-off failed
+        (they stay).  A worker that cannot be reached at all is only logged:
+        its data is out of reach anyway, and its job may go.
 
-        The center has no retirement op (yet): the copies are made by the
-        keeping workers' ``gather`` rpc (which tells the center they hold
-        them), so that when the jobs are cancelled, the workers' leaving
-        loses nothing.  A task that finishes on them in between is
-        recomputed by the scheduler, like after any worker loss.
+        A task that finishes on them in between is recomputed by the
+        scheduler, like after any worker loss.
         """
-        leaving = {coerce_to_address(a) for a in addresses}
+        leaving = sorted({coerce_to_address(a) for a in addresses})
 
-        async def move(center):
-            keep = [a for a in await center.ncores() if a not in leaving]
-            who_has = await center.who_has()
-            orders = {}  # recipient -> {key: holders}
-            load = {a: 0 for a in keep}
-            for key, holders in who_has.items():
-                holders = set(holders)
-                if not holders or not holders <= leaving:
-                    continue
-                if not keep:
-                    raise RuntimeError("no worker left to take the data of %s" % sorted(leaving))
-                target = min(keep, key=load.get)
-                orders.setdefault(target, {})[key] = sorted(holders)
-                load[target] += 1
-            results = await asyncio.gather(*[
-                _gather_into(a, wh, self.security, self.timeout) for a, wh in orders.items()])
-            return sum(len(wh) for wh in orders.values()), [r for r in results if r]
+        async def retire(address):
+            try:
+                with rpc(address, security=self.security, timeout=self.timeout) as w:
+                    return address, await w.retire(reason="scale-down", exclude=leaving)
+            except Exception as e:  # gone meanwhile, hung: nothing to hand over from it
+                logger.warning("could not ask %s to retire: %s", address, e)
+                return address, (b"OK", {"keys": 0})
 
-        moved, problems = self._center_call(move)
+        async def retire_all():
+            return await asyncio.gather(*[retire(a) for a in leaving])
+
+        results = _run_coroutine(retire_all())
+        problems = ["%s: %s" % (a, r[1].get("error")) for a, r in results
+                    if not (isinstance(r, tuple) and r[0] == b"OK")]
         if problems:
-            raise RuntimeError("could not move the data of %s: %s" % (sorted(leaving), problems))
-        logger.info("moved %d keys off %s", moved, ", ".join(sorted(leaving)))
+            raise RuntimeError("could not retire %s" % "; ".join(problems))
+        moved = sum(r[1]["keys"] for _, r in results)
+        logger.info("retired %s, who handed %d keys over", ", ".join(leaving), moved)
         return moved
 
     def scale(self, n):
@@ -472,7 +497,7 @@ class JobQueueCluster:
 
     def close(self):
         """Cancel every job (and wait until they left the queue), stop the
-        center, remove the token file."""
+        center (which removes the scheduler file), remove its directory."""
         if self.status == "closed":
             return
         self.status = "closed"
@@ -737,7 +762,8 @@ class JobSpec:
 
     def __init__(self, cores=1, memory=None, walltime="00:30:00", queue=None,
                  job_extra=(), processes=1, python=sys.executable, local_directory=None,
-                 env_extra=(), name="dworker", job_directory=None):
+                 env_extra=(), name="dworker", death_timeout=DEATH_TIMEOUT,
+                 job_directory=None):
         if not 1 <= int(processes) <= int(cores):
             raise ValueError("a job needs cores >= processes >= 1 (got cores=%r, "
                              "processes=%r)" % (cores, processes))
@@ -753,6 +779,7 @@ class JobSpec:
         self.local_directory = local_directory
         self.env_extra = list(env_extra)
         self.name = name
+        self.death_timeout = death_timeout
         self.job_directory = job_directory  # the job output; None: the scheduler's default
 
     @property
@@ -768,13 +795,6 @@ def _private_directory(parent=None):
     return tempfile.mkdtemp(prefix="cluster-", dir=parent)  # mode 0700
 
 
-def _write_private(path, text):
-    """Write ``text`` to a new file that only the user may read (``0600``)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
 async def _identity(address, security, timeout):
     try:
         with rpc(address, security=security, timeout=timeout) as w:
@@ -782,18 +802,6 @@ async def _identity(address, security, timeout):
     except Exception as e:  # leaving meanwhile
         logger.debug("no identity from %s: %s", address, e)
         return None
-
-
-async def _gather_into(address, who_has, security, timeout):
-    """Make the worker at ``address`` fetch ``who_has``; a problem as text, or None."""
-    try:
-        with rpc(address, security=security, timeout=timeout) as w:
-            result = await w.gather(who_has=who_has)
-    except Exception as e:
-        return "%s: %s" % (address, e)
-    if isinstance(result, tuple) and result and result[0] != b"OK":
-        return "%s: %s" % (address, result)
-    return None
 
 
 def _run_coroutine(coroutine):
