@@ -70,7 +70,7 @@ from .scheduler_file import read_scheduler_file
 from .security import TLSError, default_security, tls_error
 from .tokenize import Normalized, by_reference, tokenize
 from .cli.utils import CENTER_STARTED
-from .utils import funcname, key_split, validate_key, with_default_port
+from .utils import funcname, key_split, validate_key, wait_for, with_default_port
 from .worker import _format_bytes, gather_from_workers, get_worker, rejoin, secede, thread_state
 
 logger = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class FutureState:
         if timeout is None:
             await self.event.wait()
         else:
-            await asyncio.wait_for(self.event.wait(), timeout)
+            await wait_for(self.event.wait(), timeout)
 
 
 class Future(_DaskTaskRef or object):
@@ -763,7 +763,7 @@ class Executor:
         """
         if self._awaitable_here():
             coro = func(*args, **kwargs)
-            return coro if timeout is None else asyncio.wait_for(coro, timeout)
+            return coro if timeout is None else wait_for(coro, timeout)
         if self._asyncio_loop is None or self._asyncio_loop.is_closed() or (
                 self._loop_thread is not None and not self._loop_thread.thread.is_alive()):
             # its loop is gone: nothing would ever run the call

@@ -1,5 +1,6 @@
 """Small helpers shared by every node: addresses, keys, tracebacks, sizes."""
 
+import asyncio
 import socket
 import traceback as _traceback
 import uuid
@@ -16,6 +17,18 @@ __all__ = [
     "new_id",
     "log_safe",
 ]
+
+
+async def wait_for(awaitable, timeout):
+    """``await asyncio.wait_for(awaitable, timeout)``, raising the built-in
+    ``TimeoutError`` on every Python (3.10's asyncio raises its own
+    ``asyncio.TimeoutError``, which ``except TimeoutError`` misses)."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError as e:
+        if asyncio.TimeoutError is TimeoutError:  # 3.11+: already the built-in one
+            raise
+        raise TimeoutError("not done within %s s" % timeout) from e
 
 
 def get_ip(host="8.8.8.8", port=80):
