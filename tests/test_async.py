@@ -431,18 +431,3 @@ def test_one_address_or_future_blocking(e):
     with pytest.raises(RuntimeError, match="await"):
         e.sync(blocking_on_its_own_loop)
 
-
-@pytest.mark.pure
-def test_wait_for_raises_the_builtin_timeout_error():
-    """What an awaited ``result(timeout=)`` raises is ``TimeoutError`` on
-    every Python: 3.10's ``asyncio.wait_for`` raises its own class, which
-    ``except TimeoutError`` misses."""
-    from distributed.utils import wait_for
-
-    async def main():
-        with pytest.raises(TimeoutError) as info:
-            await wait_for(asyncio.sleep(1), 0.01)
-        assert type(info.value) is TimeoutError
-        assert await wait_for(asyncio.sleep(0, "done"), 1) == "done"
-
-    asyncio.run(main())

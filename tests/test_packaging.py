@@ -247,3 +247,23 @@ def test_dask_distributed_wait_on_our_futures(e):
     done, not_done = dask.base.wait(f, timeout=30)
     assert done == {f} and not not_done
     assert f.result(timeout=30) == 11
+
+
+# -- what differs between the supported Pythons ------------------------------
+
+@pytest.mark.pure
+def test_wait_for_raises_the_builtin_timeout_error():
+    """What an awaited ``result(timeout=)`` raises is ``TimeoutError`` on
+    every Python: 3.10's ``asyncio.wait_for`` raises its own class, which
+    ``except TimeoutError`` misses."""
+    from distributed.utils import wait_for
+
+    import asyncio
+
+    async def main():
+        with pytest.raises(TimeoutError) as info:
+            await wait_for(asyncio.sleep(1), 0.01)
+        assert type(info.value) is TimeoutError
+        assert await wait_for(asyncio.sleep(0, "done"), 1) == "done"
+
+    asyncio.run(main())
