@@ -251,14 +251,15 @@ def test_dask_distributed_wait_on_our_futures(e):
 
 # -- what differs between the supported Pythons ------------------------------
 
+
 @pytest.mark.pure
 def test_wait_for_raises_the_builtin_timeout_error():
     """What an awaited ``result(timeout=)`` raises is ``TimeoutError`` on
     every Python: 3.10's ``asyncio.wait_for`` raises its own class, which
     ``except TimeoutError`` misses."""
-    from distributed.utils import wait_for
-
     import asyncio
+
+    from distributed.utils import wait_for
 
     async def main():
         with pytest.raises(TimeoutError) as info:
