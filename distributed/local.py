@@ -37,6 +37,7 @@ from .cli.utils import (
     WORKER_STARTED,
 )
 from .core import rpc
+from .deploy.cluster import Cluster
 from .nanny import _OOMWatch, describe_exit
 from .process import Process
 from .security import Security
@@ -48,7 +49,7 @@ __all__ = ["LocalCluster"]
 _clusters = weakref.WeakSet()
 
 
-class LocalCluster:
+class LocalCluster(Cluster):
     """Start ``dcenter`` and ``n_workers`` ``dworker`` processes.
 
     ``n_workers`` defaults to the number of cores; each worker runs
@@ -272,18 +273,6 @@ class LocalCluster:
         watcher = self._watcher
         if watcher is not None and watcher is not threading.current_thread():
             watcher.join(self.timeout)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self):
         return "LocalCluster(%r, workers=%d)" % (

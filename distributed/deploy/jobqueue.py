@@ -63,6 +63,7 @@ from ..local import LocalCluster
 from ..scheduler import NO_WORKER, PROCESSING, QUEUED, WAITING
 from ..security import Security
 from ..utils import get_ip
+from .cluster import Cluster
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ FINISHED_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED",
                    "F", "C"}  # PBS: finished, completed
 
 
-class JobQueueCluster:
+class JobQueueCluster(Cluster):
     """A center here and workers as batch jobs; subclass per scheduler.
 
     ``jobs``: jobs submitted at once.  Per job: ``cores`` threads in all and
@@ -514,21 +515,6 @@ class JobQueueCluster:
             if center is not None:
                 center.close()
             shutil.rmtree(self._directory, ignore_errors=True)
-
-    async def _close(self):
-        await asyncio.get_running_loop().run_in_executor(None, self.close)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self):
         return "%s(%r, jobs=%d)" % (type(self).__name__, getattr(

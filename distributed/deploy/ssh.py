@@ -33,7 +33,6 @@ at (``$SSH_CONNECTION``), so the workers must be able to reach that address
 too; ``center_ip`` names another one.
 """
 
-import asyncio
 import atexit
 import json
 import logging
@@ -48,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..cli.utils import CENTER_STARTED, DASHBOARD_STARTED, WORKER_REGISTERED
 from ..process import Process
 from ..security import Security
+from .cluster import Cluster
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class RemoteProcess:
 _clusters = weakref.WeakSet()
 
 
-class SSHCluster:
+class SSHCluster(Cluster):
     """A center on ``center_host`` (default: the first of ``hosts``) and a
     ``dworker`` on every one of ``hosts``, started over SSH.
 
@@ -346,27 +346,6 @@ class SSHCluster:
                 list(pool.map(lambda p: p.close(), workers))
         if self.center is not None:
             self.center.close()
-
-    async def _close(self):
-        """:meth:`close` for ``async def`` code (it runs in a thread)::
-
-            cluster = await asyncio.to_thread(SSHCluster, hosts)   # the start-up blocks
-            ...
-            await cluster._close()
-        """
-        await asyncio.get_running_loop().run_in_executor(None, self.close)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self):
         return "SSHCluster(%r, hosts=%r)" % (self.center_address, self.hosts)
