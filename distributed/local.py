@@ -15,7 +15,6 @@ an ``Executor(cluster.center_address)`` in this process finds it by itself.
 Any other client needs ``cluster.security``.
 """
 
-import asyncio
 import atexit
 import itertools
 import logging
@@ -37,7 +36,7 @@ from .cli.utils import (
     WORKER_STARTED,
 )
 from .core import rpc
-from .deploy.cluster import Cluster
+from .deploy.cluster import Cluster, run_coroutine
 from .nanny import _OOMWatch, describe_exit
 from .process import Process
 from .security import Security
@@ -182,13 +181,7 @@ class LocalCluster(Cluster):
                 return await r.call(op, timeout=5, **kwargs)
 
         try:
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:  # no loop runs in this thread
-                return asyncio.run(call())
-            # a loop runs here (Jupyter, async code): asyncio.run would refuse
-            with ThreadPoolExecutor(1) as pool:
-                return pool.submit(lambda: asyncio.run(call())).result()
+            return run_coroutine(call())
         except Exception as e:
             logger.info("could not tell the center %s: %s", op, e)
 

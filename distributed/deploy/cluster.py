@@ -15,8 +15,9 @@ and :class:`~distributed.deploy.jobqueue.JobQueueCluster` subclass it::
 """
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "run_coroutine"]
 
 
 class Cluster:
@@ -48,3 +49,20 @@ class Cluster:
         except Exception:
             pass
 
+
+def run_coroutine(coroutine):
+    """Run ``coroutine`` to its end from a blocking method, and return its result:
+    ``asyncio.run`` it, or, when a loop already runs in this thread (Jupyter,
+    async code; ``asyncio.run`` would refuse), in a thread of its own.
+
+    >>> async def two():
+    ...     return 2
+    >>> run_coroutine(two())
+    2
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs in this thread
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()

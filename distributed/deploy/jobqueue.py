@@ -63,7 +63,7 @@ from ..local import LocalCluster
 from ..scheduler import NO_WORKER, PROCESSING, QUEUED, WAITING
 from ..security import Security
 from ..utils import get_ip
-from .cluster import Cluster
+from .cluster import Cluster, run_coroutine
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ class JobQueueCluster(Cluster):
                      timeout=self.timeout) as center:
                 return await coroutine_function(center)
 
-        return _run_coroutine(call())
+        return run_coroutine(call())
 
     def workers(self):
         """``{worker address: job id}`` of the workers registered with the center."""
@@ -412,7 +412,7 @@ class JobQueueCluster(Cluster):
         async def retire_all():
             return await asyncio.gather(*[retire(a) for a in leaving])
 
-        results = _run_coroutine(retire_all())
+        results = run_coroutine(retire_all())
         problems = ["%s: %s" % (a, r[1].get("error")) for a, r in results
                     if not (isinstance(r, tuple) and r[0] == b"OK")]
         if problems:
@@ -788,18 +788,6 @@ async def _identity(address, security, timeout):
     except Exception as e:  # leaving meanwhile
         logger.debug("no identity from %s: %s", address, e)
         return None
-
-
-def _run_coroutine(coroutine):
-    """``asyncio.run`` it, from a thread of ours when a loop already runs here."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
 
 
 @atexit.register
