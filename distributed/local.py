@@ -19,7 +19,6 @@ import atexit
 import itertools
 import logging
 import os
-import secrets
 import sys
 import threading
 import time
@@ -36,10 +35,9 @@ from .cli.utils import (
     WORKER_STARTED,
 )
 from .core import rpc
-from .deploy.cluster import Cluster, run_coroutine
+from .deploy.cluster import Cluster, cluster_token, run_coroutine
 from .nanny import _OOMWatch, describe_exit
 from .process import Process
-from .security import Security
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +79,7 @@ class LocalCluster(Cluster):
         self.timeout = timeout
         self.worker_args = list(worker_args)
         self.echo = echo
-        security = security if security is not None else Security.from_env()
-        if security.token is None:
-            security = security.with_token(secrets.token_hex(32))
+        security = cluster_token(security)
         self.security = security
         self._env = security.child_env()  # the token never goes on a command line
         for name in DEPLOY_ENV:  # a $DISTRIBUTED_SCHEDULER_FILE is not for our center

@@ -15,9 +15,12 @@ and :class:`~distributed.deploy.jobqueue.JobQueueCluster` subclass it::
 """
 
 import asyncio
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["Cluster", "run_coroutine"]
+from ..security import Security
+
+__all__ = ["Cluster", "run_coroutine", "cluster_token"]
 
 
 class Cluster:
@@ -66,3 +69,16 @@ def run_coroutine(coroutine):
         return asyncio.run(coroutine)
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coroutine).result()
+
+
+def cluster_token(security=None):
+    """A cluster's :class:`Security`: ``security`` (default: the environment's)
+    with a random auth token when it has none, so no cluster runs without one.
+
+    >>> len(cluster_token(Security()).token), cluster_token(Security(token="t")).token
+    (64, 't')
+    """
+    security = security if security is not None else Security.from_env()
+    if security.token is None:
+        security = security.with_token(secrets.token_hex(32))
+    return security

@@ -47,7 +47,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import shlex
 import shutil
 import subprocess
@@ -61,7 +60,6 @@ from ..cli.utils import parse_memory_limit
 from ..core import coerce_to_address, rpc
 from ..local import LocalCluster
 from ..scheduler import NO_WORKER, PROCESSING, QUEUED, WAITING
-from ..security import Security
 from ..utils import get_ip
 from .cluster import Cluster, run_coroutine
 
@@ -139,9 +137,6 @@ class JobQueueCluster(Cluster):
         self.status = "starting"
         self._adaptive = None
         self._lock = threading.RLock()  # one scale() at a time (Adaptive's thread)
-        security = security if security is not None else Security.from_env()
-        if security.token is None:
-            security = security.with_token(secrets.token_hex(32))
         self._directory = _private_directory(shared_directory)
         self.spec.job_directory = job_directory or self._directory
         #: the center's address and token (``0600``): what the jobs read

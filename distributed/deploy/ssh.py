@@ -36,7 +36,6 @@ too; ``center_ip`` names another one.
 import atexit
 import json
 import logging
-import secrets
 import shlex
 import subprocess
 import threading
@@ -46,8 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..cli.utils import CENTER_STARTED, DASHBOARD_STARTED, WORKER_REGISTERED
 from ..process import Process
-from ..security import Security
-from .cluster import Cluster
+from .cluster import Cluster, cluster_token
 
 logger = logging.getLogger(__name__)
 
@@ -264,9 +262,7 @@ class SSHCluster(Cluster):
         # unknown or bad options fail here, before any session opens
         self._center_argv = center_args(**dict(center_options or {}))
         self._worker_argv = worker_args(**worker_options)
-        security = security if security is not None else Security.from_env()
-        if security.token is None:
-            security = security.with_token(secrets.token_hex(32))
+        security = cluster_token(security)
         self.security = security
         env = {k: v for k, v in security.environ().items() if v is not None}
         self._env = dict(remote_env or {}, **env)
