@@ -15,14 +15,12 @@ an ``Executor(cluster.center_address)`` in this process finds it by itself.
 Any other client needs ``cluster.security``.
 """
 
-import atexit
 import itertools
 import logging
 import os
 import sys
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
@@ -35,15 +33,13 @@ from .cli.utils import (
     WORKER_STARTED,
 )
 from .core import rpc
-from .deploy.cluster import Cluster, cluster_token, run_coroutine
+from .deploy.cluster import Cluster, cluster_token, run_coroutine, running_clusters
 from .nanny import _OOMWatch, describe_exit
 from .process import Process
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LocalCluster"]
-
-_clusters = weakref.WeakSet()
 
 
 class LocalCluster(Cluster):
@@ -102,7 +98,7 @@ class LocalCluster(Cluster):
             self.close()
             raise
         self.status = "running"
-        _clusters.add(self)
+        self._register_running()
         if restart_dead_workers:
             # the cluster is the nanny of its workers: a task that crashes
             # one gets a fresh worker, and the scheduler retries it elsewhere
@@ -281,13 +277,7 @@ def dashboard_link(url, token=None):
 
 def cluster_security(address):
     """The :class:`Security` of this process's running cluster at ``address``, or None."""
-    for cluster in list(_clusters):
-        if cluster.status == "running" and cluster._center_address == address:
+    for cluster in running_clusters():
+        if isinstance(cluster, LocalCluster) and cluster._center_address == address:
             return cluster.security
     return None
-
-
-@atexit.register
-def _close_clusters():
-    for cluster in list(_clusters):
-        cluster.close()

@@ -15,12 +15,19 @@ and :class:`~distributed.deploy.jobqueue.JobQueueCluster` subclass it::
 """
 
 import asyncio
+import atexit
+import itertools
 import secrets
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from ..security import Security
 
-__all__ = ["Cluster", "run_coroutine", "cluster_token"]
+__all__ = ["Cluster", "cluster_token", "run_coroutine", "running_clusters"]
+
+#: the running clusters of this process, by start order: closed at exit
+_running = weakref.WeakValueDictionary()
+_order = itertools.count()
 
 
 class Cluster:
@@ -32,6 +39,12 @@ class Cluster:
 
     center_address = None
     security = None
+
+    def _register_running(self):
+        """Call once started: the cluster is closed at exit, newest first (a
+        cluster closes before the clusters it started, e.g. a job queue's
+        jobs before its center), as long as it is not garbage collected."""
+        _running[next(_order)] = self
 
     def close(self):
         raise NotImplementedError
@@ -51,6 +64,18 @@ class Cluster:
             self.close()
         except Exception:
             pass
+
+
+def running_clusters():
+    """The running clusters of this process, newest first."""
+    return [c for _, c in sorted(_running.items(), key=lambda kc: -kc[0])
+            if c.status == "running"]
+
+
+@atexit.register
+def _close_clusters():
+    for cluster in running_clusters():
+        cluster.close()
 
 
 def run_coroutine(coroutine):

@@ -41,7 +41,6 @@ status commands and the variable holding the job id.
 """
 
 import asyncio
-import atexit
 import getpass
 import logging
 import math
@@ -54,7 +53,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 
 from ..cli.utils import parse_memory_limit
 from ..core import coerce_to_address, rpc
@@ -76,8 +74,6 @@ DEATH_TIMEOUT = 60
 #: job states that mean the job is over (any scheduler's spelling)
 #: task states that are work to do (for :class:`Adaptive`)
 WORK_STATES = {WAITING, NO_WORKER, QUEUED, PROCESSING}
-
-_clusters = weakref.WeakSet()  # closed at exit: jobs must not outlive their center
 
 FINISHED_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED",
                    "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -147,7 +143,7 @@ class JobQueueCluster(Cluster):
                 restart_dead_workers=False, scheduler_file=self.scheduler_file,
                 **center_options)
             self.status = "running"
-            _clusters.add(self)
+            self._register_running()
             if jobs:
                 self.scale(jobs * self.processes)
         except BaseException:
@@ -783,9 +779,3 @@ async def _identity(address, security, timeout):
     except Exception as e:  # leaving meanwhile
         logger.debug("no identity from %s: %s", address, e)
         return None
-
-
-@atexit.register
-def _close_clusters():
-    for cluster in list(_clusters):
-        cluster.close()

@@ -33,14 +33,12 @@ at (``$SSH_CONNECTION``), so the workers must be able to reach that address
 too; ``center_ip`` names another one.
 """
 
-import atexit
 import json
 import logging
 import shlex
 import subprocess
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from ..cli.utils import CENTER_STARTED, DASHBOARD_STARTED, WORKER_REGISTERED
@@ -205,9 +203,6 @@ class RemoteProcess:
         return "<RemoteProcess %s: %s>" % (self.host, " ".join(self.args[1:4]))
 
 
-_clusters = weakref.WeakSet()
-
-
 class SSHCluster(Cluster):
     """A center on ``center_host`` (default: the first of ``hosts``) and a
     ``dworker`` on every one of ``hosts``, started over SSH.
@@ -286,7 +281,7 @@ class SSHCluster(Cluster):
             self.close()
             raise
         self.status = "running"
-        _clusters.add(self)
+        self._register_running()
 
     def _start_center(self, port, ip):
         args = [self.remote_python, "-m", "distributed.cli.dcenter", "--port", str(port)]
@@ -345,9 +340,3 @@ class SSHCluster(Cluster):
 
     def __repr__(self):
         return "SSHCluster(%r, hosts=%r)" % (self.center_address, self.hosts)
-
-
-@atexit.register
-def _close_clusters():
-    for cluster in list(_clusters):
-        cluster.close()
