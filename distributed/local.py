@@ -110,8 +110,6 @@ class LocalCluster(Cluster):
     def center_address(self):
         return self._center_address
 
-    scheduler_address = center_address
-
     def _start_center(self):
         self.center = Process(
             [sys.executable, "-m", "distributed.cli.dcenter", "--host", self.ip,

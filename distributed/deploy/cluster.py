@@ -40,6 +40,11 @@ class Cluster:
     center_address = None
     security = None
 
+    @property
+    def scheduler_address(self):
+        """The center's address (the name dask users know)."""
+        return self.center_address
+
     def _register_running(self):
         """Call once started: the cluster is closed at exit, newest first (a
         cluster closes before the clusters it started, e.g. a job queue's

@@ -156,8 +156,6 @@ class JobQueueCluster(Cluster):
     def center_address(self):
         return self._center.center_address
 
-    scheduler_address = center_address
-
     @property
     def security(self):
         """What a client needs (``Executor(cluster)`` takes it from here)."""

@@ -320,11 +320,6 @@ class SSHCluster(Cluster):
         finally:
             pool.shutdown(wait=False)
 
-    @property
-    def scheduler_address(self):
-        """The center's address (the name dask users know)."""
-        return self.center_address
-
     def close(self):
         """Stop the workers (they unregister), then the center, on every host."""
         with self._lock:
