@@ -1189,7 +1189,7 @@ class Executor:
         if _current[0] is self:
             _current[0] = None
         if self.cluster is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.cluster.close)
+            await self.cluster._close()
 
     def _stop_loop(self):
         _dask_defaults.remove(self)

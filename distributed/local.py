@@ -15,16 +15,12 @@ an ``Executor(cluster.center_address)`` in this process finds it by itself.
 Any other client needs ``cluster.security``.
 """
 
-import asyncio
-import atexit
 import itertools
 import logging
 import os
-import secrets
 import sys
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
@@ -37,18 +33,16 @@ from .cli.utils import (
     WORKER_STARTED,
 )
 from .core import rpc
+from .deploy.cluster import Cluster, cluster_token, run_coroutine, running_clusters
 from .nanny import _OOMWatch, describe_exit
 from .process import Process
-from .security import Security
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LocalCluster"]
 
-_clusters = weakref.WeakSet()
 
-
-class LocalCluster:
+class LocalCluster(Cluster):
     """Start ``dcenter`` and ``n_workers`` ``dworker`` processes.
 
     ``n_workers`` defaults to the number of cores; each worker runs
@@ -81,9 +75,7 @@ class LocalCluster:
         self.timeout = timeout
         self.worker_args = list(worker_args)
         self.echo = echo
-        security = security if security is not None else Security.from_env()
-        if security.token is None:
-            security = security.with_token(secrets.token_hex(32))
+        security = cluster_token(security)
         self.security = security
         self._env = security.child_env()  # the token never goes on a command line
         for name in DEPLOY_ENV:  # a $DISTRIBUTED_SCHEDULER_FILE is not for our center
@@ -106,7 +98,7 @@ class LocalCluster:
             self.close()
             raise
         self.status = "running"
-        _clusters.add(self)
+        self._register_running()
         if restart_dead_workers:
             # the cluster is the nanny of its workers: a task that crashes
             # one gets a fresh worker, and the scheduler retries it elsewhere
@@ -117,8 +109,6 @@ class LocalCluster:
     @property
     def center_address(self):
         return self._center_address
-
-    scheduler_address = center_address
 
     def _start_center(self):
         self.center = Process(
@@ -181,13 +171,7 @@ class LocalCluster:
                 return await r.call(op, timeout=5, **kwargs)
 
         try:
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:  # no loop runs in this thread
-                return asyncio.run(call())
-            # a loop runs here (Jupyter, async code): asyncio.run would refuse
-            with ThreadPoolExecutor(1) as pool:
-                return pool.submit(lambda: asyncio.run(call())).result()
+            return run_coroutine(call())
         except Exception as e:
             logger.info("could not tell the center %s: %s", op, e)
 
@@ -273,18 +257,6 @@ class LocalCluster:
         if watcher is not None and watcher is not threading.current_thread():
             watcher.join(self.timeout)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __repr__(self):
         return "LocalCluster(%r, workers=%d)" % (
             getattr(self, "_center_address", None), len(self.workers))
@@ -303,13 +275,7 @@ def dashboard_link(url, token=None):
 
 def cluster_security(address):
     """The :class:`Security` of this process's running cluster at ``address``, or None."""
-    for cluster in list(_clusters):
-        if cluster.status == "running" and cluster._center_address == address:
+    for cluster in running_clusters():
+        if isinstance(cluster, LocalCluster) and cluster._center_address == address:
             return cluster.security
     return None
-
-
-@atexit.register
-def _close_clusters():
-    for cluster in list(_clusters):
-        cluster.close()

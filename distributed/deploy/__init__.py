@@ -16,5 +16,7 @@
       with SLURMCluster(jobs=4, cores=8, memory="16GB", walltime="01:00:00") as cluster:
           e = Executor(cluster)
 
-:class:`distributed.LocalCluster` starts one on this machine.
+:class:`distributed.LocalCluster` starts one on this machine.  All three
+subclass :class:`distributed.deploy.cluster.Cluster`: ``center_address``,
+``security``, ``close()``, ``await cluster._close()`` and ``with``.
 """

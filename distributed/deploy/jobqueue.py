@@ -41,13 +41,11 @@ status commands and the variable holding the job id.
 """
 
 import asyncio
-import atexit
 import getpass
 import logging
 import math
 import os
 import re
-import secrets
 import shlex
 import shutil
 import subprocess
@@ -55,14 +53,13 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 
 from ..cli.utils import parse_memory_limit
 from ..core import coerce_to_address, rpc
 from ..local import LocalCluster
 from ..scheduler import NO_WORKER, PROCESSING, QUEUED, WAITING
-from ..security import Security
 from ..utils import get_ip
+from .cluster import Cluster, run_coroutine
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +75,13 @@ DEATH_TIMEOUT = 60
 #: task states that are work to do (for :class:`Adaptive`)
 WORK_STATES = {WAITING, NO_WORKER, QUEUED, PROCESSING}
 
-_clusters = weakref.WeakSet()  # closed at exit: jobs must not outlive their center
-
 FINISHED_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED",
                    "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                    "DONE", "EXIT",  # LSF
                    "F", "C"}  # PBS: finished, completed
 
 
-class JobQueueCluster:
+class JobQueueCluster(Cluster):
     """A center here and workers as batch jobs; subclass per scheduler.
 
     ``jobs``: jobs submitted at once.  Per job: ``cores`` threads in all and
@@ -138,9 +133,6 @@ class JobQueueCluster:
         self.status = "starting"
         self._adaptive = None
         self._lock = threading.RLock()  # one scale() at a time (Adaptive's thread)
-        security = security if security is not None else Security.from_env()
-        if security.token is None:
-            security = security.with_token(secrets.token_hex(32))
         self._directory = _private_directory(shared_directory)
         self.spec.job_directory = job_directory or self._directory
         #: the center's address and token (``0600``): what the jobs read
@@ -151,7 +143,7 @@ class JobQueueCluster:
                 restart_dead_workers=False, scheduler_file=self.scheduler_file,
                 **center_options)
             self.status = "running"
-            _clusters.add(self)
+            self._register_running()
             if jobs:
                 self.scale(jobs * self.processes)
         except BaseException:
@@ -163,8 +155,6 @@ class JobQueueCluster:
     @property
     def center_address(self):
         return self._center.center_address
-
-    scheduler_address = center_address
 
     @property
     def security(self):
@@ -322,7 +312,7 @@ class JobQueueCluster:
                      timeout=self.timeout) as center:
                 return await coroutine_function(center)
 
-        return _run_coroutine(call())
+        return run_coroutine(call())
 
     def workers(self):
         """``{worker address: job id}`` of the workers registered with the center."""
@@ -411,7 +401,7 @@ class JobQueueCluster:
         async def retire_all():
             return await asyncio.gather(*[retire(a) for a in leaving])
 
-        results = _run_coroutine(retire_all())
+        results = run_coroutine(retire_all())
         problems = ["%s: %s" % (a, r[1].get("error")) for a, r in results
                     if not (isinstance(r, tuple) and r[0] == b"OK")]
         if problems:
@@ -514,21 +504,6 @@ class JobQueueCluster:
             if center is not None:
                 center.close()
             shutil.rmtree(self._directory, ignore_errors=True)
-
-    async def _close(self):
-        await asyncio.get_running_loop().run_in_executor(None, self.close)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self):
         return "%s(%r, jobs=%d)" % (type(self).__name__, getattr(
@@ -802,21 +777,3 @@ async def _identity(address, security, timeout):
     except Exception as e:  # leaving meanwhile
         logger.debug("no identity from %s: %s", address, e)
         return None
-
-
-def _run_coroutine(coroutine):
-    """``asyncio.run`` it, from a thread of ours when a loop already runs here."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
-
-
-@atexit.register
-def _close_clusters():
-    for cluster in list(_clusters):
-        cluster.close()

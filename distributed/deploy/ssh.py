@@ -33,21 +33,17 @@ at (``$SSH_CONNECTION``), so the workers must be able to reach that address
 too; ``center_ip`` names another one.
 """
 
-import asyncio
-import atexit
 import json
 import logging
-import secrets
 import shlex
 import subprocess
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from ..cli.utils import CENTER_STARTED, DASHBOARD_STARTED, WORKER_REGISTERED
 from ..process import Process
-from ..security import Security
+from .cluster import Cluster, cluster_token
 
 logger = logging.getLogger(__name__)
 
@@ -207,10 +203,7 @@ class RemoteProcess:
         return "<RemoteProcess %s: %s>" % (self.host, " ".join(self.args[1:4]))
 
 
-_clusters = weakref.WeakSet()
-
-
-class SSHCluster:
+class SSHCluster(Cluster):
     """A center on ``center_host`` (default: the first of ``hosts``) and a
     ``dworker`` on every one of ``hosts``, started over SSH.
 
@@ -264,9 +257,7 @@ class SSHCluster:
         # unknown or bad options fail here, before any session opens
         self._center_argv = center_args(**dict(center_options or {}))
         self._worker_argv = worker_args(**worker_options)
-        security = security if security is not None else Security.from_env()
-        if security.token is None:
-            security = security.with_token(secrets.token_hex(32))
+        security = cluster_token(security)
         self.security = security
         env = {k: v for k, v in security.environ().items() if v is not None}
         self._env = dict(remote_env or {}, **env)
@@ -290,7 +281,7 @@ class SSHCluster:
             self.close()
             raise
         self.status = "running"
-        _clusters.add(self)
+        self._register_running()
 
     def _start_center(self, port, ip):
         args = [self.remote_python, "-m", "distributed.cli.dcenter", "--port", str(port)]
@@ -329,11 +320,6 @@ class SSHCluster:
         finally:
             pool.shutdown(wait=False)
 
-    @property
-    def scheduler_address(self):
-        """The center's address (the name dask users know)."""
-        return self.center_address
-
     def close(self):
         """Stop the workers (they unregister), then the center, on every host."""
         with self._lock:
@@ -347,32 +333,5 @@ class SSHCluster:
         if self.center is not None:
             self.center.close()
 
-    async def _close(self):
-        """:meth:`close` for ``async def`` code (it runs in a thread)::
-
-            cluster = await asyncio.to_thread(SSHCluster, hosts)   # the start-up blocks
-            ...
-            await cluster._close()
-        """
-        await asyncio.get_running_loop().run_in_executor(None, self.close)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __repr__(self):
         return "SSHCluster(%r, hosts=%r)" % (self.center_address, self.hosts)
-
-
-@atexit.register
-def _close_clusters():
-    for cluster in list(_clusters):
-        cluster.close()
