@@ -220,6 +220,9 @@ def _unpickle_traceback(args, positions):
     for (frame, lineno), position in zip(frames, positions):
         code = _STUB.replace(co_firstlineno=lineno, co_filename=frame.f_code.co_filename,
                              co_name=frame.f_code.co_name,
+                             # what IPython >= 9 names the frame by
+                             co_qualname=getattr(frame.f_code, "co_qualname",
+                                                 frame.f_code.co_name),
                              co_linetable=_location_table(len(_STUB.co_code) // 2, position))
         try:
             exec(code, dict(frame.f_globals), {})

@@ -140,6 +140,9 @@ def test_rebuilt_traceback_formats_like_the_original():
     assert "_failing_chain" in original[-2] and "_fail_in_a_call" in original[-1]
     for rebuilt in [from_blob(to_blob(tb)), deserialize(*serialize(tb))]:
         assert traceback.format_tb(rebuilt) == original
+        # IPython >= 9 names a frame by its code's qualified name
+        assert [getattr(f.f_code, "co_qualname", f.f_code.co_name) for f, _ in
+                traceback.walk_tb(rebuilt)][-2:] == ["_failing_chain", "_fail_in_a_call"]
     if sys.version_info >= (3, 11):
         assert original[-1].rstrip().endswith('return d["key"] * 2\n           ~^^^^^^^')
 
