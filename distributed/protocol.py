@@ -189,7 +189,11 @@ def _pickle_traceback(tb):
     _, args = pickling_support.pickle_traceback(tb)
     positions = []
     while tb is not None:
-        positions.append(_position(tb))
+        code = tb.tb_frame.f_code
+        # the function's first line and qualified name: tools that find the
+        # function in the source (IPython >= 9, through stack_data) need them
+        positions.append((_position(tb), code.co_firstlineno,
+                          getattr(code, "co_qualname", code.co_name)))
         tb = tb.tb_next
     return _unpickle_traceback, (args, tuple(positions))
 
@@ -217,13 +221,13 @@ def _unpickle_traceback(args, positions):
     if len(positions) != len(frames) or not hasattr(types.CodeType, "co_positions"):
         return pickling_support.unpickle_traceback(*args)
     top = last = None
-    for (frame, lineno), position in zip(frames, positions):
-        code = _STUB.replace(co_firstlineno=lineno, co_filename=frame.f_code.co_filename,
-                             co_name=frame.f_code.co_name,
-                             # what IPython >= 9 names the frame by
-                             co_qualname=getattr(frame.f_code, "co_qualname",
-                                                 frame.f_code.co_name),
-                             co_linetable=_location_table(len(_STUB.co_code) // 2, position))
+    for (frame, lineno), (position, first, qualname) in zip(frames, positions):
+        if not 0 < first <= lineno:
+            first = lineno
+        code = _STUB.replace(co_firstlineno=first, co_filename=frame.f_code.co_filename,
+                             co_name=frame.f_code.co_name, co_qualname=qualname,
+                             co_linetable=_location_table(len(_STUB.co_code) // 2, position,
+                                                          lineno - first))
         try:
             exec(code, dict(frame.f_globals), {})
         except Exception as e:
@@ -239,19 +243,21 @@ def _unpickle_traceback(args, positions):
 _STUB = compile("raise __traceback_maker", "<stub>", "exec")
 
 
-def _location_table(units, position):
+def _location_table(units, position, line_delta=0):
     """A code object's location table (Python >= 3.11, Objects/locations.md)
-    giving its ``units`` code units the line ``co_firstlineno`` and
-    ``position``'s columns (none if ``position`` is None)."""
+    giving its ``units`` code units the line ``co_firstlineno + line_delta``
+    and ``position``'s columns (none if ``position`` is None)."""
     table = bytearray()
+    delta = _varint(line_delta << 1)  # a signed varint of a delta >= 0
     while units > 0:
         n = min(units, 8)
-        if position is None:  # 13: no columns; the line delta 0
-            table += bytes([0x80 | (13 << 3) | (n - 1), 0])
-        else:  # 14: long form; line delta 0, end line delta, column + 1, end column + 1
+        if position is None:  # 13: no columns; the line delta
+            table += bytes([0x80 | (13 << 3) | (n - 1)]) + delta
+        else:  # 14: long form; line delta, end line delta, column + 1, end column + 1
             end_lines, col, end_col = position
-            table += bytes([0x80 | (14 << 3) | (n - 1), 0])
+            table += bytes([0x80 | (14 << 3) | (n - 1)]) + delta
             table += _varint(end_lines) + _varint(col + 1) + _varint(end_col + 1)
+        delta = _varint(0)  # the next entries: the same line
         units -= n
     return bytes(table)
 
