@@ -282,6 +282,15 @@ def dworkers_of(center_address, scheduler_file):
     return found
 
 
+def assert_nothing_left(slurm, jobs, center_address, scheduler_file):
+    """After a cluster closed: none of its ``jobs`` in the queue, its
+    dworkers ended, and its scheduler file removed."""
+    assert not (set(jobs) & set(slurm.jobs())), slurm.jobs()
+    poll(lambda: not dworkers_of(center_address, scheduler_file), timeout=20,
+         msg="the dworkers to end")
+    assert not os.path.exists(scheduler_file)
+
+
 @pytest.mark.processes
 @pytest.mark.timeout(240)  # the session's SLURM starts in the first test's time
 def test_slurm_cluster_computes_scales_down_without_losing_data_and_closes(slurm, tmp_path):
@@ -316,10 +325,7 @@ def test_slurm_cluster_computes_scales_down_without_losing_data_and_closes(slurm
             assert e.submit(sum, data).result() == sum(range(20))
         address = cluster.center_address
 
-    assert not (jobs & set(slurm.jobs())), slurm.jobs()
-    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
-         msg="the dworkers to end")
-    assert not os.path.exists(scheduler_file)
+    assert_nothing_left(slurm, jobs, address, scheduler_file)
 
 
 @pytest.mark.processes
@@ -345,10 +351,7 @@ def test_dslurm_starts_a_center_and_jobs_and_ctrl_c_cancels_them(slurm, tmp_path
         assert p.wait(60) == 0
         lines = p.unread_lines(timeout=5)
         assert "Cancelled jobs: %s\n" % " ".join(jobs) in lines, lines
-    assert not (set(jobs) & set(slurm.jobs())), slurm.jobs()
-    poll(lambda: not dworkers_of(address, scheduler_file), timeout=20,
-         msg="the dworkers to end")
-    assert not os.path.exists(scheduler_file)
+    assert_nothing_left(slurm, jobs, address, scheduler_file)
 
 
 @pytest.mark.processes
